@@ -1,0 +1,322 @@
+"""The training loss: LM head + cross-entropy, without materialising the [N, V] logits.
+
+For token i with hidden state h_i, target t_i and logits x_i = W h_i + b:
+
+    y_i    = softcap · tanh(x_i / softcap)        (Gemma 2; y_i = x_i without softcap)
+    lse_i  = log Σ_v exp(y_iv)
+    loss_i = lse_i − y_i[t_i] + z_loss · lse_i²   (PaLM's z-loss)
+    dloss_i/dy_i = softmax(y_i) · (1 + 2 · z_loss · lse_i) − onehot(t_i),  dy/dx = 1 − tanh²
+
+Tokens with t_i = ignore_index have no loss and no gradient; "mean" divides by the count of the
+others (at least 1, so an all-ignored batch gives 0, not NaN).
+
+The fused path walks the tokens in chunks of rows. Per chunk it computes the logits in one
+[rows, V] buffer, turns them in place into the gradient wrt the logits (the "step"), and from that
+accumulates d_hidden, d_weight and d_bias. So the gradients are ready at the end of the forward
+pass: backward only scales them by grad_output (reduction="none" recomputes them instead, since
+its per-token grad_output has to enter before the sum over tokens; so does a second backward
+through a retained graph). The step is PyTorch ops for impl="chunked" and a Triton kernel
+(minilm/kernels/cross_entropy.py) for impl="triton"; the chunk loop is shared.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("auto", "chunked", "triton", "naive", "torch")
+REDUCTIONS = ("mean", "sum", "none")
+
+# A chunk's logits buffer may cost this fraction of the fp32 [V, d] weight-gradient accumulator that
+# the fused loss holds anyway, so peak extra memory ≈ (1 + budget)·|d_weight| + |d_hidden|. Each
+# chunk adds a rank-`rows` update to all of d_weight, a pass over it, so larger chunks are faster:
+# 1/3 gives 512 rows for GPT-2 124M's head in bf16 (256 in fp32): 9.0 ms at 282 MiB on an H100
+# (docs/loss_gpu_notes.md has the sweep).
+CHUNK_BUDGET = 1 / 3
+MIN_CHUNK_BYTES = 16 * 2**20  # smaller buffers save nothing that matters and make small matmuls
+_ADDMM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100,
+                         reduction: str = "mean", z_loss: float = 0.0,
+                         softcap: float | None = None, impl: str = "auto",
+                         chunk_size: int | None = None) -> torch.Tensor:
+    """Cross-entropy of the logits hidden @ weight.T (+ bias) against targets (formulas above).
+
+    hidden [N, d] or [B, T, d]; weight [V, d]; targets [N] or [B, T]; bias [V] or None.
+    Returns a scalar for reduction "mean"/"sum", or the per-token loss shaped like targets for
+    "none" (fp32, or fp64 for fp64 inputs). impl: "chunked" (PyTorch), "triton" (the GPU kernel),
+    "naive" (F.linear + F.cross_entropy), "torch" (F.linear_cross_entropy, torch >= 2.13), or
+    "auto" (triton on CUDA when importable, else chunked). chunk_size: rows (tokens) per chunk of
+    the fused paths; None derives it from V, d and CHUNK_BUDGET. Under autocast the matmuls run
+    in the autocast dtype, as F.linear would; accumulation is fp32 and each gradient comes back in
+    its input's dtype.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
+    if not z_loss >= 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss!r}")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden [..., d] and weight [V, d] disagree: {tuple(hidden.shape)} vs "
+                         f"{tuple(weight.shape)}")
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets {tuple(targets.shape)} must be hidden's shape without its last "
+                         f"dim, {tuple(hidden.shape[:-1])}")
+    if impl == "auto":
+        impl = "triton" if hidden.is_cuda and _have_triton() else "chunked"
+
+    h = hidden.reshape(-1, hidden.shape[-1])  # [N, d]
+    t = targets.reshape(-1)  # [N]
+    dtype = _compute_dtype(hidden, weight)
+    if impl == "naive":
+        loss = _naive(h, weight, bias, t, ignore_index, reduction, z_loss, softcap, dtype)
+    elif impl == "torch":
+        loss = _torch_lce(h, weight, bias, t, ignore_index, reduction, z_loss, softcap, dtype)
+    else:
+        if impl == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got "
+                             f"{hidden.device.type} ones")
+        step = _triton_step() if impl == "triton" else _torch_step_
+        rows = chunk_size or _chunk_rows(*weight.shape, dtype)
+        loss = _fused(h, weight, bias, t, ignore_index, reduction, z_loss, softcap, dtype, rows,
+                      step, torch.is_grad_enabled())
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+@torch.compiler.disable  # hand-fused already: under train.compile the model body is compiled,
+def _fused(*args):      # this runs eagerly (dynamo can't trace its fp32-output addmm)
+    return _FusedLinearCrossEntropy.apply(*args)
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's where it is on (as for F.linear), else the promoted one."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk_rows(V: int, d: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: the [rows, V] buffer may take CHUNK_BUDGET · |fp32 d_weight [V, d]| bytes
+    (or MIN_CHUNK_BYTES if more), i.e. rows = CHUNK_BUDGET · d · 4 / itemsize; a multiple of 16.
+    Independent of N: the budget is relative to memory the loss needs anyway."""
+    budget = max(CHUNK_BUDGET * V * d * 4, MIN_CHUNK_BYTES)
+    return max(16, int(budget // (V * dtype.itemsize)) // 16 * 16)
+
+
+@cache
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_step():
+    if not _have_triton():
+        raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
+    from minilm.kernels.cross_entropy import ce_step_
+    return ce_step_
+
+
+def _reduce(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """loss [N] (zero where ignored) → the reduction; "mean" over the valid tokens, at least 1."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total / valid.sum().clamp(min=1) if reduction == "mean" else total
+
+
+def _naive(h, weight, bias, targets, ignore_index, reduction, z_loss, softcap, dtype):
+    """The reference: full [N, V] logits through F.linear and F.cross_entropy."""
+    logits = F.linear(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    logits = logits.to(torch.promote_types(dtype, torch.float32))  # [N, V]
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    valid = targets != ignore_index
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+    if z_loss:
+        loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square() * valid
+    return _reduce(loss, valid, reduction)
+
+
+def _torch_lce(h, weight, bias, targets, ignore_index, reduction, z_loss, softcap, dtype):
+    """PyTorch's own chunked F.linear_cross_entropy (torch >= 2.13), the library peer."""
+    for name, value, off in (("z_loss", z_loss, 0.0), ("softcap", softcap, None)):
+        if value != off:
+            raise ValueError(f"impl='torch' does not support {name} (got {value!r}); "
+                             f"use impl='chunked' or 'triton'")
+    if not hasattr(F, "linear_cross_entropy"):
+        raise RuntimeError(f"impl='torch' needs F.linear_cross_entropy (torch >= 2.13); this is "
+                           f"torch {torch.__version__}")
+    with torch.autocast(h.device.type, enabled=False):
+        loss = F.linear_cross_entropy(
+            h.to(dtype), weight.to(dtype), targets,
+            linear_bias=None if bias is None else bias.to(dtype),
+            reduction="sum" if reduction == "mean" else reduction,  # our "mean" is NaN-free
+            ignore_index=ignore_index, options=torch.nn.LinearCrossEntropyOptions())
+    if reduction == "mean":
+        loss = loss / (targets != ignore_index).sum().clamp(min=1)
+    return loss
+
+
+def _torch_step_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
+                 loss: torch.Tensor, ignore_index: int, z_loss: float, softcap: float | None,
+                 compute_grad: bool) -> None:
+    """Per-token loss into `loss` [n] and, if compute_grad, scale·dloss/dlogits into `logits`
+    [n, V] in place; formulas in the module docstring. Same contract as the Triton kernel
+    (kernels/cross_entropy.py: ce_step_), in PyTorch ops that reuse the buffer."""
+    x = logits if logits.dtype.itemsize >= 4 else logits.float()  # compute in fp32 at least
+    valid = targets != ignore_index  # [n]
+    t = targets.masked_fill(~valid, 0).unsqueeze(1)  # [n, 1]
+    if softcap is not None:
+        x.div_(softcap).tanh_()  # tanh(x / c)
+        # 1 − tanh², kept for the chain rule: the one extra chunk-sized buffer of this path
+        dcap = torch.mul(x, x).neg_().add_(1) if compute_grad else None
+        x.mul_(softcap)  # y
+    m = x.amax(dim=1, keepdim=True)  # [n, 1]
+    y_t = x.gather(1, t)  # [n, 1]
+    x.sub_(m).exp_()  # exp(y − m)
+    sumexp = x.sum(dim=1, keepdim=True)  # [n, 1]
+    lse = sumexp.log().add_(m)  # [n, 1]
+    row_loss = (lse - y_t).squeeze(1)
+    if z_loss:
+        row_loss += z_loss * lse.squeeze(1).square()
+    loss.copy_(row_loss.masked_fill_(~valid, 0))
+    if not compute_grad:
+        return
+    w = (scale * valid).unsqueeze(1).to(x.dtype)  # [n, 1]: reduction factor, 0 when ignored
+    coef = w / sumexp
+    if z_loss:
+        coef *= 1 + 2 * z_loss * lse
+    x.mul_(coef)  # softmax · (1 + 2·z·lse) · w
+    x.scatter_add_(1, t, -w)  # − onehot · w
+    if softcap is not None:
+        x.mul_(dcap)
+    if x is not logits:
+        logits.copy_(x)
+
+
+def _addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc in fp32 (or fp64) while a, b may be bf16/fp16."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _ADDMM_OUT_DTYPE:  # tensor cores with an fp32 output, no temporary
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _padded_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    """The head in the matmul dtype; on CUDA with its rows padded by zeros to a multiple of 64.
+
+    cuBLAS takes its fast Hopper kernels only for 16-byte aligned leading dimensions; GPT-2's
+    V = 50257 is not, and on an H100 the unpadded matmuls fell back to sm75 kernels at ~4x the
+    time (nanoGPT pads the vocabulary to 50304 for the same reason). The padded logits are 0 and
+    never reach the softmax: the step only sees the first V columns."""
+    V, d = weight.shape
+    Vp = -(-V // 64) * 64 if weight.is_cuda else V
+    if Vp == V:
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
+    w = torch.zeros(Vp, d, dtype=dtype, device=weight.device)
+    w[:V] = weight
+    b = None
+    if bias is not None:
+        b = torch.zeros(Vp, dtype=dtype, device=weight.device)
+        b[:V] = bias
+    return w, b
+
+
+def _chunk_loop(step, hidden, weight, bias, targets, scale, ignore_index, z_loss, softcap, dtype,
+                rows, need_dh, need_dw, need_db):
+    """Walk the tokens in chunks of `rows`; returns the per-token loss [N] and the gradients
+    flagged by need_*, each row of dloss weighted by scale [N]: d_hidden [N, d] (in `dtype`),
+    d_weight [V, d] and d_bias [V] (fp32, or fp64 for fp64 inputs). Peak extra memory: the
+    gradients plus one [rows, V] logits buffer."""
+    N, d = hidden.shape
+    V = weight.shape[0]
+    acc = torch.promote_types(dtype, torch.float32)
+    opts = dict(device=hidden.device)
+    h = hidden.to(dtype)  # [N, d]: a copy only when dtypes differ
+    w, b = _padded_head(weight, bias, dtype)  # [Vp, d], [Vp] with Vp >= V, zero rows past V
+    Vp = w.shape[0]
+    loss = torch.empty(N, dtype=acc, **opts)
+    dh = torch.empty(N, d, dtype=dtype, **opts) if need_dh else None
+    dw = torch.zeros(Vp, d, dtype=acc, **opts) if need_dw else None
+    db = torch.zeros(V, dtype=acc, **opts) if need_db else None
+    compute_grad = need_dh or need_dw or need_db
+    buf = torch.empty(min(rows, N), Vp, dtype=dtype, **opts)
+    for start in range(0, N, rows):
+        end = min(start + rows, N)
+        zp = buf[:end - start]  # [n, Vp]; columns past V hold h·0 = 0 and stay 0
+        z = zp[:, :V]  # [n, V]
+        h_c = h[start:end]  # [n, d]
+        if b is None:
+            torch.mm(h_c, w.t(), out=zp)
+        else:
+            torch.addmm(b, h_c, w.t(), out=zp)
+        step(z, targets[start:end], scale[start:end], loss[start:end], ignore_index, z_loss,
+             softcap, compute_grad)  # z: logits → scale · dloss/dlogits
+        if need_dh:
+            torch.mm(zp, w, out=dh[start:end])  # [n, d]
+        if need_dw:
+            _addmm_acc_(dw, zp.t(), h_c)  # += [Vp, n] @ [n, d]
+        if need_db:
+            db += z.sum(dim=0, dtype=acc)
+    dw = dw[:V] if dw is not None else None
+    return loss, dh, dw, db
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Chunked loss. For "mean"/"sum" the forward pass computes the gradients too, and backward
+    scales them in place by grad_output and hands them over. Backward recomputes them with the
+    chunk loop instead for "none" (the per-token grad_output must weight each row before the sum
+    over tokens) and for a second backward through the same graph (retain_graph, gradcheck).
+    For that it saves its inputs: hidden [N, d] stays alive until backward, nothing is copied."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, z_loss, softcap, dtype,
+                rows, step, grad_enabled):
+        inputs = (hidden, weight, bias)
+        need = [grad_enabled and reduction != "none" and n for n in ctx.needs_input_grad[:3]]
+        acc = torch.promote_types(dtype, torch.float32)
+        if reduction == "mean":  # a device tensor: no host sync
+            factor = (targets != ignore_index).sum().to(acc).clamp(min=1).reciprocal()
+        else:
+            factor = torch.ones((), dtype=acc, device=hidden.device)
+        ctx.args, ctx.step = (ignore_index, z_loss, softcap, dtype, rows), step
+        ctx.save_for_backward(*inputs, targets, factor)
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, *grads = _chunk_loop(step, *inputs, targets, factor.expand(len(targets)),
+                                       *ctx.args, *need)
+        ctx.grads = _like(grads, inputs) if any(need) else None
+        return loss if reduction == "none" else loss.sum() * factor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        nones = (None,) * 9
+        if ctx.grads is not None:  # first backward of "mean"/"sum": hand over without a copy
+            grads, ctx.grads = ctx.grads, None
+            return (*(None if g is None else g.mul_(grad_output) for g in grads), *nones)
+        *inputs, targets, factor = ctx.saved_tensors
+        with torch.autocast(targets.device.type, enabled=False):
+            scale = (grad_output * factor).to(factor.dtype).expand(len(targets))  # [N]
+            _, *grads = _chunk_loop(ctx.step, *inputs, targets, scale, *ctx.args,
+                                    *ctx.needs_input_grad[:3])
+        return (*_like(grads, inputs), *nones)
+
+
+def _like(grads, inputs):
+    """Each gradient in its input's dtype (None stays None)."""
+    return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs))

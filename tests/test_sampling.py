@@ -1,0 +1,437 @@
+"""minilm/sampling.py: each processor against HF transformers' and the OpenAI formula; History; the draw."""
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from minilm.sampling import (FrequencyPenalty, History, LogitBias, MinP, PresencePenalty,
+                             RepetitionPenalty, SamplerStack, Temperature, TopK, TopP, TypicalP, _draw)
+
+INF = float("inf")
+
+
+def rand_logits(B=4, V=300, seed=0, scale=3.0, n_removed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, V, generator=g) * scale
+    if n_removed:  # as if an earlier filter had removed some tokens
+        idx = torch.rand(B, V, generator=g).argsort(dim=-1)[:, :n_removed]
+        logits.scatter_(1, idx, -INF)
+    return logits
+
+
+def rand_history(B=4, T=12, V=300, seed=1, prompt_len=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V // 10, (B, T), generator=g)  # a small id range: plenty of repeats
+    return ids, History(ids, torch.full((B,), prompt_len))
+
+
+def gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def kept(logits):
+    """The ids of the tokens not removed (over all rows)."""
+    return (logits > -INF).nonzero()[:, -1].tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# each processor against HF's, on random logits with and without already-removed tokens
+
+HF_PAIRS = [
+    *[pytest.param(Temperature(t), TemperatureLogitsWarper(t), id=f"temperature={t}") for t in (0.3, 1.7)],
+    *[pytest.param(TopK(k), TopKLogitsWarper(k), id=f"top_k={k}") for k in (1, 5, 50)],
+    *[pytest.param(TopP(p), TopPLogitsWarper(p), id=f"top_p={p}") for p in (0.05, 0.5, 0.9, 0.99)],
+    *[pytest.param(MinP(p), MinPLogitsWarper(p), id=f"min_p={p}") for p in (0.0, 0.05, 0.3, 1.0)],
+    *[pytest.param(TypicalP(p), TypicalLogitsWarper(p), id=f"typical_p={p}") for p in (0.05, 0.5, 0.9, 0.99)],
+    *[pytest.param(RepetitionPenalty(t), RepetitionPenaltyLogitsProcessor(t), id=f"repetition={t}")
+      for t in (0.7, 1.3, 2.0)],
+]
+
+
+@pytest.mark.parametrize("ours,hf", HF_PAIRS)
+@pytest.mark.parametrize("n_removed", [0, 100])
+def test_processor_matches_hf(ours, hf, n_removed):
+    for seed in range(3):
+        logits = rand_logits(seed=seed, n_removed=n_removed)
+        ids, h = rand_history(seed=seed + 10)
+        torch.testing.assert_close(ours(logits, h), hf(ids, logits.clone()), rtol=0, atol=0)
+
+
+def test_stack_matches_hf_list():
+    logits = rand_logits(B=6, V=1000, seed=3)
+    ids, h = rand_history(B=6, V=1000, seed=4)
+    ours = SamplerStack.from_settings(repetition_penalty=1.2, temperature=0.8, top_k=60, top_p=0.9,
+                                      min_p=0.02, typical_p=0.95)
+    hf = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.8),
+                              TopKLogitsWarper(60), TopPLogitsWarper(0.9), MinPLogitsWarper(0.02),
+                              TypicalLogitsWarper(0.95)])
+    torch.testing.assert_close(ours.apply(logits, h), hf(ids, logits.clone()), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# hand-made boundary cases
+
+def test_top_k_keeps_ties_at_the_boundary():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]])
+    assert kept(TopK(2)(logits)) == [0, 1, 2, 3]
+    assert torch.equal(TopK(2)(logits), TopKLogitsWarper(2)(None, logits))
+    for k in (0, 5, 9):  # 0 and k >= V keep all
+        assert torch.equal(TopK(k)(logits), logits)
+
+
+def test_top_p_exactly_hitting_p():
+    logits = torch.zeros(1, 4)  # probabilities exactly 1/4: cumulative 0.25, 0.5, 0.75, 1
+    for p, n in [(0.25, 1), (0.5, 2), (0.75, 3), (0.5000001, 3), (1.0, 4)]:
+        assert len(kept(TopP(p)(logits))) == n, p
+        if p < 1:  # which of the tied tokens survive is up to the sort, in HF as here
+            assert len(kept(TopPLogitsWarper(p)(None, logits.clone()))) == n
+    peaked = torch.tensor([[5.0, 0.0, -1.0]])     # probabilities 0.9909, 0.0067, 0.0025
+    assert kept(TopP(0.5)(peaked)) == [0]         # the top token alone reaches p
+    assert kept(TopP(1e-9)(peaked)) == [0]        # at least one token is always kept
+    assert kept(TopP(0.995)(peaked)) == [0, 1]    # token 1 crosses p: kept
+
+
+def test_min_p_boundary():
+    logits = torch.tensor([[0.0, 0.0, -1.0, -INF, -5.0]])
+    assert kept(MinP(1.0)(logits)) == [0, 1]                      # ties with the top survive p = 1
+    assert kept(MinP(0.0)(logits)) == [0, 1, 2, 4]
+    assert kept(MinP(math.exp(-1) * 0.999)(logits)) == [0, 1, 2]  # token 2 has e^-1 of the top
+    assert kept(MinP(math.exp(-1) * 1.001)(logits)) == [0, 1]
+    for p in (0.0, 0.3, math.exp(-1) * 0.999, 1.0):
+        assert torch.equal(MinP(p)(logits), MinPLogitsWarper(p)(None, logits.clone()))
+
+
+def test_typical_boundary():
+    uniform = torch.zeros(2, 8)  # every token exactly typical: all tied, all kept
+    assert len(kept(TypicalP(0.1)(uniform))) == 16
+    peaked = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).log()  # H = 0.94; |-log p - H| = 0.58, 1.36 (x3)
+    assert kept(TypicalP(0.5)(peaked)) == [0]            # the top token is the most typical, reaches p
+    assert kept(TypicalP(0.8)(peaked)) == [0, 1, 2, 3]   # one more is needed, and its ties come along
+    bimodal = torch.tensor([[0.45, 0.45, 0.05, 0.05]]).log()
+    for p in (0.3, 0.5, 0.9, 0.95):
+        for x in (peaked, bimodal, uniform):
+            assert torch.equal(TypicalP(p)(x), TypicalLogitsWarper(p)(None, x.clone()))
+    assert torch.equal(TypicalP(1.0)(peaked), peaked)
+
+
+def test_temperature_zero_keeps_the_first_argmax():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [-INF, -1.0, -INF, -2.0]])
+    out = Temperature(0)(logits)
+    assert kept(out[:1]) == [1] and out[0, 1] == 3.0
+    assert kept(out[1:]) == [1]
+
+
+def test_repetition_penalty_sign_rule_and_padding():
+    logits = torch.tensor([[2.0, -2.0, 0.0, 4.0, -1.0]])
+    h = History(torch.tensor([[4, 0, 1, 0, 2]]), torch.tensor([3]),
+                attention_mask=torch.tensor([[0, 1, 1, 1, 1]]))  # token 4 is left padding: not seen
+    assert RepetitionPenalty(2.0)(logits, h).tolist() == [[1.0, -4.0, 0.0, 4.0, -1.0]]
+    assert RepetitionPenalty(0.5)(logits, h).tolist() == [[4.0, -1.0, 0.0, 4.0, -1.0]]
+
+
+def test_logit_bias_adds_and_bans():
+    logits = torch.zeros(2, 5)
+    out = LogitBias({1: 2.5, 3: -INF})(logits)
+    assert out.tolist() == [[0.0, 2.5, 0.0, -INF, 0.0]] * 2
+    assert torch.equal(logits, torch.zeros(2, 5))  # the input is left alone
+
+
+# ------------------------------------------------------------------------------------------------
+# presence / frequency against the OpenAI formula, computed independently in float64
+
+def test_presence_frequency_match_openai_formula():
+    B, V = 3, 50
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(B, V, generator=g) * 4
+    pad = [2, 0, 4]
+    prompt_lens = [4, 6, 2]
+    rows = [[0] * p + torch.randint(0, 20, (10 - p,), generator=g).tolist() for p in pad]
+    mask = torch.tensor([[0] * p + [1] * (10 - p) for p in pad])
+    h = History(torch.tensor(rows), torch.tensor(prompt_lens), attention_mask=mask)
+    for presence, frequency in [(0.5, 0.0), (0.0, 1.5), (-2.0, 2.0), (1.1, -0.3)]:
+        out = FrequencyPenalty(frequency)(PresencePenalty(presence)(logits, h), h)
+        want = logits.double().clone()
+        for b in range(B):
+            generated = rows[b][pad[b] + prompt_lens[b]:]
+            for j in set(generated):
+                count = generated.count(j)
+                want[b, j] -= count * frequency + (count > 0) * presence
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# History: incremental updates equal a recomputation from scratch
+
+def test_history_incremental_equals_from_scratch():
+    B, V, steps = 3, 40, 12
+    g = torch.Generator().manual_seed(7)
+    pad = torch.tensor([3, 0, 1])
+    lens = 6 - pad
+    prompt = torch.randint(0, V, (B, 6), generator=g)
+    mask = torch.arange(6)[None, :] >= pad[:, None]
+    h = History(prompt, lens, vocab_size=V, attention_mask=mask)
+    lazy = History(prompt, lens, attention_mask=mask)  # built only after the appends
+    for _ in range(steps):
+        new = torch.randint(0, V, (B,), generator=g)
+        h.append(new)
+        lazy.append(new)
+    full_mask = torch.cat([mask, torch.ones(B, steps, dtype=torch.bool)], 1)
+    fresh = History(h.tokens, lens, vocab_size=V, attention_mask=full_mask)
+    lazy.build(V)
+    for other in (fresh, lazy):
+        assert torch.equal(h.counts, other.counts) and torch.equal(h.seen, other.seen)
+    for b in range(B):  # against a plain count
+        real = h.tokens[b][int(pad[b]):].tolist()
+        generated = real[int(lens[b]):]
+        assert h.counts[b].tolist() == [generated.count(j) for j in range(V)]
+        assert h.seen[b].tolist() == [j in real for j in range(V)]
+    assert h.counts.sum() == B * steps
+
+
+# ------------------------------------------------------------------------------------------------
+# the draw
+
+def test_greedy_equals_top_k_1_equals_small_temperature():
+    logits = rand_logits(B=16, V=500, seed=11)
+    top = logits.argmax(-1)
+    logits[torch.arange(16), top] += 0.05  # a clear gap: at T = 1e-4 the runner-up has odds e^-500
+    g = torch.Generator().manual_seed(0)
+    for stack in (SamplerStack.from_settings(temperature=0), SamplerStack([TopK(1)]),
+                  SamplerStack([Temperature(1e-4)]), SamplerStack.from_settings(temperature=0.7, top_k=1)):
+        tokens, info = stack.sample(logits, generator=g)
+        assert torch.equal(tokens, top)
+    tokens, info = SamplerStack([Temperature(0)]).sample(logits)
+    assert torch.equal(info.processed_logprobs, torch.zeros(16))
+
+
+CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322}
+
+
+def assert_chi_square(tokens, probs):
+    """Draws ``tokens`` follow ``probs`` [V] (p-value > 0.001); no token of probability 0 is drawn."""
+    counts = torch.bincount(tokens, minlength=probs.numel()).double()
+    assert counts[probs == 0].sum() == 0
+    k = probs > 0
+    expected = len(tokens) * probs[k].double()
+    stat = float(((counts[k] - expected) ** 2 / expected).sum())
+    df = int(k.sum()) - 1
+    try:
+        from scipy.stats import chi2
+        critical = float(chi2.ppf(0.999, df))
+    except ImportError:
+        critical = CHI2_999[df]
+    assert stat < critical, (stat, counts[k], expected)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_draws_follow_the_processed_distribution(per_row):
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0, -6.0]])
+    stack = SamplerStack.from_settings(temperature=0.7, top_k=6, top_p=0.97)
+    probs = torch.softmax(stack.apply(logits), -1)[0]
+    n = 4000 if per_row else 40000
+    generator = gens(*range(1000, 1000 + n)) if per_row else torch.Generator().manual_seed(0)
+    tokens, _ = stack.sample(logits.expand(n, -1), generator=generator)
+    assert_chi_square(tokens, probs)
+
+
+@pytest.mark.parametrize("block", [3, 1024])
+def test_draw_is_exact_across_cdf_blocks(block):
+    # the CDF is built in blocks: removed tokens straddle blocks, fill whole blocks and the last one
+    V = 11 if block == 3 else 3000
+    kept_ids = [0, 2, 6, 7, 8] if block == 3 else [5, 1023, 1024, 2047, 2900]
+    logits = torch.full((1, V), -INF)
+    logits[0, kept_ids] = torch.tensor([0.5, -1.0, 1.0, 0.0, -0.3])
+    probs = torch.softmax(logits, -1)
+    n = 20000 if block == 3 else 2000
+    tokens = torch.cat([_draw(probs.expand(n, -1), g, block) for g in gens(0, 1)])
+    assert_chi_square(tokens, probs[0])
+    one = torch.zeros(1, V)
+    one[0, kept_ids[2]] = 1.0  # a single token left, in a middle block
+    assert _draw(one.expand(50, -1), None, block).eq(kept_ids[2]).all()
+
+
+def test_seed_reproducible_per_row_whatever_the_batch():
+    V = 64
+    stack = SamplerStack.from_settings(repetition_penalty=1.3, presence_penalty=0.5, temperature=0.9,
+                                       top_p=0.95)
+    base = torch.randn(V, generator=torch.Generator().manual_seed(1)) * 2
+
+    def run(prompts, seeds, steps=10):
+        h = History(torch.tensor(prompts), torch.full((len(prompts),), 3))
+        generators = gens(*seeds)
+        noise = torch.Generator().manual_seed(99)
+        out = []
+        for _ in range(steps):  # logits depend on each row's last token, as a model's would
+            logits = base + torch.roll(base, 7) * h.tokens[:, -1:].float() / V
+            tokens, _ = stack.sample(logits + torch.randn(1, V, generator=noise), h, generator=generators)
+            h.append(tokens)
+            out.append(tokens)
+        return torch.stack(out, 1)
+
+    alone = run([[5, 6, 7]], [42])
+    mixed = run([[1, 2, 3], [5, 6, 7], [9, 9, 9]], [7, 42, 8])
+    assert torch.equal(alone[0], mixed[1])
+    # one generator for a batch of one draws the same stream as a list of one
+    logits, h = rand_logits(B=1, seed=2), History(torch.tensor([[1]]), torch.tensor([1]))
+    a, _ = stack.sample(logits, h, generator=torch.Generator().manual_seed(3))
+    b, _ = stack.sample(logits, h, generator=gens(3))
+    assert torch.equal(a, b)
+
+
+def test_a_row_with_no_token_left_raises():
+    logits = rand_logits(B=3, V=10)
+    with pytest.raises(ValueError, match="no token left"):
+        SamplerStack([LogitBias({j: -INF for j in range(10)})]).sample(logits)
+    bad = logits.clone()
+    bad[1] = -INF
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
+        SamplerStack([TopK(3), TopP(0.5)]).sample(bad)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        SamplerStack().sample(bad, generator=gens(0, 1, 2))
+
+
+def test_numerically_stable_at_extremes():
+    g = torch.Generator().manual_seed(4)
+    B, V = 4, 200
+    signs = torch.randint(0, 2, (B, V), generator=g) * 2 - 1
+    logits = signs * 1e4 + torch.randn(B, V, generator=g)
+    logits[3] = -INF
+    logits[3, 17] = 5.0  # a single finite logit
+    ids, h = rand_history(B=B, V=V)
+    stack = SamplerStack.from_settings(repetition_penalty=1.3, frequency_penalty=2, temperature=1e-4,
+                                       top_k=150, top_p=0.9, min_p=0.1, typical_p=0.9)
+    for name, x in stack.stages(logits, h):
+        assert not torch.isnan(x).any(), name
+    for generator in (g, gens(0, 1, 2, 3), None):
+        tokens, info = stack.sample(logits, h, generator=generator, top_logprobs=3)
+        assert tokens[3] == 17 and info.processed_logprobs[3] == 0
+        for t in (info.logprobs, info.processed_logprobs, info.top_logprobs):
+            assert not torch.isnan(t).any()
+    for T in (1e-4, 1e-2):
+        out = Temperature(T)(torch.tensor([[1e4, -1e4, 0.0]]))
+        assert torch.isfinite(out).all() and torch.isfinite(torch.log_softmax(out, -1)).all()
+
+
+def test_logprobs_info():
+    logits = rand_logits(B=5, V=100, seed=8)
+    ids, h = rand_history(B=5, V=100)
+    stack = SamplerStack.from_settings(repetition_penalty=1.2, temperature=0.5, top_k=20)
+    tokens, info = stack.sample(logits, h, generator=torch.Generator().manual_seed(0), top_logprobs=4)
+    rows = torch.arange(5)
+    processed = stack.apply(logits, h)
+    torch.testing.assert_close(info.logprobs, torch.log_softmax(logits, -1)[rows, tokens])
+    torch.testing.assert_close(info.processed_logprobs, torch.log_softmax(processed, -1)[rows, tokens])
+    top = torch.log_softmax(logits, -1).topk(4)
+    assert torch.equal(info.top_ids, top.indices)
+    torch.testing.assert_close(info.top_logprobs, top.values)
+    _, info = stack.sample(logits, h)
+    assert info.top_ids is None and info.top_logprobs is None
+
+
+def test_works_under_inference_mode():
+    with torch.inference_mode():
+        logits = rand_logits()
+        ids, h = rand_history()
+        stack = SamplerStack.from_settings(repetition_penalty=1.1, frequency_penalty=0.2, temperature=0.8,
+                                           top_k=50, top_p=0.95, logit_bias={3: -INF})
+        for _ in range(3):
+            tokens, _ = stack.sample(logits, h, generator=gens(0, 1, 2, 3))
+            h.append(tokens)
+            assert (tokens != 3).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# from_settings, order, stages
+
+def names(stack):
+    return [p.name for p in stack.processors]
+
+
+def test_from_settings_skips_no_ops_and_orders():
+    assert SamplerStack.from_settings().processors == []
+    all_on = dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, typical_p=0.9, repetition_penalty=1.1,
+                  presence_penalty=0.1, frequency_penalty=0.1, logit_bias={0: 1.0})
+    assert names(SamplerStack.from_settings(**all_on)) == [
+        "logit_bias", "repetition_penalty", "presence_penalty", "frequency_penalty",
+        "temperature", "top_k", "top_p", "min_p", "typical_p"]
+    assert names(SamplerStack.from_settings(**all_on, order="llama.cpp")) == [
+        "logit_bias", "repetition_penalty", "presence_penalty", "frequency_penalty",
+        "top_k", "typical_p", "top_p", "min_p", "temperature"]
+    custom = SamplerStack.from_settings(temperature=0.5, top_k=3, order=["top_k", "min_p", "temperature"])
+    assert names(custom) == ["top_k", "temperature"]
+    logits = rand_logits(B=2, V=30)
+    stages = custom.stages(logits)
+    assert [n for n, _ in stages] == ["raw", "top_k", "temperature"]
+    assert stages[0][1] is logits and torch.equal(stages[-1][1], custom.apply(logits))
+
+
+def test_a_custom_processor_is_a_plain_callable():
+    def ban_even(logits, history):
+        return logits.masked_fill(torch.arange(logits.size(-1)) % 2 == 0, -INF)
+
+    stack = SamplerStack([ban_even, Temperature(0.5)])
+    tokens, _ = stack.sample(rand_logits(B=50, V=20), generator=torch.Generator().manual_seed(0))
+    assert (tokens % 2 == 1).all()
+    assert [n for n, _ in stack.stages(rand_logits())][1] == "ban_even"
+
+
+# ------------------------------------------------------------------------------------------------
+# every ValueError
+
+def tokens_2x4():
+    return torch.zeros(2, 4, dtype=torch.long)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: Temperature(-0.1), r"temperature must be in \[0"),
+    (lambda: Temperature(float("nan")), "temperature"),
+    (lambda: Temperature(INF), "temperature"),
+    (lambda: TopK(-1), "top_k must be an integer >= 0"),
+    (lambda: TopK(2.5), "top_k"),
+    (lambda: TopP(0.0), r"top_p must be in \(0"),
+    (lambda: TopP(1.01), "top_p"),
+    (lambda: MinP(-0.01), r"min_p must be in \[0"),
+    (lambda: MinP(1.5), "min_p"),
+    (lambda: TypicalP(0.0), r"typical_p must be in \(0"),
+    (lambda: TypicalP(2.0), "typical_p"),
+    (lambda: RepetitionPenalty(0.0), r"repetition_penalty must be in \(0"),
+    (lambda: RepetitionPenalty(-1.0), "repetition_penalty"),
+    (lambda: PresencePenalty(2.5), r"presence_penalty must be in \[-2"),
+    (lambda: FrequencyPenalty(-2.01), r"frequency_penalty must be in \[-2"),
+    (lambda: LogitBias({-1: 1.0}), "outside the vocabulary"),
+    (lambda: LogitBias({10: 1.0}, vocab_size=10), r"outside the vocabulary \[0, 9\]"),
+    (lambda: LogitBias({10: 1.0})(torch.zeros(1, 10)), r"outside the vocabulary \[0, 9\]"),
+    (lambda: LogitBias({"a": 1.0}), "integer token ids"),
+    (lambda: LogitBias({1: float("nan")}), "finite or -inf"),
+    (lambda: LogitBias({1: INF}), "finite or -inf"),
+    (lambda: LogitBias({1: "x"}), "finite or -inf"),
+    (lambda: SamplerStack.from_settings(top_p=1.5), "top_p"),
+    (lambda: SamplerStack.from_settings(temperature=-1), "temperature"),
+    (lambda: SamplerStack.from_settings(logit_bias={99: 1.0}, vocab_size=50), "outside the vocabulary"),
+    (lambda: SamplerStack.from_settings(order="hf"), "order must be one of"),
+    (lambda: SamplerStack.from_settings(order=["top_k", "temp"]), r"allowed: \['logit_bias'"),
+    (lambda: SamplerStack.from_settings(order=["top_k", "top_k"]), "more than once"),
+    (lambda: SamplerStack.from_settings(top_p=0.9, order=["top_k"]), r"leaves out .*top_p"),
+    (lambda: SamplerStack().sample(torch.zeros(2, 5), generator=gens(0)), "1 generators"),
+    (lambda: SamplerStack().sample(torch.zeros(2, 5), top_logprobs=-1), "top_logprobs"),
+    (lambda: SamplerStack().sample(torch.zeros(5)), r"FloatTensor\[B, V\]"),
+    (lambda: RepetitionPenalty(1.2)(torch.zeros(2, 5), None), "needs the History"),
+    (lambda: RepetitionPenalty(1.2)(torch.zeros(3, 5), History(tokens_2x4(), torch.tensor([1, 1]))),
+     "batch size"),
+    (lambda: History(tokens_2x4(), torch.tensor([1, 5])), "prompt_lens"),
+    (lambda: History(tokens_2x4(), torch.tensor([1])), "prompt_lens"),
+    (lambda: History(tokens_2x4(), torch.tensor([1, 1]), vocab_size=8).build(9), "vocab_size"),
+])
+def test_value_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
