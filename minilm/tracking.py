@@ -1,8 +1,15 @@
-"""Where training reports go: out_dir/metrics.jsonl and the console (progress bar, eval lines)."""
+"""Where training reports go: out_dir/metrics.jsonl, out_dir/summary.json, the console (progress
+bar, eval lines) and, when cfg.wandb asks for it, a Weights & Biases run.
+
+Every record goes to every sink, so metrics.jsonl and the wandb history hold the same numbers.
+wandb is optional: imported only when a run is wanted, and a wandb that is missing or fails to
+start costs one warning line, never the training run.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,23 +22,39 @@ def _duration(seconds: float) -> str:
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
 
 
+def _warn(message: str, error: BaseException) -> None:
+    """One line on stderr, however long the error's message."""
+    reason = (str(error).strip().splitlines() or [""])[0]
+    print(f"warning: {message} ({type(error).__name__}: {reason})", file=sys.stderr, flush=True)
+
+
 class Tracker:
-    """Append-only metrics.jsonl plus console output. Only rank 0 makes one (enabled=True)."""
+    """Append-only metrics.jsonl plus console output, mirrored to a wandb run when given one.
+    Only rank 0 makes one (enabled=True)."""
 
     def __init__(self, out_dir: str | Path, max_iters: int, enabled: bool = True,
-                 stream=sys.stdout):
+                 stream=sys.stdout, run: Any = None, log_checkpoints: bool = False,
+                 append: bool = False):
         self.enabled = enabled
+        self.out_dir = Path(out_dir)
         self.max_iters = max_iters
         self.stream = stream
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.summary: dict[str, Any] = {}
+        self.run = run  # a wandb Run, or None
+        self.log_checkpoints = log_checkpoints
         self._file = None
         if enabled:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            self._file = open(Path(out_dir) / "metrics.jsonl", "a", buffering=1)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            # a resumed run appends to the records of the steps it continues from
+            self._file = open(self.out_dir / "metrics.jsonl", "a" if append else "w", buffering=1)
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, record: dict[str, Any], section: str) -> None:
+        """One record to metrics.jsonl and, as `section/key` at the same step, to wandb."""
         self._file.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log({f"{section}/{k}": v for k, v in record.items() if k != "step"},
+                         step=record["step"])
 
     def log_step(self, step: int, loss: float, lr: float, tokens_per_sec: float,
                  ms_per_iter: float, **extra: float) -> None:
@@ -39,7 +62,7 @@ class Tracker:
         if not self.enabled:
             return
         self._write(dict(step=step, loss=loss, lr=lr, tokens_per_sec=tokens_per_sec,
-                         ms_per_iter=ms_per_iter, **extra))
+                         ms_per_iter=ms_per_iter, **extra), "train")
         frac = step / self.max_iters
         bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
         eta = _duration((self.max_iters - step) * ms_per_iter / 1000)
@@ -51,14 +74,18 @@ class Tracker:
     def log_eval(self, step: int, train_loss: float, val_loss: float, val_ppl: float) -> None:
         if not self.enabled:
             return
-        self._write(dict(step=step, train_loss=train_loss, val_loss=val_loss, val_ppl=val_ppl))
+        self._write(dict(step=step, train_loss=train_loss, val_loss=val_loss, val_ppl=val_ppl),
+                    "eval")
         prefix = "\n" if self.tty else ""
         self.stream.write(f"{prefix}eval step {step}: train loss {train_loss:.4f}, "
                           f"val loss {val_loss:.4f}, val ppl {val_ppl:.2f}\n")
         self.stream.flush()
 
     def set_summary(self, **values: Any) -> None:
+        """Run-level figures (parameter counts, best val loss, ...): summary.json and wandb."""
         self.summary.update(values)
+        if self.run is not None:
+            self.run.summary.update(values)
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -66,15 +93,62 @@ class Tracker:
             self.stream.flush()
 
     def close(self, final_checkpoint: Path | None = None) -> None:
-        """End of the run; final_checkpoint is the folder a tracker may upload."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """End of the run; final_checkpoint is the folder uploaded when log_checkpoints is set."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        (self.out_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        try:
+            if self.log_checkpoints and final_checkpoint and Path(final_checkpoint).is_dir():
+                import wandb
+
+                artifact = wandb.Artifact(f"checkpoint-{run.id}", type="model")
+                artifact.add_dir(str(final_checkpoint))
+                run.log_artifact(artifact)
+            run.finish()
+        except Exception as e:  # an upload that fails must not turn a finished run into an error
+            _warn("wandb did not finish the run", e)
+
+
+def start_wandb(cfg) -> Any:
+    """A wandb run for resolved config `cfg`, or None when disabled or wandb can't start.
+
+    As in any wandb script, the environment wins: WANDB_MODE over cfg.wandb.mode, and WANDB_DIR
+    over the default folder, out_dir (the run files then land in out_dir/wandb/). Both are read
+    here, at each start: wandb itself reads them once per process.
+    """
+    w = cfg.wandb
+    mode = os.environ.get("WANDB_MODE") or w.mode
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        return wandb.init(mode=mode, project=w.project, entity=w.entity, group=w.group,
+                          name=w.name, tags=w.tags, config=cfg.to_dict(),
+                          dir=os.environ.get("WANDB_DIR") or cfg.out_dir)
+    except Exception as e:  # missing, not logged in, offline server...: not worth a lost run
+        _warn("wandb did not start; training goes on without it", e)
+        return None
 
 
 def make_tracker(cfg, enabled: bool = True) -> Tracker:
     """The tracker for a run of resolved config `cfg` (rank 0 only: enabled=False elsewhere)."""
-    return Tracker(cfg.out_dir, cfg.train.max_iters, enabled=enabled)
+    tracker = Tracker(cfg.out_dir, cfg.train.max_iters, enabled=enabled,
+                      log_checkpoints=cfg.wandb.log_checkpoints, append=cfg.train.resume)
+    if enabled:
+        tracker.run = start_wandb(cfg)
+    return tracker
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of out_dir/metrics.jsonl in order: steps have "loss", evals "val_loss"."""
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 class Timer:

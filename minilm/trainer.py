@@ -146,11 +146,11 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
     out_dir = Path(cfg.out_dir)
-    tracker = tracker or make_tracker(cfg, enabled=ddp.is_main)
 
     ckpt = out_dir / "last"
     if cfg.train.resume and not (ckpt / "state.json").is_file():
         raise ConfigError(f"train.resume: no checkpoint to resume from in {ckpt}")
+    tracker = tracker or make_tracker(cfg, enabled=ddp.is_main)
 
     # Data: rank 0 prepares, the others wait and then read the cached files.
     data_args = dataclasses.asdict(cfg.data)
@@ -179,9 +179,6 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
         else:
             torch.manual_seed(cfg.train.seed + ddp.rank + 7919 * step)
         tracker.info(f"resuming from {ckpt} at step {step}")
-    elif ddp.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").write_text("")
 
     counts = model.param_counts()
     tracker.info(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts}), "

@@ -1,0 +1,127 @@
+"""The ablation at a tiny size: arms x seeds as full runs, paired by seed, and the report
+(results.json, report.md, report.png); config mistakes are one line before any run starts."""
+
+import json
+import statistics
+
+import pytest
+
+from conftest import CORPUS, ROOT, tiny_overrides
+from minilm.ablate import AblationConfig, main, plan
+from minilm.cli import run_cli
+from minilm.config import load_config
+
+N_EMBD = 32  # tiny_overrides' width
+VOCAB = len(set(CORPUS)) + 1  # characters + <|endoftext|>
+ARM_KEYS = {"params_total", "params_non_embedding", "val_loss_mean", "val_loss_std",
+            "val_losses", "val_ppl_mean", "tokens_per_sec"}
+
+
+def run_ablation(tmp_path, corpus_file, *extra: str) -> dict:
+    """A tiny ablation of 4-step runs in tmp_path/abl; returns its results.json."""
+    config = tmp_path / "ablation.yaml"
+    config.write_text("ablation:\n  seeds: 2\n")
+    argv = [str(config), *tiny_overrides(tmp_path, corpus_file, out_dir=tmp_path / "abl", **{
+        "train.max_iters": 4, "train.eval_interval": 2}), *extra]
+    assert run_cli(main, argv) == 0
+    return json.loads((tmp_path / "abl" / "results.json").read_text())
+
+
+def test_tied_vs_untied_report(corpus_file, tmp_path):
+    results = run_ablation(tmp_path, corpus_file)
+    out = tmp_path / "abl"
+    for arm in ("tied", "untied"):
+        for seed in (1337, 1338):
+            assert (out / arm / f"seed{seed}" / "metrics.jsonl").is_file()
+
+    assert set(results) == {"vocab_size", "n_embd", "arms"}
+    assert (results["vocab_size"], results["n_embd"]) == (VOCAB, N_EMBD)
+    tied, untied = results["arms"]["tied"], results["arms"]["untied"]
+    assert list(results["arms"]) == ["tied", "untied"]
+    assert set(tied) == set(untied) == ARM_KEYS
+    assert untied["params_total"] - tied["params_total"] == VOCAB * N_EMBD
+    assert untied["params_non_embedding"] == tied["params_non_embedding"]
+    for arm in (tied, untied):
+        assert len(arm["val_losses"]) == 2
+        assert arm["val_loss_mean"] == pytest.approx(statistics.mean(arm["val_losses"]))
+        assert arm["val_loss_std"] == pytest.approx(statistics.stdev(arm["val_losses"]))
+        assert arm["tokens_per_sec"] > 0 and arm["val_ppl_mean"] > 1
+
+    report = (out / "report.md").read_text()
+    assert "| tied |" in report and "| untied |" in report
+    assert "**untied − tied**" in report and "Reading:" in report
+    assert f"= {VOCAB} × {N_EMBD}" in report and "![" in report
+
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    height, width, _ = imread(out / "report.png").shape
+    assert height > 100 and width > 100
+
+
+def test_untied_arm_with_head_bias_and_explicit_seeds(corpus_file, tmp_path):
+    results = run_ablation(tmp_path, corpus_file, "--ablation.seeds=[5]",
+                           "--ablation.arms={tied: {model.tie_embeddings: true}, untied: "
+                           "{model: {tie_embeddings: false, lm_head_bias: true}}}")
+    tied, untied = results["arms"]["tied"], results["arms"]["untied"]
+    assert untied["params_total"] - tied["params_total"] == VOCAB * N_EMBD + VOCAB
+    assert len(tied["val_losses"]) == 1 and tied["val_loss_std"] == 0.0
+    assert (tmp_path / "abl" / "untied" / "seed5" / "summary.json").is_file()
+    assert "With one seed" in (tmp_path / "abl" / "report.md").read_text()
+
+
+def test_runs_of_one_seed_are_paired(corpus_file, tmp_path):
+    """Two arms that change nothing the model or data see give identical losses per seed."""
+    results = run_ablation(tmp_path, corpus_file,
+                           "--ablation.arms={a: {}, b: {train.log_interval: 2}}")
+    a, b = results["arms"]["a"]["val_losses"], results["arms"]["b"]["val_losses"]
+    assert a == b and a[0] != a[1]
+
+
+def test_plan_names_groups_and_tags_the_runs(tmp_path):
+    cfg = load_config(None, [f"--out_dir={tmp_path / 'my_ablation'}", "--wandb.tags=[x]",
+                             "--ablation.seeds=2", "--train.seed=10"], cls=AblationConfig)
+    runs = plan(cfg)
+    assert [(r.arm, r.seed) for r in runs] == [("tied", 10), ("untied", 10),
+                                               ("tied", 11), ("untied", 11)]
+    for r in runs:
+        assert r.cfg.out_dir == str(tmp_path / "my_ablation" / r.arm / f"seed{r.seed}")
+        assert r.cfg.train.seed == r.seed
+        assert r.cfg.model.tie_embeddings == (r.arm == "tied")
+        assert r.cfg.wandb.group == "my_ablation"  # default group: the out_dir's name
+        assert r.cfg.wandb.tags == ["x", r.arm]
+        assert r.cfg.wandb.name == f"{r.arm}-seed{r.seed}"
+
+
+def test_shipped_config_plans_six_gpt2_runs():
+    cfg = load_config(ROOT / "configs" / "ablation" / "tied_vs_untied.yaml", cls=AblationConfig)
+    runs = plan(cfg)
+    assert [(r.arm, r.seed) for r in runs] == [(arm, seed) for seed in (1337, 1338, 1339)
+                                               for arm in ("tied", "untied")]
+    assert {(r.cfg.data.source, r.cfg.data.tokenizer, r.cfg.wandb.group) for r in runs} == {
+        ("shakespeare", "gpt2", "tied_vs_untied")}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ablation.arms={untied: {model.tie_embedding: false}}"],
+     "ablation.arms.untied: unknown config key 'model.tie_embedding'"),
+    (["--ablation.arms={untied: {model.n_embd: 30}}"], "ablation.arms.untied: model.n_embd"),
+    (["--ablation.arms={a/b: {}}"], "arm name 'a/b'"),
+    (["--ablation.arms={a: 3}"], "ablation.arms.a: expected a mapping"),
+    (["--ablation.seeds=0"], "ablation.seeds: expected a count >= 1"),
+    (["--ablation.seeds=[1, 1]"], "ablation.seeds"),
+    (["--ablation.seed=2"], "unknown config key 'ablation.seed'"),
+])
+def test_config_mistakes_are_one_line_before_any_run(tmp_path, capsys, args, message):
+    config = tmp_path / "ablation.yaml"
+    config.write_text(f"out_dir: {tmp_path / 'abl'}\n")
+    assert run_cli(main, [str(config), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "abl").exists()
+
+
+def test_missing_config_is_a_usage_error(capsys):
+    assert run_cli(main, []) == 2
+    assert "missing CONFIG.yaml" in capsys.readouterr().err
