@@ -54,8 +54,8 @@ class KVCache:
         max_len = max_len or config.block_size
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.empty(shape, device=device, dtype=dtype)  # only [:length] is ever read
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0
 
     @property
@@ -64,6 +64,10 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+    def select(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only these batch rows (rows that finished generating leave the batch)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
 class CausalSelfAttention(nn.Module):

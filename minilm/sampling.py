@@ -37,10 +37,12 @@ class History:
     real tokens the first ``prompt_lens[b]`` are the prompt, the rest were generated.
 
     Built once for a vocabulary of V tokens (``vocab_size``, else the first logits a penalty sees):
-      ``counts`` LongTensor[B, V]: times each token was generated, prompt excluded (OpenAI's count)
-      ``seen``   BoolTensor[B, V]: whether a token occurs in prompt + generated (HF's repetition set)
-    ``append`` updates both in O(B), so a penalty costs O(B·V) per step, not a scan of the history.
-    Token ids outside [0, V) are not counted (HF drops ids beyond the logits' vocabulary too).
+      ``counts``   LongTensor[B, V]: times each token was generated, prompt excluded (OpenAI's count)
+      ``seen``     BoolTensor[B, V]: whether a token occurs in prompt + generated (HF's repetition set)
+      ``seen_ids`` (rows, ids), two LongTensor[S]: the S (row, token) pairs where ``seen`` is True
+    ``append`` updates all three in O(B), so a penalty touches the seen tokens only, not a scan of the
+    history nor of the vocabulary. Token ids outside [0, V) are not counted (HF drops ids beyond the
+    logits' vocabulary too).
     """
 
     def __init__(self, tokens: Tensor, prompt_lens: Tensor, vocab_size: int | None = None,
@@ -65,6 +67,7 @@ class History:
         self.vocab_size: int | None = None
         self._counts: Tensor | None = None  # (B, V + 1): column V is a sink for ignored positions
         self._seen: Tensor | None = None    # (B, V + 1)
+        self._seen_ids: tuple[Tensor, Tensor] | None = None  # (S,), (S,)
         if vocab_size is not None:
             self.build(vocab_size)
 
@@ -88,6 +91,7 @@ class History:
         self._counts.scatter_add_(1, _ids_or_sink(tokens, generated, V), torch.ones_like(tokens))
         self._seen = torch.zeros(B, V + 1, dtype=torch.bool, device=tokens.device)
         self._seen.scatter_(1, _ids_or_sink(tokens, real, V), True)
+        self._seen_ids = self._seen[:, :V].nonzero(as_tuple=True)
         self.vocab_size = V
         return self
 
@@ -107,6 +111,13 @@ class History:
         """BoolTensor[B, V]: whether each token occurs in prompt + generated."""
         return self._built(self._seen)
 
+    @property
+    def seen_ids(self) -> tuple[Tensor, Tensor]:
+        """(rows, ids), LongTensor[S] each: every (row, token) pair where ``seen`` is True, in no
+        particular order; ``logits[rows, ids]`` are the logits of the seen tokens."""
+        self._built(self._seen)
+        return self._seen_ids
+
     def append(self, new_tokens: Tensor) -> None:
         """Append one generated token per row (LongTensor[B]); update the statistics in O(B)."""
         if new_tokens.shape != (self.batch_size,):
@@ -118,9 +129,23 @@ class History:
             real = torch.ones_like(new, dtype=torch.bool)
             self.attention_mask = torch.cat([self.attention_mask, real], dim=1)
         if self.vocab_size is not None:
-            idx = _ids_or_sink(new, torch.ones_like(new, dtype=torch.bool), self.vocab_size)
+            idx = _ids_or_sink(new, torch.ones_like(new, dtype=torch.bool), self.vocab_size)  # (B, 1)
+            fresh = (~self._seen.gather(1, idx) & (idx < self.vocab_size))[:, 0].nonzero()[:, 0]
             self._counts.scatter_add_(1, idx, torch.ones_like(idx))
             self._seen.scatter_(1, idx, True)
+            rows, ids = self._seen_ids  # add the rows whose token is seen for the first time
+            self._seen_ids = torch.cat([rows, fresh]), torch.cat([ids, idx[fresh, 0]])
+
+    def select(self, rows: Tensor | Sequence[int]) -> History:
+        """A History of only these rows (indices into this batch, in the order given): the same as
+        one built from scratch from their tokens, without recounting."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
+        mask = None if self.attention_mask is None else self.attention_mask[idx]
+        out = History(self.tokens[idx], self.prompt_lens[idx], attention_mask=mask)
+        if self.vocab_size is not None:
+            out.vocab_size, out._counts, out._seen = self.vocab_size, self._counts[idx], self._seen[idx]
+            out._seen_ids = out._seen[:, :-1].nonzero(as_tuple=True)
+        return out
 
     @staticmethod
     def _built(stat: Tensor | None) -> Tensor:
@@ -173,6 +198,21 @@ def _require_history(history: History | None, logits: Tensor, who: str) -> Histo
     if history is None:
         raise ValueError(f"{who} needs the History of the tokens so far")
     return history.for_logits(logits)
+
+
+def _update_seen(logits: Tensor, history: History | None, who: str,
+                 update: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """A copy of ``logits`` where each seen token's logit x (prompt + generated) is ``update(x, count)``,
+    count being how often it was generated; the others are left as they are.
+
+    Computed over the S seen (row, token) pairs only, S <= the tokens so far: a dense op over the B·V
+    logits costs ~5x more on CPU than this copy and the indexing.
+    """
+    h = _require_history(history, logits, who)
+    rows, ids = h.seen_ids                                   # (S,), (S,)
+    out = logits.clone()
+    out[rows, ids] = update(logits[rows, ids], h.counts[rows, ids])
+    return out
 
 
 def _is_int(x: object) -> bool:
@@ -247,11 +287,9 @@ class RepetitionPenalty:
                                     hi_open=True)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
-        seen = _require_history(history, logits, "RepetitionPenalty").seen
-        # For θ >= 1 the rule picks the smaller of logit / θ and logit · θ (for θ < 1 the larger): HF's
-        # values, without a where on the 50/50 mask `logit < 0` (~10x slower on CPU than min/max).
-        pick = torch.minimum if self.penalty >= 1 else torch.maximum
-        return torch.where(seen, pick(logits / self.penalty, logits * self.penalty), logits)
+        theta = self.penalty
+        return _update_seen(logits, history, "RepetitionPenalty",
+                            lambda x, _: torch.where(x < 0, x * theta, x / theta))
 
 
 class PresencePenalty:
@@ -265,8 +303,9 @@ class PresencePenalty:
         self.penalty = _check_range("presence_penalty", penalty, -2.0, 2.0)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
-        counts = _require_history(history, logits, "PresencePenalty").counts
-        return logits - self.penalty * (counts > 0).to(logits.dtype)
+        # the seen tokens include the prompt's, of count 0: x - a · 0 = x
+        return _update_seen(logits, history, "PresencePenalty",
+                            lambda x, count: x - self.penalty * (count > 0).to(x.dtype))
 
 
 class FrequencyPenalty:
@@ -280,8 +319,8 @@ class FrequencyPenalty:
         self.penalty = _check_range("frequency_penalty", penalty, -2.0, 2.0)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
-        counts = _require_history(history, logits, "FrequencyPenalty").counts
-        return logits - self.penalty * counts.to(logits.dtype)
+        return _update_seen(logits, history, "FrequencyPenalty",
+                            lambda x, count: x - self.penalty * count.to(x.dtype))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -323,6 +362,20 @@ class TopK:
             return logits
         kth = torch.topk(logits, self.k, dim=-1).values[..., -1:]  # (B, 1)
         return _remove(logits, logits < kth)
+
+    def candidates(self, logits: Tensor, width: int = 0) -> tuple[Tensor, Tensor]:
+        """``self(logits)`` [B, V] in short, for 0 < k < V: (values, ids) [B, n], each row's kept tokens
+        first, in token order, then removed ones (at -inf). n = max(k + 1, width), at most V, unless a
+        row keeps more (ties at the k-th value, or too few finite logits): then the most a row keeps.
+        """
+        V = logits.size(-1)
+        top = torch.topk(logits, min(max(self.k + 1, width), V), dim=-1)  # (B, n), largest first
+        kth = top.values[:, self.k - 1:self.k]                            # (B, 1)
+        if top.values.size(-1) < V and not (top.values[:, -1:] < kth).all():  # a row keeps n or more
+            top = torch.topk(logits, int((~(logits < kth)).sum(dim=-1).amax()), dim=-1)
+        remove = top.values < kth                                        # as in __call__
+        order = torch.where(remove, top.indices + V, top.indices).argsort(dim=-1)  # kept first, by id
+        return _remove(top.values, remove).gather(-1, order), top.indices.gather(-1, order)
 
 
 class TopP:
@@ -427,6 +480,16 @@ DEFAULT_ORDER = tuple(STAGES)
 LLAMA_CPP_ORDER = ("logit_bias", "repetition_penalty", "presence_penalty", "frequency_penalty",
                    "top_k", "typical_p", "top_p", "min_p", "temperature")
 ORDERS = {"default": DEFAULT_ORDER, "llama.cpp": LLAMA_CPP_ORDER}
+# The processors that read nothing but each row's logit values (not token ids, V or the History), so
+# give the same values on a row's candidate tokens as on the whole row with the rest at -inf: after a
+# TopK, sample() runs them on its kept tokens only. Not MinP: its softmax over the whole row rounds
+# differently from one over the candidates, which could flip a token at the boundary.
+ON_CANDIDATES = (Temperature, TopK, TopP, TypicalP)
+# The fewest candidates a row gets (the rest padded with removed tokens): torch's softmax sums a row
+# shorter than a SIMD register (8 or 16 floats) in another order than a longer one, so a row's
+# probabilities would depend on how many candidates the other rows of the batch need; from 64 on,
+# the padding (-inf) changes no bit.
+MIN_CANDIDATES = 64
 
 
 class SamplerStack:
@@ -485,22 +548,45 @@ class SamplerStack:
             raise ValueError(f"logits must be a FloatTensor[B, V], got shape {tuple(logits.shape)}")
         if top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
-        processed = self.apply(logits, history)
+        processed, ids = self._candidates(logits, history)      # (B, n), ids (B, n) or None if n = V
         bad = ~torch.isfinite(processed.amax(dim=-1))           # (B,); amax propagates NaN
         if bad.any():
             raise ValueError(f"no token left to sample in batch row(s) {bad.nonzero()[:, 0].tolist()}: "
                              "every logit was removed (-inf), or one is NaN or +inf")
-        probs = _probs(processed)                               # (B, V)
-        tokens = _draw(probs, generator)                        # (B,)
+        probs = _probs(processed)                               # (B, n)
+        picked = _draw(probs, generator)[:, None]               # (B, 1), a column of processed
+        tokens = (picked if ids is None else ids.gather(-1, picked))[:, 0]  # (B,)
 
         raw = logits.float()
         raw_lse = torch.logsumexp(raw, dim=-1, keepdim=True)    # (B, 1): log_softmax(raw) = raw - lse
         info = SampleInfo(logprobs=(raw.gather(-1, tokens[:, None]) - raw_lse)[:, 0],
-                          processed_logprobs=probs.gather(-1, tokens[:, None])[:, 0].log())
+                          processed_logprobs=probs.gather(-1, picked)[:, 0].log())
         if top_logprobs:
             top = raw.topk(min(top_logprobs, raw.size(-1)), dim=-1)
             info.top_ids, info.top_logprobs = top.indices, top.values - raw_lse
         return tokens, info
+
+    def _candidates(self, logits: Tensor, history: History | None) -> tuple[Tensor, Tensor | None]:
+        """``apply(logits, history)``, cheaper: (processed [B, V], None), or after a TopK (values, ids)
+        [B, n] of each row's candidate tokens (the processed logits of ``ids``; every other token is
+        removed).
+
+        From a TopK(k) on, the processors of ON_CANDIDATES, then sample()'s softmax and draw, work on
+        the k (+ ties) tokens it kept, not on all V: on a 50k vocabulary, sorting and scanning the
+        removed tokens was most of a step's sampling time. Each token keeps the value apply() gives it,
+        except that which of two exactly tied tokens top-p or typical-p ranks first is torch's choice
+        on either path. Any other processor gets the full logits [B, V] back.
+        """
+        V = logits.size(-1)
+        x, ids = logits, None
+        for proc in self.processors:
+            if ids is not None and type(proc) not in ON_CANDIDATES:
+                x, ids = x.new_full((x.size(0), V), NEG_INF).scatter(-1, ids, x), None  # (B, V)
+            if ids is None and type(proc) is TopK and 0 < proc.k < V:
+                x, ids = proc.candidates(x, MIN_CANDIDATES)
+            else:
+                x = proc(x, history)
+        return x, ids
 
 
 def _resolve_order(order: str | Sequence[str], used: list[str]) -> Sequence[str]:
@@ -532,9 +618,9 @@ def _draw(probs: Tensor, generator: torch.Generator | Sequence[torch.Generator] 
 
     One u ~ U[0, 1) per row; the CDF is summed in float64, so each token is drawn with its float32
     probability up to ~1e-16. A token of probability 0 (removed) never raises the CDF, so is never
-    drawn, and a row with one token left is greedy. The CDF is built in two levels, sums of blocks of
-    ``block`` tokens and then a cumulative sum inside the one block holding the target: a sequential
-    cumsum over a 50k vocabulary costs more on CPU than all the rest of the draw.
+    drawn, and a row with one token left is greedy. For V > ``block`` the CDF is built in two levels,
+    sums of blocks of ``block`` tokens and then a cumulative sum inside the one block holding the
+    target: a sequential cumsum over a 50k vocabulary costs more on CPU than all the rest of the draw.
     With a list of B generators each row draws its u from its own: a row's tokens depend on its seed
     and its logits only, not on the rest of the batch.
     """
@@ -546,6 +632,11 @@ def _draw(probs: Tensor, generator: torch.Generator | Sequence[torch.Generator] 
                          for g in generator])
     else:
         u = torch.rand(B, dtype=torch.float64, device=probs.device, generator=generator)
+    if V <= block:  # one block: its CDF directly
+        cdf = probs.double().cumsum(dim=-1)                                  # (B, V)
+        total = cdf[:, -1:]                                                  # (B, 1), ~1
+        target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, target, right=True)[:, 0]
     n_blocks = -(-V // block)
     blocks = F.pad(probs, (0, n_blocks * block - V)).view(B, n_blocks, block)
     block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)       # (B, n_blocks)

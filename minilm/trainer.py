@@ -23,6 +23,7 @@ from minilm.checkpoint import (copy_checkpoint, load_training_state, load_weight
                                save_checkpoint, set_rng_states)
 from minilm.config import Config, ConfigError, TrainConfig
 from minilm.data import PreparedData, get_batch, prepare
+from minilm.device import resolve_device
 from minilm.model import GPT
 from minilm.tracking import Timer, Tracker, make_tracker
 
@@ -47,21 +48,6 @@ def setup_distributed(device: str) -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return d
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -187,14 +187,52 @@ def test_history_incremental_equals_from_scratch():
     full_mask = torch.cat([mask, torch.ones(B, steps, dtype=torch.bool)], 1)
     fresh = History(h.tokens, lens, vocab_size=V, attention_mask=full_mask)
     lazy.build(V)
+    logits = torch.randn(B, V, generator=g)
     for other in (fresh, lazy):
         assert torch.equal(h.counts, other.counts) and torch.equal(h.seen, other.seen)
+        assert seen_pairs(h) == seen_pairs(other)
+        for penalty in (RepetitionPenalty(1.3), PresencePenalty(0.7), FrequencyPenalty(-0.4)):
+            assert torch.equal(penalty(logits, h), penalty(logits, other))
     for b in range(B):  # against a plain count
         real = h.tokens[b][int(pad[b]):].tolist()
         generated = real[int(lens[b]):]
         assert h.counts[b].tolist() == [generated.count(j) for j in range(V)]
         assert h.seen[b].tolist() == [j in real for j in range(V)]
     assert h.counts.sum() == B * steps
+
+
+def seen_pairs(h):
+    """History.seen_ids as a sorted list of (row, token), checked against ``seen``."""
+    pairs = sorted(zip(*(t.tolist() for t in h.seen_ids)))
+    assert pairs == sorted(map(tuple, h.seen.nonzero().tolist()))
+    return pairs
+
+
+def test_history_select_equals_from_scratch():
+    B, V, steps = 4, 40, 5
+    g = torch.Generator().manual_seed(12)
+    pad = torch.tensor([2, 0, 3, 1])
+    lens = 6 - pad - torch.tensor([0, 2, 0, 1])
+    prompt = torch.randint(0, V, (B, 6), generator=g)
+    mask = torch.arange(6)[None, :] >= pad[:, None]
+    h = History(prompt, lens, vocab_size=V, attention_mask=mask)
+    for _ in range(steps):
+        h.append(torch.randint(0, V, (B,), generator=g))
+    full_mask = torch.cat([mask, torch.ones(B, steps, dtype=torch.bool)], 1)
+    for rows in ([2, 0], torch.tensor([3]), [0, 1, 2, 3]):
+        idx = torch.as_tensor(rows)
+        picked = h.select(rows)
+        fresh = History(h.tokens[idx], lens[idx], vocab_size=V, attention_mask=full_mask[idx])
+        for _ in range(2):  # equal now, and after both append the same tokens
+            for name in ("tokens", "attention_mask", "prompt_lens", "counts", "seen"):
+                assert torch.equal(getattr(picked, name), getattr(fresh, name)), name
+            assert seen_pairs(picked) == seen_pairs(fresh)
+            new = torch.randint(0, V, (len(idx),), generator=g)
+            picked.append(new)
+            fresh.append(new)
+    lazy = History(prompt, lens).select([1, 3])  # not built yet: built for its rows on first use
+    assert lazy.vocab_size is None and torch.equal(lazy.tokens, prompt[[1, 3]])
+    assert torch.equal(lazy.build(V).counts, History(prompt[[1, 3]], lens[[1, 3]], vocab_size=V).counts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +295,56 @@ def test_draw_is_exact_across_cdf_blocks(block):
     one = torch.zeros(1, V)
     one[0, kept_ids[2]] = 1.0  # a single token left, in a middle block
     assert _draw(one.expand(50, -1), None, block).eq(kept_ids[2]).all()
+
+
+def ban_even(logits, history):
+    return logits.masked_fill(torch.arange(logits.size(-1)) % 2 == 0, -INF)
+
+
+@pytest.mark.parametrize("procs", [
+    [TopK(20), TopP(0.9)], [Temperature(0.7), TopK(20), TopP(0.8), TypicalP(0.9)],
+    [TopK(20), Temperature(0)], [TopK(30), MinP(0.05), TopP(0.9)], [TopK(20), ban_even, TopK(5)],
+    [TopK(25), TopK(10), Temperature(1.5)], [TopK(499)], [TopK(500), TopP(0.5)],
+], ids=lambda procs: "-".join(getattr(p, "name", "custom") for p in procs))
+def test_sample_candidates_equal_apply(procs):
+    # sample() runs what follows a TopK on the tokens it kept only: the same processed logits
+    stack = SamplerStack(procs)
+    logits = rand_logits(B=6, V=500, seed=6, n_removed=100)
+    logits[2, 5:] = -INF          # fewer than k tokens left
+    logits[3] = logits[3].round()  # a few values, each shared by many tokens: ties at the k-th value
+    if any(type(p) in (TopP, TypicalP) for p in procs):  # which of two tied tokens these rank first
+        logits[3] = rand_logits(B=1, V=500, seed=7)[0]     # is torch's choice on either path
+    values, ids = stack._candidates(logits, None)
+    if ids is not None:
+        values = torch.full_like(logits, -INF).scatter(-1, ids, values)
+    assert torch.equal(values, stack.apply(logits))
+
+
+def test_sample_draws_what_a_draw_from_apply_draws():
+    logits = rand_logits(B=64, V=2000, seed=5)
+    stack = SamplerStack.from_settings(temperature=0.8, top_k=50, top_p=0.95)
+    tokens, info = stack.sample(logits, generator=gens(*range(64)))
+    processed = stack.apply(logits)
+    assert torch.equal(tokens, _draw(torch.softmax(processed, -1), gens(*range(64))))
+    torch.testing.assert_close(info.processed_logprobs,
+                               torch.log_softmax(processed, -1).gather(-1, tokens[:, None])[:, 0])
+
+
+def test_seed_reproducible_per_row_after_top_k_whatever_the_batch():
+    # after a top-k the draw works on each row's candidates, padded to the most that a row of the
+    # batch keeps: a row must draw the same tokens, with the same log-probs, whatever that number is
+    V, n = 300, 100
+    stack = SamplerStack.from_settings(temperature=0.9, top_k=10, top_p=0.9)
+    row = (rand_logits(B=1, V=V, seed=3) + 7).expand(n, -1)
+    ties = torch.zeros(1, V)
+    ties[0, :80] = 1.0  # 80 tokens tied: top-10 keeps them all
+    few = torch.full((1, V), -INF)
+    few[0, :3] = 0.0    # fewer than k tokens left: top-10 keeps all V
+    alone, info = stack.sample(row, generator=gens(*range(n)))
+    for other in (ties, few):
+        tokens, mixed = stack.sample(torch.cat([other, row]), generator=gens(0, *range(n)))
+        assert torch.equal(tokens[1:], alone)
+        assert torch.equal(mixed.processed_logprobs[1:], info.processed_logprobs)
 
 
 def test_seed_reproducible_per_row_whatever_the_batch():
@@ -376,9 +464,6 @@ def test_from_settings_skips_no_ops_and_orders():
 
 
 def test_a_custom_processor_is_a_plain_callable():
-    def ban_even(logits, history):
-        return logits.masked_fill(torch.arange(logits.size(-1)) % 2 == 0, -INF)
-
     stack = SamplerStack([ban_even, Temperature(0.5)])
     tokens, _ = stack.sample(rand_logits(B=50, V=20), generator=torch.Generator().manual_seed(0))
     assert (tokens % 2 == 1).all()

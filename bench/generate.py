@@ -1,0 +1,201 @@
+"""Generation speed on CPU: minilm beside HF transformers' GPT2LMHeadModel.generate and beside the
+memory-bandwidth floor, for a GPT-2 124M config (12 x 12 x 768, vocab 50257, block 1024, random
+weights, the same in both models).
+
+    python bench/generate.py [--threads N] [--reps 3] [--recompute_steps 16 | --full_recompute]
+
+Reports (markdown):
+1. tokens/s for a 64-token prompt + 128 new tokens, batch 1 and 8, greedy and with a full stack
+   (repetition 1.1, T 0.8, top-k 50, top-p 0.95); prefill included, best of --reps runs, minilm and
+   HF interleaved so that both see the same machine load. Floor: batch / (weight bytes / copy
+   bandwidth), i.e. every weight read once per decode step, nothing else.
+2. the stack's cost as a fraction of a decode step (one token through the KV cache at length 128).
+3. KV cache vs recompute (a full forward over the whole sequence per token) for 256 new tokens
+   after a 512-token prompt, greedy, batch 1. Recompute is timed on --recompute_steps sequence
+   lengths spread over the 256 steps (best of a warm-up and one run each) and summed by the
+   trapezoid rule (--full_recompute: all 256).
+
+On a 2-core machine shared with other jobs use --threads 1: with two OpenMP threads on busy cores,
+each parallel op may wait a whole scheduler slice (~8 ms) for its second thread.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from minilm.generation import complete, greedy, prepare_for_decoding  # noqa: E402
+from minilm.model import GPT, GPTConfig, KVCache  # noqa: E402
+from minilm.sampling import History, SamplerStack  # noqa: E402
+
+V, N_LAYER, N_HEAD, N_EMBD, BLOCK = 50257, 12, 12, 768, 1024
+STACK = dict(repetition_penalty=1.1, temperature=0.8, top_k=50, top_p=0.95)
+
+
+def best_time(fn, reps: int) -> float:
+    """Best wall time of `reps` calls after a warm-up: the one least disturbed by other work."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 512 MiB tensor copy (each byte read once and written once)."""
+    src = torch.ones(128 * 2**20)  # fp32: 512 MiB
+    dst = torch.empty_like(src)
+    t = best_time(lambda: dst.copy_(src), 5)
+    return 2 * src.numel() * src.element_size() / t
+
+
+def models() -> tuple[GPT, torch.nn.Module]:
+    """minilm and HF GPT-2 with the same random weights (HF's Conv1D stores W transposed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, vocab_size=V,
+                                    n_positions=BLOCK)).eval()
+    hf.generation_config.eos_token_id = None  # always the full 128 tokens
+    hf.generation_config.pad_token_id = 0
+    ours = GPT(GPTConfig(vocab_size=V, n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD,
+                         block_size=BLOCK)).eval()
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    state = {k: (v.t() if k.endswith(conv1d) else v) for k, v in hf.transformer.state_dict().items()
+             if not k.endswith(".attn.bias")}
+    ours.transformer.load_state_dict(state)
+    return prepare_for_decoding(ours), hf  # as generate.py does after loading a checkpoint
+
+
+def throughput(ours: GPT, hf, reps: int, new: int = 128, prompt_len: int = 64) -> list[dict]:
+    rows = []
+    for batch in (1, 8):
+        prompts = torch.randint(0, V, (batch, prompt_len),
+                                generator=torch.Generator().manual_seed(1))
+        for mode in ("greedy", "stack"):
+            sampler = SamplerStack.from_settings(**STACK) if mode == "stack" else None
+            hf_kwargs = dict(do_sample=True, **STACK) if mode == "stack" else dict(do_sample=False)
+
+            def run_ours():
+                out = complete(ours, prompts, new, sampler=sampler, seed=list(range(batch)))
+                assert all(len(r.tokens) == new for r in out)
+                return out
+
+            def run_hf():
+                with torch.inference_mode():
+                    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                      max_new_tokens=new, min_new_tokens=new, **hf_kwargs)
+                assert out.shape == (batch, prompt_len + new)
+                return out
+
+            a, b = run_ours(), run_hf()  # warm-up
+            agree = None
+            if mode == "greedy":  # same weights: the greedy tokens should agree (up to fp ties)
+                pairs = zip(a[0].tokens, b[0, prompt_len:].tolist())
+                agree = next((i for i, (x, y) in enumerate(pairs) if x != y), new)
+            t_ours, t_hf = [], []
+            for _ in range(reps):  # interleaved: both see the same load
+                for fn, times in ((run_ours, t_ours), (run_hf, t_hf)):
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+            rows.append(dict(batch=batch, mode=mode, ours=batch * new / min(t_ours),
+                             hf=batch * new / min(t_hf), agree=agree))
+    return rows
+
+
+def stack_overhead(ours: GPT, reps: int, steps: int = 16) -> list[dict]:
+    """A decode step (1 token, cache at 128) vs the stack's sample() on its logits."""
+    rows = []
+    for batch in (1, 8):
+        ids = torch.randint(0, V, (batch, 128), generator=torch.Generator().manual_seed(2))
+        cache = KVCache(ours.config, batch, max_len=128 + steps)
+        with torch.inference_mode():
+            ours.logits(ids[:, :-1], cache)
+            start = cache.length
+
+            def decode():
+                cache.length = start
+                for _ in range(steps):
+                    z = ours.logits(ids[:, -1:], cache)[:, -1]
+                return z
+
+            logits = decode()
+            t_step = best_time(decode, reps) / steps
+            for mode, sampler in (("greedy", None), ("stack", SamplerStack.from_settings(**STACK))):
+                sampler = sampler or greedy()
+                history = History(ids, prompt_lens=torch.full((batch,), 64))
+                gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+                t_stack = best_time(lambda: [sampler.sample(logits, history, generator=gens)
+                                             for _ in range(steps)], reps) / steps
+                rows.append(dict(batch=batch, mode=mode, step=t_step, stack=t_stack))
+    return rows
+
+
+def kv_vs_recompute(ours: GPT, samples: int | None, reps: int, prompt_len: int = 512,
+                    new: int = 256) -> tuple[float, float, int]:
+    """Seconds for `new` greedy tokens through the KV cache, and by recomputing every step."""
+    prompt = torch.randint(0, V, (1, prompt_len), generator=torch.Generator().manual_seed(3))
+    t_kv = best_time(lambda: complete(ours, prompt, new), reps)
+    (out,) = complete(ours, prompt, new)
+    seq = torch.cat([prompt[0], torch.tensor(out.tokens)])[None]  # [1, 768]
+    lengths = list(range(prompt_len, prompt_len + new))  # the recompute forward of each step
+    if samples and samples < new:
+        lengths = [lengths[round(i * (new - 1) / (samples - 1))] for i in range(samples)]
+    with torch.inference_mode():
+        times = [best_time(lambda: ours.logits(seq[:, :n]).argmax(-1), 1) for n in lengths]
+    if len(times) == new:
+        return t_kv, sum(times), new
+    # trapezoid over the sampled lengths, scaled to all `new` steps
+    pairs = zip(times, times[1:], lengths, lengths[1:])
+    t_re = sum((a + b) / 2 * (m - n) for a, b, n, m in pairs) / (lengths[-1] - lengths[0]) * new
+    return t_kv, t_re, len(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--recompute_steps", type=int, default=16)
+    p.add_argument("--full_recompute", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ours, hf = models()
+    bw = copy_bandwidth()
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    floor_step = weight_bytes / bw
+    print(f"torch {torch.__version__}, {args.threads} threads; weights {weight_bytes / 1e6:.0f} MB;"
+          f" copy bandwidth {bw / 1e9:.1f} GB/s -> floor {floor_step * 1e3:.1f} ms/decode step\n")
+
+    print("| batch | sampler | minilm tok/s | HF tok/s | minilm / HF | floor tok/s | minilm / floor"
+          " | greedy agrees with HF |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in throughput(ours, hf, args.reps):
+        floor = r["batch"] / floor_step
+        agree = "" if r["agree"] is None else f"{r['agree']}/128 tokens"
+        print(f"| {r['batch']} | {r['mode']} | {r['ours']:.1f} | {r['hf']:.1f} | "
+              f"{r['ours'] / r['hf']:.2f}x | {floor:.1f} | {r['ours'] / floor:.0%} | {agree} |")
+
+    print("\n| batch | sampler | decode step ms | sample() ms | share of a step |")
+    print("|---|---|---|---|---|")
+    for r in stack_overhead(ours, args.reps):
+        print(f"| {r['batch']} | {r['mode']} | {r['step'] * 1e3:.1f} | {r['stack'] * 1e3:.2f} | "
+              f"{r['stack'] / r['step']:.1%} |")
+
+    samples = None if args.full_recompute else args.recompute_steps
+    t_kv, t_re, n = kv_vs_recompute(ours, samples, args.reps)
+    how = "all 256 steps timed" if n == 256 else f"{n} of 256 steps timed, trapezoid-summed"
+    print("\n| 512-token prompt + 256 new, batch 1, greedy | seconds | tok/s |")
+    print("|---|---|---|")
+    print(f"| KV cache (minilm generate) | {t_kv:.1f} | {256 / t_kv:.1f} |")
+    print(f"| recompute, full forward per token ({how}) | {t_re:.1f} | {256 / t_re:.2f} |")
+    print(f"| KV cache speed-up | {t_re / t_kv:.1f}x | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""generate.py end to end, in a subprocess, on a tiny char-level checkpoint."""
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from minilm.checkpoint import save_checkpoint
+from minilm.generate_cli import stream_text
+from minilm.model import GPT, GPTConfig
+from minilm.tokenizer import CharTokenizer, TiktokenTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+TOKENIZER = CharTokenizer(CHARS)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=TOKENIZER.vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          block_size=16))
+    save_checkpoint(out / "last", model, None, dict(config={}, tokenizer=TOKENIZER.to_dict(),
+                                                    step=0, best_val_loss=None))
+    return out
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_json_and_streamed_text_agree(ckpt):
+    common = ["--ckpt", str(ckpt), "--prompt", "ROMEO:", "--max_new_tokens", "24",
+              "--num_samples", "2", "--seed", "3", "--top_k", "20"]
+    done = run(*common, "--json", "--logprobs", "3")
+    assert done.returncode == 0, done.stderr
+    samples = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(samples) == 2
+    for s in samples:
+        n = len(s["tokens"])
+        assert 1 <= n <= 24
+        assert len(s["logprobs"]) == len(s["processed_logprobs"]) == len(s["top_logprobs"]) == n
+        assert all(lp <= 0 for lp in s["logprobs"] + s["processed_logprobs"])
+        for top in s["top_logprobs"]:
+            assert len(top) == 3
+            assert all(isinstance(i, int) and t == TOKENIZER.decode([i]) and lp <= 0
+                       for i, t, lp in top)
+            assert [lp for _, _, lp in top] == sorted((lp for _, _, lp in top), reverse=True)
+        shown = s["tokens"][:-1] if s["finish_reason"] == "stop" else s["tokens"]
+        assert s["text"] == TOKENIZER.decode(shown)
+    # text mode draws the samples one by one (seed, seed + 1) and streams them: the same text
+    text = run(*common)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout == "\n---------------\n".join("ROMEO:" + s["text"] for s in samples) + "\n"
+
+
+def test_show_distribution(ckpt):
+    done = run("--ckpt", str(ckpt), "--prompt", "ROMEO:", "--show_distribution",
+               "--repetition_penalty", "1.3", "--temperature", "0.7", "--top_k", "3")
+    assert done.returncode == 0, done.stderr
+    titles = [line for line in done.stdout.splitlines() if not line.startswith(" ")]
+    assert titles == [f"raw model distribution ({TOKENIZER.vocab_size} of {TOKENIZER.vocab_size} "
+                      "tokens kept)",
+                      f"after repetition_penalty ({TOKENIZER.vocab_size} of "
+                      f"{TOKENIZER.vocab_size} tokens kept)",
+                      f"after temperature ({TOKENIZER.vocab_size} of {TOKENIZER.vocab_size} "
+                      "tokens kept)",
+                      f"after top_k (3 of {TOKENIZER.vocab_size} tokens kept)"]
+    assert "█" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt", "{missing}"], "no checkpoint found"),
+    (["--logit_bias", "{bad"], "not valid JSON"),
+    (["--logit_bias", '{"ROMEO": 2}'], "'ROMEO' is 5 tokens"),
+    (["--logit_bias", '{"5": -101}'], "must be a number in [-100, 100]"),
+    (["--temperature", "-1"], "temperature must be in"),
+    (["--temperature", "hot"], "invalid float value"),
+    (["--prompt", ""], "empty prompt"),
+    (["--prompt", "~"], "'~' is not in"),
+])
+def test_user_errors_exit_2_with_one_line(ckpt, tmp_path, args, message):
+    args = [a.replace("{missing}", str(tmp_path / "nope")) for a in args]
+    done = run("--ckpt", str(ckpt), *args)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("error: ") and message in done.stderr
+
+
+def test_stream_text_holds_back_partial_utf8():
+    try:
+        bpe = TiktokenTokenizer("gpt2")
+    except ValueError:
+        pytest.skip("gpt2 BPE not available offline")
+    byte_tokens = [bpe.enc.encode_single_token(bytes([b])) for b in "é€!".encode()]  # 6 bytes
+    steps = [SimpleNamespace(tokens=torch.tensor([t]), finish_reasons=[None]) for t in byte_tokens]
+    steps[-1].finish_reasons = ["length"]
+    out = io.StringIO()
+    stream_text(steps, bpe, out)
+    assert out.getvalue() == "é€!\n"  # nothing written twice, no U+FFFD for half a character

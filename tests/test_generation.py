@@ -1,0 +1,229 @@
+"""generate()/complete() against a plain reference: a full forward over the whole window each step.
+
+The models are tiny and float64, so the cached and recomputed logits agree to ~1e-15 and no argmax
+can flip by rounding; the token embedding is scaled up so that the logits are spread (std ~ 2) and
+temperature → 0 really is greedy.
+"""
+import copy
+
+import pytest
+import torch
+
+from minilm.generation import complete, generate, greedy, next_token_stages, prepare_for_decoding
+from minilm.model import GPT, GPTConfig
+from minilm.sampling import History, SamplerStack
+from minilm.tokenizer import CharTokenizer
+
+V = 32
+CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"  # 31 characters + end-of-text = V
+
+
+def tiny_model(block_size: int = 64, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=block_size))
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(15)
+    return model.double().eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine their sync costs dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return tiny_model()
+
+
+def reference(model: GPT, prompt: list[int], n: int, sampler: SamplerStack | None = None,
+              seed: int | None = None) -> list[int]:
+    """No cache: each step runs the model over the row's whole window. The window rule is the
+    documented one: once it would pass block_size, crop it to the last block_size // 2 tokens."""
+    block_size = model.config.block_size
+    seq, start = list(prompt), max(0, len(prompt) - block_size)
+    history = History(torch.tensor([prompt]), prompt_lens=torch.tensor([len(prompt)]))
+    generators = None if seed is None else [torch.Generator().manual_seed(seed)]
+    sampler = sampler or greedy()
+    with torch.inference_mode():
+        for _ in range(n):
+            if len(seq) - start > block_size:
+                start = len(seq) - block_size // 2
+            logits = model(torch.tensor([seq[start:]]))[:, -1]  # [1, V]
+            token, _ = sampler.sample(logits, history, generator=generators)
+            history.append(token)
+            seq.append(token.item())
+    return seq[len(prompt):]
+
+
+def tokens_of(results) -> list[list[int]]:
+    return [r.tokens for r in results]
+
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14, 15, 16]]
+STACK = dict(temperature=1.5, top_k=12, top_p=0.95, repetition_penalty=1.3, presence_penalty=0.5,
+             frequency_penalty=0.3)
+
+
+def test_kv_cache_matches_recompute_greedy(model):
+    (result,) = complete(model, PROMPTS[1], 30)
+    assert result.tokens == reference(model, PROMPTS[1], 30)
+    assert result.finish_reason == "length"
+
+
+def test_kv_cache_matches_recompute_sampled(model):
+    stack = SamplerStack.from_settings(**STACK)
+    (result,) = complete(model, [PROMPTS[1]], 30, sampler=stack, seed=7)
+    assert result.tokens == reference(model, PROMPTS[1], 30, stack, seed=7)
+
+
+@pytest.mark.parametrize("settings", [None, STACK], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("use_eos", [False, True], ids=["no_eos", "eos"])
+def test_mixed_length_batch_equals_each_prompt_alone(model, settings, use_eos):
+    stack = settings and SamplerStack.from_settings(**settings)
+    seeds = [11, 12, 13, 14]
+    eos_id = None
+    if use_eos:  # a token row 0 draws early on, so that rows leave the batch at different steps
+        eos_id = complete(model, PROMPTS, 25, sampler=stack, seed=seeds)[0].tokens[3]
+    batch = complete(model, PROMPTS, 25, sampler=stack, seed=seeds, eos_id=eos_id, logprobs=2)
+    for prompt, seed, got in zip(PROMPTS, seeds, batch):
+        (alone,) = complete(model, [prompt], 25, sampler=stack, seed=seed, eos_id=eos_id,
+                            logprobs=2)
+        assert got.tokens == alone.tokens
+        assert got.finish_reason == alone.finish_reason
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(alone.logprobs))
+        assert [[i for i, _ in top] for top in got.top_logprobs] == \
+            [[i for i, _ in top] for top in alone.top_logprobs]
+    if use_eos:
+        assert batch[0].finish_reason == "stop" and len(batch[0].tokens) <= 4
+        assert len({len(r.tokens) for r in batch}) > 1
+
+
+def test_seed_reproducibility(model):
+    stack = SamplerStack.from_settings(temperature=2.0)
+    a = tokens_of(complete(model, [PROMPTS[0]] * 3, 20, sampler=stack, seed=[1, 2, 1]))
+    b = tokens_of(complete(model, [PROMPTS[0]] * 3, 20, sampler=stack, seed=[1, 2, 1]))
+    assert a == b
+    assert a[0] == a[2] != a[1]
+    same = tokens_of(complete(model, [PROMPTS[0]] * 2, 20, sampler=stack, seed=3))
+    assert same[0] == same[1]  # an int seed is every row's seed
+
+
+def test_greedy_equals_top_k_1_and_temperature_to_zero(model):
+    expected = tokens_of(complete(model, PROMPTS, 20))
+    for settings in (dict(top_k=1), dict(temperature=0.0), dict(temperature=1e-3)):
+        got = complete(model, PROMPTS, 20, sampler=SamplerStack.from_settings(**settings), seed=0)
+        assert tokens_of(got) == expected, settings
+
+
+def test_eos_and_stop_end_each_row(model):
+    free = tokens_of(complete(model, PROMPTS[:2], 30))
+    k = 4
+    eos = free[0][k]
+    k = free[0].index(eos)  # its first occurrence
+    results = complete(model, PROMPTS[:2], 30, eos_id=eos)
+    assert results[0].tokens == free[0][:k + 1] and results[0].finish_reason == "stop"
+    other = free[1][:free[1].index(eos) + 1] if eos in free[1] else free[1]
+    assert results[1].tokens == other
+
+    stop_ids = free[0][5:7]  # a two-token stop sequence
+    end = next(i + 2 for i in range(len(free[0]) - 1) if free[0][i:i + 2] == stop_ids)
+    (r,) = complete(model, PROMPTS[0], 30, stop=[stop_ids, [V - 1] * 9])
+    assert r.tokens == free[0][:end] and r.finish_reason == "stop"
+
+    tokenizer = CharTokenizer(CHARS)
+    stop_text = tokenizer.decode(stop_ids)
+    end = tokenizer.decode(free[0]).index(stop_text) + len(stop_text)
+    (r,) = complete(model, PROMPTS[0], 30, stop=[stop_text], decode=tokenizer.decode)
+    assert r.tokens == free[0][:end] and r.finish_reason == "stop"
+
+
+def test_streaming_steps_drop_finished_rows(model):
+    free = tokens_of(complete(model, PROMPTS[:2], 12))
+    eos = free[0][2]
+    stream = generate(model, PROMPTS[:2], 12, eos_id=eos)
+    steps = [next(stream)]
+    assert not torch.is_inference_mode_enabled()  # only inside each step, not between them
+    steps += list(stream)
+    assert steps[0].rows == [0, 1]
+    stop_at = free[0].index(eos)
+    assert steps[stop_at].finish_reasons[0] == "stop"
+    if eos not in free[1][:stop_at + 1]:
+        assert all(s.rows == [1] for s in steps[stop_at + 1:])
+    assert steps[-1].finish_reasons[-1] in ("stop", "length")
+
+
+@pytest.mark.parametrize("lengths", [[5], [20], [5, 12, 20]])
+def test_sliding_window_matches_recompute_on_cropped_context(lengths):
+    model = tiny_model(block_size=16, seed=1)
+    prompts = [[(3 * i + 7 * n) % V for i in range(n)] for n in lengths]
+    stack = SamplerStack.from_settings(temperature=1.3, repetition_penalty=1.2)
+    for sampler in (None, stack):
+        results = complete(model, prompts, 40, sampler=sampler, seed=5)
+        for prompt, r in zip(prompts, results):
+            assert r.tokens == reference(model, prompt, 40, sampler, seed=5)
+
+
+def test_logprobs_are_raw_log_softmax_at_chosen_tokens(model):
+    stack = SamplerStack.from_settings(temperature=1.7, top_k=8)
+    results = complete(model, PROMPTS, 15, sampler=stack, seed=[1, 2, 3, 4], logprobs=3)
+    for prompt, r in zip(PROMPTS, results):
+        seq = torch.tensor([prompt + r.tokens])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(seq)[0, len(prompt) - 1:-1].float(), dim=-1)  # [n, V]
+        chosen = torch.tensor(r.tokens)
+        torch.testing.assert_close(torch.tensor(r.logprobs), logp.gather(1, chosen[:, None])[:, 0])
+        top = logp.topk(3, dim=-1)
+        assert [[i for i, _ in t] for t in r.top_logprobs] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor([[lp for _, lp in t] for t in r.top_logprobs]),
+                                   top.values)
+        assert all(p <= 0 for p in r.processed_logprobs)
+    (g,) = complete(model, PROMPTS[0], 5)
+    assert g.processed_logprobs == [0.0] * 5  # greedy: the processed distribution is one token
+
+
+def test_next_token_stages(model):
+    stack = SamplerStack.from_settings(temperature=0.5, top_k=3)
+    stages = next_token_stages(model, PROMPTS[:2], stack)
+    assert [name for name, _ in stages] == ["raw", "temperature", "top_k"]
+    with torch.no_grad():
+        raw = model(torch.tensor([PROMPTS[1]]))[0, -1]
+    torch.testing.assert_close(stages[0][1][1], raw)
+    assert ((stages[-1][1] > float("-inf")).sum(-1) == 3).all()
+
+
+def test_prepare_for_decoding_changes_layout_not_results(model):
+    prepared = prepare_for_decoding(copy.deepcopy(model))
+    assert not prepared.transformer.h[0].attn.c_attn.weight.is_contiguous()
+    for a, b in zip(model.parameters(), prepared.parameters()):
+        assert torch.equal(a, b)
+    stack = SamplerStack.from_settings(**STACK)
+    for sampler in (None, stack):
+        assert tokens_of(complete(prepared, PROMPTS, 20, sampler=sampler, seed=1)) == \
+            tokens_of(complete(model, PROMPTS, 20, sampler=sampler, seed=1))
+    assert prepare_for_decoding(prepared) is prepared  # idempotent
+
+
+def test_tensor_prompts_and_zero_tokens(model):
+    assert tokens_of(complete(model, torch.tensor(PROMPTS[0]), 6)) == \
+        tokens_of(complete(model, torch.tensor([PROMPTS[0]]), 6))
+    assert list(generate(model, PROMPTS, 0)) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt_ids=[[1], []]), "prompt 1 is empty"),
+    (dict(prompt_ids=[[1, V]]), "outside the vocabulary"),
+    (dict(seed=[1, 2]), "2 seeds for 1 prompts"),
+    (dict(stop=["ab"]), "need a decode function"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(stop=[5, 6]), "token-id lists"),
+    (dict(eos_id=V), "eos_id"),
+])
+def test_bad_arguments_raise_value_error(model, kwargs, message):
+    args = dict(prompt_ids=[[1, 2]], max_new_tokens=3, sampler=SamplerStack()) | kwargs
+    with pytest.raises(ValueError, match=message):
+        generate(model, **args)
