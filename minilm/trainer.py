@@ -39,15 +39,16 @@ class Distributed:
         return self.rank == 0
 
 
-def setup_distributed(device: str) -> Distributed:
-    """Join the torchrun process group when launched by torchrun (nccl on CUDA, gloo on CPU)."""
-    if "RANK" not in os.environ:
-        return Distributed()
-    d = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                    int(os.environ.get("LOCAL_RANK", 0)))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return d
+def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """This process's rank and device; under torchrun, join the process group (nccl on CUDA,
+    gloo otherwise)."""
+    env = os.environ
+    d = Distributed(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+                    int(env.get("LOCAL_RANK", 0)))
+    device = resolve_device(device_name, d.local_rank)
+    if "RANK" in env and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -123,9 +124,7 @@ def _check_resumable(cfg: Config, state: dict[str, Any]) -> None:
 
 def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by cfg; returns the run summary."""
-    ddp = setup_distributed(cfg.train.device if cfg.train.device != "auto" else
-                            ("cuda" if torch.cuda.is_available() else "cpu"))
-    device = resolve_device(cfg.train.device, ddp.local_rank)
+    ddp, device = setup_distributed(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = resolve_dtype(cfg.train.dtype, device)

@@ -1,6 +1,5 @@
 """Training end to end: a tiny run, checkpoints, resume equality, DDP with gloo, errors."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,12 +11,14 @@ from safetensors import safe_open
 from conftest import ROOT, tiny_overrides
 from minilm.checkpoint import CheckpointError, load_model
 from minilm.config import ConfigError, load_config
+from minilm.tracking import read_metrics as read_records
 from minilm.trainer import batch_generator, lr_at
 from minilm.trainer import train as train_run
 
 
 def read_metrics(out_dir):
-    lines = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    """Per-step losses, per-eval val losses and all records of a run's metrics.jsonl."""
+    lines = read_records(out_dir)
     steps = {r["step"]: r["loss"] for r in lines if "loss" in r}
     evals = {r["step"]: r["val_loss"] for r in lines if "val_loss" in r}
     return steps, evals, lines
