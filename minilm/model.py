@@ -7,8 +7,10 @@ transpose of HF's Conv1D matrices, not a rewrite.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -233,10 +235,26 @@ class GPT(nn.Module):
         h = self.hidden_states(idx, kv_cache, positions, key_padding)
         if last_n is not None:
             h = h[:, -last_n:]
+        return self.logits_from_hidden(h)
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The head on final hidden states [..., d] -> raw logits [..., V], softcap included."""
         z = self.lm_head(h)
         if self.logit_softcap:
             z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
         return z
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[GPT]:
+        """Eval mode (no dropout) and no autograd for the block, whatever mode the caller left the
+        model in (a notebook's training loop, a fresh GPT(cfg)); the mode is restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                yield self
+        finally:
+            self.train(was_training)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean", **loss_options) -> torch.Tensor:
