@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -19,17 +19,22 @@ import torch.nn.functional as F
 from minilm.loss import linear_cross_entropy
 
 
+def _about(default, help: str):
+    """A field with the one-line description that train.py --help and the README show."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50257
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 256
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
-    tie_embeddings: bool = True  # the LM head *is* the token embedding matrix
-    lm_head_bias: bool = False  # z = W·h + b instead of z = W·h
+    vocab_size: int = _about(50257, "token ids (from the tokenizer)")
+    n_layer: int = _about(4, "transformer blocks")
+    n_head: int = _about(4, "attention heads (n_embd % n_head == 0)")
+    n_embd: int = _about(128, "width of the residual stream")
+    block_size: int = _about(256, "context length in tokens")
+    dropout: float = _about(0.0, "dropout on embeddings, attention and residuals")
+    bias: bool = _about(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+    tie_embeddings: bool = _about(True, "the LM head is the token embedding matrix (one Parameter)")
+    lm_head_bias: bool = _about(False, "logits z = W·h + b instead of W·h")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
