@@ -58,19 +58,23 @@ def split_config_args(argv: list[str], default: str | Path | None
     return path, overrides
 
 
-def config_usage(command: str, cls: type, default: str | None, extra: str = "") -> str:
-    """--help for a config-driven command: usage, then every key from the config dataclasses."""
+def config_usage(command: str, cls: type, default: str | None, extra: str = "",
+                 folder: str = "") -> str:
+    """--help for a config-driven command: usage, the shipped configs (those in `folder`), then
+    every key with its type, default and description, from the config dataclasses."""
     from minilm.config import config_help, sections, shipped_configs
 
-    shipped = ", ".join(str(p.relative_to(shipped_configs()).with_suffix(""))
-                        for p in sorted(shipped_configs().rglob("*.yaml")))
+    root = shipped_configs()
+    shipped = ", ".join(str(p.relative_to(root).with_suffix(""))
+                        for p in sorted((root / folder).glob("*.yaml")))
     config = "CONFIG" if default is None else "[CONFIG]"
-    return (f"usage: {command} {config} [--section.key=value ...]\n"
-            f"CONFIG is a YAML file or the name of a shipped config ({shipped})"
-            + (f"; default: {default}" if default else "") + ".\n"
-            f"Sections: {', '.join(sections(cls))}. Values are YAML 1.2 (3e-4, true, null, "
-            "[a, b]), e.g. --train.max_iters=500 --model.tie_embeddings=false" + extra
-            + "\n\nkeys (type = default):\n" + config_help(cls))
+    return "\n".join([
+        f"usage: {command} {config} [--section.key=value ...]",
+        f"CONFIG: a YAML file, or a shipped config by name ({shipped})"
+        + (f"; default {default}." if default else "."),
+        f"Sections: {', '.join(sections(cls))}. Values are read as YAML 1.2 (3e-4, true, null,",
+        "[a, b]), e.g. --train.max_iters=500 --model.tie_embeddings=false." + extra,
+        "", "keys (type = default):", config_help(cls)])
 
 
 def train_main(argv: list[str]) -> None:
@@ -79,8 +83,8 @@ def train_main(argv: list[str]) -> None:
 
     if wants_help(argv):
         print(config_usage("train.py", Config, DEFAULT_CONFIG,
-                          "\nCtrl-C or SIGTERM: the run finishes its step, saves out_dir/last "
-                          "and exits (130, 143); --train.resume=true continues it."))
+                           "\nCtrl-C or SIGTERM: the run finishes its step, saves out_dir/last "
+                           "and exits (130, 143);\n--train.resume=true continues it."))
         return
     path, overrides = split_config_args(argv, DEFAULT_CONFIG)
     train(load_config(path, overrides))

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
     """A user mistake in a config file or an override: one line, naming the key."""
 
 
-def _key(default: Any, help: str) -> Any:
+def setting(default: Any, help: str) -> Any:
     """A config key: its default and the one-line description that --help and the README show."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
@@ -48,15 +48,16 @@ ModelConfig = dataclasses.make_dataclass(
 
 @dataclass
 class DataConfig:
-    source: str = _key("shakespeare", "`shakespeare`, a local file/folder, or a hub dataset name")
-    tokenizer: str = _key("char", "`char` or a tiktoken encoding (`gpt2`, `r50k_base`, ...)")
-    text_field: str = _key("text", "column with the text (json, parquet, hub)")
-    name: str | None = _key(None, "hub dataset configuration")
-    split: str = _key("train", "hub dataset split")
-    val_fraction: float = _key(0.1, "share of documents (or of the text, if one document) for "
+    source: str = setting("shakespeare",
+                          "`shakespeare`, a local file/folder, or a hub dataset name")
+    tokenizer: str = setting("char", "`char` or a tiktoken encoding (`gpt2`, `r50k_base`, ...)")
+    text_field: str = setting("text", "column with the text (json, parquet, hub)")
+    name: str | None = setting(None, "hub dataset configuration")
+    split: str = setting("train", "hub dataset split")
+    val_fraction: float = setting(0.1, "share of documents (or of the text, if one document) for "
                                     "val; 0: no val split")
-    num_proc: int = _key(1, "tokenizer processes")
-    cache_dir: str = _key("data_cache", "where prepared token files are cached (~ expanded)")
+    num_proc: int = setting(1, "tokenizer processes")
+    cache_dir: str = setting("data_cache", "where prepared token files are cached (~ expanded)")
 
     def __post_init__(self) -> None:
         self.cache_dir = os.path.expanduser(self.cache_dir)
@@ -64,55 +65,56 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = _key(32, "sequences per micro-batch (per process)")
-    grad_accum_steps: int = _key(1, "micro-batches per optimizer step")
-    max_iters: int = _key(2000, "optimizer steps")
-    lr_decay_iters: int | None = _key(None, "cosine length (null: max_iters)")
-    learning_rate: float = _key(1e-3, "peak learning rate")
-    min_lr: float = _key(1e-4, "final learning rate (<= learning_rate)")
-    warmup_iters: int = _key(100, "linear warmup steps")
-    weight_decay: float = _key(0.1, "AdamW decay, on 2-D weights only")
-    beta1: float = _key(0.9, "AdamW beta1, in [0, 1)")
-    beta2: float = _key(0.99, "AdamW beta2, in [0, 1)")
-    grad_clip: float = _key(1.0, "max global grad norm (0: off)")
-    eval_interval: int = _key(250, "steps between evals (and checkpoints)")
-    eval_iters: int = _key(20, "batches of each split per eval")
-    log_interval: int = _key(10, "steps between log lines")
-    device: str = _key("auto", "`auto` (cuda, then mps, then cpu), `cpu`, `cuda`, `cuda:N`, `mps`")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _key(
+    batch_size: int = setting(32, "sequences per micro-batch (per process)")
+    grad_accum_steps: int = setting(1, "micro-batches per optimizer step")
+    max_iters: int = setting(2000, "optimizer steps")
+    lr_decay_iters: int | None = setting(None, "cosine length (null: max_iters)")
+    learning_rate: float = setting(1e-3, "peak learning rate")
+    min_lr: float = setting(1e-4, "final learning rate (<= learning_rate)")
+    warmup_iters: int = setting(100, "linear warmup steps")
+    weight_decay: float = setting(0.1, "AdamW decay, on 2-D weights only")
+    beta1: float = setting(0.9, "AdamW beta1, in [0, 1)")
+    beta2: float = setting(0.99, "AdamW beta2, in [0, 1)")
+    grad_clip: float = setting(1.0, "max global grad norm (0: off)")
+    eval_interval: int = setting(250, "steps between evals (and checkpoints)")
+    eval_iters: int = setting(20, "batches of each split per eval")
+    log_interval: int = setting(10, "steps between log lines")
+    device: str = setting("auto",
+                          "`auto` (cuda, then mps, then cpu), `cpu`, `cuda`, `cuda:N`, `mps`")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "`auto`: bf16 autocast where supported, else fp32")
-    compile: bool = _key(False, "`torch.compile` the model")
-    seed: int = _key(1337, "model init and batch order")
-    resume: bool = _key(False, "continue from out_dir/last")
-    overwrite: bool = _key(False, "start afresh in an out_dir that holds a run, deleting its "
+    compile: bool = setting(False, "`torch.compile` the model")
+    seed: int = setting(1337, "model init and batch order")
+    resume: bool = setting(False, "continue from out_dir/last")
+    overwrite: bool = setting(False, "start afresh in an out_dir that holds a run, deleting its "
                                   "metrics and checkpoints")
 
 
 @dataclass
 class LossConfig:
-    impl: Literal[IMPLS] = _key(  # type: ignore[valid-type]
+    impl: Literal[IMPLS] = setting(  # type: ignore[valid-type]
         "auto", "`auto` (triton on CUDA, chunked elsewhere), or one implementation")
-    chunk_size: int | None = _key(None, "tokens per chunk (null: from a memory budget)")
-    z_loss: float = _key(0.0, "PaLM's z-loss coefficient (z · lse²)")
-    softcap: float | None = _key(None, "Gemma 2 logit soft-capping, cap · tanh(z / cap) (also "
+    chunk_size: int | None = setting(None, "tokens per chunk (null: from a memory budget)")
+    z_loss: float = setting(0.0, "PaLM's z-loss coefficient (z · lse²)")
+    softcap: float | None = setting(None, "Gemma 2 logit soft-capping, cap · tanh(z / cap) (also "
                                        "applied when sampling)")
 
 
 @dataclass
 class WandbConfig:
-    mode: Literal["disabled", "offline", "online"] = _key(
+    mode: Literal["disabled", "offline", "online"] = setting(
         "offline", "wandb mode (the WANDB_MODE variable overrides it)")
-    project: str = _key("minilm", "wandb project")
-    entity: str | None = _key(None, "wandb entity (user or team)")
-    group: str | None = _key(None, "wandb group")
-    name: str | None = _key(None, "wandb run name")
-    tags: list[str] = _key([], "wandb tags")
-    log_checkpoints: bool = _key(False, "upload the final checkpoint as an artifact")
+    project: str = setting("minilm", "wandb project")
+    entity: str | None = setting(None, "wandb entity (user or team)")
+    group: str | None = setting(None, "wandb group")
+    name: str | None = setting(None, "wandb run name")
+    tags: list[str] = setting([], "wandb tags")
+    log_checkpoints: bool = setting(False, "upload the final checkpoint as an artifact")
 
 
 @dataclass
 class Config:
-    out_dir: str = _key("out", "where metrics and checkpoints go (~ expanded)")
+    out_dir: str = setting("out", "where metrics and checkpoints go (~ expanded)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -448,7 +450,7 @@ def _yaml_value(value: Any) -> str:
         return {None: "null", True: "true", False: "false"}[value]
     if isinstance(value, (list, dict)):
         return yaml.safe_dump(value, default_flow_style=True).strip()
-    return str(value)
+    return str(value) if value != "" else '""'
 
 
 def config_keys(cls: type = Config, prefix: str = "") -> list[KeyInfo]:

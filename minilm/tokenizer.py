@@ -109,9 +109,8 @@ def utf8_problem(path: str | Path, chunk: int = 1 << 20) -> str | None:
             try:
                 decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
-                # e.start counts from the bytes the decoder held back plus this chunk
-                held = len(e.object) - len(data)
-                return f"byte 0x{e.object[e.start]:02x} at offset {offset - held + e.start}: {e.reason}"
+                at = offset - (len(e.object) - len(data)) + e.start  # e.object: held + data
+                return f"byte 0x{e.object[e.start]:02x} at offset {at}: {e.reason}"
             if not data:
                 return None
             offset += len(data)
@@ -120,9 +119,7 @@ def utf8_problem(path: str | Path, chunk: int = 1 << 20) -> str | None:
 def read_text(path: str | Path) -> str:
     """A UTF-8 text file's text; a file in another encoding is a ValueError naming the file and the
     first byte that is not UTF-8."""
-    data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                         f"{e.start}: {e.reason})") from None
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text ({utf8_problem(path)})") from None
