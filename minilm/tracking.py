@@ -70,13 +70,13 @@ class Tracker:
     written (stdout piped into `head`, which has exited), it stops and the records go on."""
 
     def __init__(self, out_dir: str | Path, max_iters: int, enabled: bool = True,
-                 stream=sys.stdout, run: Any = None, log_checkpoints: bool = False,
+                 stream=None, run: Any = None, log_checkpoints: bool = False,
                  resume_step: int | None = None):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.max_iters = max_iters
-        self.stream = stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.stream = stream if stream is not None else sys.stdout  # the console (None: stdout)
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.summary: dict[str, Any] = {}
         self.run = run  # a wandb Run, or None
         self.log_checkpoints = log_checkpoints
@@ -143,8 +143,9 @@ class Tracker:
         if self.enabled:
             self._console(message + "\n")
 
-    def close(self, final_checkpoint: Path | None = None) -> None:
-        """End of the run; final_checkpoint is the folder uploaded when log_checkpoints is set."""
+    def close(self, final_checkpoint: Path | None = None, exit_code: int = 0) -> None:
+        """End of the run; final_checkpoint is the folder uploaded when log_checkpoints is set,
+        exit_code the run's (not 0: wandb marks it failed). Closing twice does nothing."""
         if self._file is None:
             return
         self._file.close()
@@ -160,7 +161,7 @@ class Tracker:
                 artifact = wandb.Artifact(f"checkpoint-{run.id}", type="model")
                 artifact.add_dir(str(final_checkpoint))
                 run.log_artifact(artifact)
-            run.finish()
+            run.finish(exit_code=exit_code)
         except Exception as e:  # an upload that fails must not turn a finished run into an error
             _warn("wandb did not finish the run", e)
 

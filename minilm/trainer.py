@@ -262,6 +262,25 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     TrainingStopped when a signal or a diverged loss ends the run early."""
     validate(cfg)
     ddp, device = setup_distributed(cfg.train.device)
+    ckpt = claim_out_dir(cfg, ddp.is_main)
+    state = read_state(ckpt) if ckpt is not None and ddp.is_main else None
+    tracker = tracker or make_tracker(cfg, enabled=ddp.is_main,
+                                      resume_step=state["step"] if state else None)
+    try:
+        return _train(cfg, tracker, ddp, device, ckpt, state)
+    except BaseException as e:
+        # a stop, a setting found wrong late, a crash: the run is closed (wandb marks it failed),
+        # so that none stays open in this process for the next wandb.init to continue
+        tracker.close(exit_code=getattr(e, "exit_code", 1))
+        raise
+    finally:
+        if ddp.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device,
+           ckpt: Path | None, state: dict[str, Any] | None) -> dict[str, Any]:
+    """train()'s work, from data preparation to the last checkpoint."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = resolve_dtype(cfg.train.dtype, device)
@@ -269,11 +288,6 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
                 else contextlib.nullcontext())
     out_dir = Path(cfg.out_dir)
     last = out_dir / "last"
-
-    ckpt = claim_out_dir(cfg, ddp.is_main)
-    state = read_state(ckpt) if ckpt is not None and ddp.is_main else None
-    tracker = tracker or make_tracker(cfg, enabled=ddp.is_main,
-                                      resume_step=state["step"] if state else None)
 
     # Data: rank 0 prepares, the others wait and then read the cached files.
     data_args = dataclasses.asdict(cfg.data)
@@ -413,16 +427,13 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
                         dist.barrier()  # no rank exits while rank 0 still writes
                     raise _interrupted(signum, step, last)
     except TrainingStopped:
-        tracker.set_summary(best_val_loss=best_val, tokens_seen=step * tokens_per_step,
-                            stopped_at_step=step)
-        tracker.close(final_checkpoint=last if ddp.is_main and saved_step else None)
-        if ddp.world_size > 1:
-            dist.destroy_process_group()
+        tracker.set_summary(best_val_loss=best_val if best_val < math.inf else None,
+                            tokens_seen=step * tokens_per_step, stopped_at_step=step)
         raise
 
-    tracker.set_summary(best_val_loss=best_val, tokens_seen=step * tokens_per_step)
+    tracker.set_summary(best_val_loss=best_val if best_val < math.inf else None,
+                        tokens_seen=step * tokens_per_step)
     tracker.close(final_checkpoint=last if ddp.is_main else None)
     if ddp.world_size > 1:
         dist.barrier()
-        dist.destroy_process_group()
     return dict(tracker.summary, step=step, out_dir=str(out_dir))
