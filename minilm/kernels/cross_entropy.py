@@ -84,10 +84,12 @@ def _ce_step_kernel(
 
 
 def ce_step_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, loss: torch.Tensor,
-             ignore_index: int, z_loss: float, softcap: float | None, compute_grad: bool) -> None:
+             ignore_index: int, z_loss: float, softcap: float | None, compute_grad: bool,
+             block: int | None = None, num_warps: int | None = None) -> None:
     """Per-token loss into `loss` and, if compute_grad, scale·dloss/dlogits into `logits` in place.
 
     logits [n, V] (rows contiguous), targets [n] int64, scale [n] fp32, loss [n] fp32.
+    block, num_warps: the launch config (bench/ce_kernel.py sweeps it); None for the default.
     """
     n, V = logits.shape
     if n == 0:
@@ -96,10 +98,10 @@ def ce_step_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, l
     on_gpu = logits.is_cuda
     # One or a few blocks per row on a GPU (a 50k-row of bf16 is 100 KB: it streams from L2);
     # smaller blocks under the interpreter, which runs each block as numpy arrays.
-    block = min(triton.next_power_of_2(V), 16384 if on_gpu else 4096)
+    block = block or min(triton.next_power_of_2(V), 16384 if on_gpu else 4096)
     _ce_step_kernel[(n,)](
         logits, logits.stride(0), targets.contiguous(), scale.contiguous(), loss,
         V, ignore_index, float(z_loss), float(softcap or 1.0),
         HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK=block,
-        num_warps=16 if on_gpu else 1,
+        num_warps=num_warps or (16 if on_gpu else 1),
     )
