@@ -41,10 +41,11 @@ REDUCTIONS = ("mean", "sum", "none")
 
 # A chunk's logits buffer may cost this fraction of the fp32 [V, d] weight-gradient accumulator that
 # the fused loss holds anyway, so peak extra memory ≈ (1 + budget)·|d_weight| + |d_hidden|. Each
-# chunk adds a rank-`rows` update to all of d_weight, a read and a write of it, so larger chunks
-# are faster: that update is memory-bound below ~2k rows on an H100 (docs/loss_gpu_notes.md).
-# 4/3 gives 2048 rows for GPT-2 124M's head in bf16 (1024 in fp32), at any vocabulary size.
-CHUNK_BUDGET = 4 / 3
+# chunk adds a rank-`rows` update to all of d_weight, a read and a write of it, and small chunks
+# make small matmuls: on an H100 at N = 16384 the loss took 17.1 ms at 512 rows, 12.2 at 2048,
+# 11.4 at 4096, 11.1 at 8192 (docs/loss_gpu_notes.md). 8/3 gives 4096 rows for GPT-2 124M's head
+# in bf16 (2048 in fp32), at any vocabulary size.
+CHUNK_BUDGET = 8 / 3
 MIN_CHUNK_BYTES = 16 * 2**20  # smaller buffers save nothing that matters and make small matmuls
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 # mm/addmm with an fp32 output from bf16 inputs (tensor cores, no upcast copies): CUDA, torch >= 2.8
@@ -237,12 +238,12 @@ def _padded_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.d
     Vp = -(-V // 64) * 64 if weight.is_cuda else V
     if Vp == V:
         return weight.to(dtype), None if bias is None else bias.to(dtype)
-    w = torch.zeros(Vp, d, dtype=dtype, device=weight.device)
-    w[:V] = weight
+    w = torch.empty(Vp, d, dtype=dtype, device=weight.device)
+    w[:V], w[V:] = weight, 0
     b = None
     if bias is not None:
-        b = torch.zeros(Vp, dtype=dtype, device=weight.device)
-        b[:V] = bias
+        b = torch.empty(Vp, dtype=dtype, device=weight.device)
+        b[:V], b[V:] = bias, 0
     return w, b
 
 

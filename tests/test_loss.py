@@ -374,6 +374,13 @@ def _check_triton_interpreted():
         got = loss_and_grads(linear_cross_entropy, hidden, weight, bias, targets, impl="triton",
                              chunk_size=16, **case)
         assert_close(got, want, 1e-5)
+    # several BLOCK-wide pieces per row: the per-lane online max and sum across pieces
+    hidden, weight, bias, targets = make(n=6, v=9000, d=8, bias=True, ignore_every=4)
+    for case in (dict(), dict(z_loss=1e-2, softcap=30.0)):
+        want = loss_and_grads(reference, hidden, weight, bias, targets, **case)
+        got = loss_and_grads(linear_cross_entropy, hidden, weight, bias, targets, impl="triton",
+                             **case)
+        assert_close(got, want, 1e-5)
     targets[:] = -100
     loss, *grads = loss_and_grads(linear_cross_entropy, hidden, weight, None, targets,
                                   impl="triton")
