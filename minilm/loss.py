@@ -42,9 +42,9 @@ REDUCTIONS = ("mean", "sum", "none")
 # A chunk's logits buffer may cost this fraction of the fp32 [V, d] weight-gradient accumulator that
 # the fused loss holds anyway, so peak extra memory ≈ (1 + budget)·|d_weight| + |d_hidden|. Each
 # chunk adds a rank-`rows` update to all of d_weight, a read and a write of it, and small chunks
-# make small matmuls: on an H100 at N = 16384 the loss took 17.1 ms at 512 rows, 12.2 at 2048,
-# 11.4 at 4096, 11.1 at 8192 (docs/loss_gpu_notes.md). 8/3 gives 4096 rows for GPT-2 124M's head
-# in bf16 (2048 in fp32), at any vocabulary size.
+# make small matmuls: on an H100 at N = 16384 (first kernel) the loss took 17.1 ms at 512 rows,
+# 12.2 at 2048, 11.4 at 4096, 11.1 at 8192 (docs/loss_gpu_notes.md). 8/3 gives 4096 rows for
+# GPT-2 124M's head in bf16 (2048 in fp32), at any vocabulary size.
 CHUNK_BUDGET = 8 / 3
 MIN_CHUNK_BYTES = 16 * 2**20  # smaller buffers save nothing that matters and make small matmuls
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
