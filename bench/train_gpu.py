@@ -2,6 +2,11 @@
 
     python bench/train_gpu.py                          # V = 50257 and 200019, batch 16 x 1024
     python bench/train_gpu.py --vocab 50257 --no-max-batch --peak-tflops 989
+    python bench/train_gpu.py --vocab 50257 --runs fused:on,naive:on --results r.jsonl  # in parts
+
+A compiled setting with its largest-batch search takes about two minutes on an H100 (two
+compiles: the trainer's, and the dynamic-batch one of the search), so all eight settings take
+longer than one 10-minute job: run them in parts into one --results file.
 
 For loss in {naive, fused} x compile in {off, on} and each vocabulary size, one process per
 setting trains configs/gpt2_124m.yaml's model (12 x 768, block 1024, tied head, bf16 autocast,
@@ -254,6 +259,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="instead: time bare training steps and print torch.profiler's table")
     p.add_argument("--workdir", default="/tmp/minilm_bench_train")
+    p.add_argument("--results", help="JSON-lines file: results are appended to it and the table "
+                                     "covers all of it (to run the settings in several parts)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more config overrides, e.g. model.n_layer=2")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -261,7 +268,9 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    rows = []
+    results = Path(args.results) if args.results else None
+    rows = [json.loads(s) for s in results.read_text().splitlines()] if (
+        results and results.exists()) else []
     for vocab in map(int, args.vocab.split(",")):
         for run in args.runs.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{vocab}:{run}",
@@ -273,6 +282,9 @@ def main() -> None:
                 rows.append(dict(vocab=vocab, run=run, error=f"exit {out.returncode}"))
                 continue
             rows.append(json.loads(line[-1][len("RESULT "):]))
+            if results:  # each setting as it finishes: a run cut short keeps what it measured
+                with results.open("a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
     if args.profile:
         for r in rows:
             print(json.dumps(r))
