@@ -1,4 +1,6 @@
-"""Training speed, MFU and memory of GPT-2 124M on one GPU, per loss and compile setting (not a test).
+"""Training speed, MFU and memory of GPT-2 124M on one GPU, per loss and compile setting.
+
+Not a test: a benchmark that prints figures.
 
     python bench/train_gpu.py                          # V = 50257 and 200019, batch 16 x 1024
     python bench/train_gpu.py --vocab 50257 --no-max-batch --peak-tflops 989
@@ -218,8 +220,9 @@ def profile(cfg: Config, vocab: int, batch: int, steps: int = 10) -> dict:
         for _ in range(3):
             step(batch)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70),
-          flush=True)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40,
+                                      max_name_column_width=70)
+    print(table, flush=True)
     return dict(step_ms=1e3 * seconds, step_tokens_per_sec=batch * cfg.model.block_size / seconds)
 
 
@@ -319,8 +322,9 @@ def print_table(rows: list[dict], args) -> None:
         best = max(ok, key=lambda r: r["tokens_per_sec"])
         default = next((r for r in ok if r["loss"] == "fused" and r["compile"]), None)
         if default:
-            print(f"\nV={vocab}: defaults at {default['tokens_per_sec'] / best['tokens_per_sec']:.3f}"
-                  f" of the fastest ({best['loss']}, compile {'on' if best['compile'] else 'off'})")
+            share = default["tokens_per_sec"] / best["tokens_per_sec"]
+            fastest = f"{best['loss']}, compile {'on' if best['compile'] else 'off'}"
+            print(f"\nV={vocab}: defaults at {share:.3f} of the fastest ({fastest})")
 
 
 if __name__ == "__main__":

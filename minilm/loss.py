@@ -14,8 +14,7 @@ The fused path walks the tokens in chunks of rows. Per chunk it computes the log
 [rows, V] buffer, turns them in place into the gradient wrt the logits (the "step"), and from that
 accumulates d_hidden, d_weight and d_bias. So the gradients are ready at the end of the forward
 pass: backward only scales them by grad_output (reduction="none" recomputes them instead, since
-its per-token grad_output has to enter before the sum over tokens; so does a second backward
-through a retained graph). The step is PyTorch ops for impl="chunked" and a Triton kernel
+its per-token grad_output has to enter before the sum over tokens). The step is PyTorch ops for impl="chunked" and a Triton kernel
 (minilm/kernels/cross_entropy.py) for impl="triton"; the chunk loop is shared.
 
 The fused path is a registered operator, minilm::linear_cross_entropy (torch.library.custom_op,
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +41,11 @@ REDUCTIONS = ("mean", "sum", "none")
 # the fused loss holds anyway, so peak extra memory ≈ (1 + budget)·|d_weight| + |d_hidden|. Each
 # chunk adds a rank-`rows` update to all of d_weight, a read and a write of it, and small chunks
 # make small matmuls: on an H100 at N = 16384 (first kernel) the loss took 17.1 ms at 512 rows,
-# 12.2 at 2048, 11.4 at 4096, 11.1 at 8192 (docs/loss_gpu_notes.md). 8/3 gives 4096 rows for
-# GPT-2 124M's head in bf16 (2048 in fp32), at any vocabulary size.
-CHUNK_BUDGET = 8 / 3
+# 12.2 at 2048, 11.4 at 4096, 11.1 at 8192 (docs/loss_gpu_notes.md). On CUDA 8/3 gives 4096 rows
+# for GPT-2 124M's head in bf16, at any vocabulary size. Elsewhere the budget stays 1/3 (256 rows
+# in fp32), where the CPU figures in the README were measured: memory is what it is for there.
+CHUNK_BUDGET = {"cuda": 8 / 3}
+DEFAULT_CHUNK_BUDGET = 1 / 3
 MIN_CHUNK_BYTES = 16 * 2**20  # smaller buffers save nothing that matters and make small matmuls
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 # mm/addmm with an fp32 output from bf16 inputs (tensor cores, no upcast copies): CUDA, torch >= 2.8
@@ -64,9 +64,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     "none" (fp32, or fp64 for fp64 inputs). impl: "chunked" (PyTorch), "triton" (the GPU kernel),
     "naive" (F.linear + F.cross_entropy), "torch" (F.linear_cross_entropy, torch >= 2.13), or
     "auto" (triton on CUDA when importable, else chunked). chunk_size: rows (tokens) per chunk of
-    the fused paths; None derives it from V, d and CHUNK_BUDGET. Under autocast the matmuls run
-    in the autocast dtype, as F.linear would; accumulation is fp32 and each gradient comes back in
-    its input's dtype.
+    the fused paths; None derives it from V, d and the device's CHUNK_BUDGET. Under autocast the
+    matmuls run in the autocast dtype, as F.linear would; accumulation is fp32 and each gradient
+    comes back in its input's dtype.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -95,7 +95,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     elif impl == "torch":
         loss = _torch_lce(h, weight, bias, t, ignore_index, reduction, z_loss, softcap, dtype)
     else:
-        rows = chunk_size or _chunk_rows(*weight.shape, dtype)
+        rows = chunk_size or _chunk_rows(*weight.shape, dtype, hidden.device.type)
         grad = torch.is_grad_enabled()
         need = [grad and x is not None and x.requires_grad for x in (h, weight, bias)]
         softcap = None if softcap is None else float(softcap)
@@ -113,11 +113,12 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _chunk_rows(V: int, d: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the [rows, V] buffer may take CHUNK_BUDGET · |fp32 d_weight [V, d]| bytes
-    (or MIN_CHUNK_BYTES if more), i.e. rows = CHUNK_BUDGET · d · 4 / itemsize; a multiple of 16.
+def _chunk_rows(V: int, d: int, dtype: torch.dtype, device_type: str = "cpu") -> int:
+    """Rows per chunk: the [rows, V] buffer may take budget · |fp32 d_weight [V, d]| bytes (or
+    MIN_CHUNK_BYTES if more), i.e. rows = budget · d · 4 / itemsize; a multiple of 16.
     Independent of N: the budget is relative to memory the loss needs anyway."""
-    budget = max(CHUNK_BUDGET * V * d * 4, MIN_CHUNK_BYTES)
+    fraction = CHUNK_BUDGET.get(device_type, DEFAULT_CHUNK_BUDGET)
+    budget = max(fraction * V * d * 4, MIN_CHUNK_BYTES)
     return max(16, int(budget // (V * dtype.itemsize)) // 16 * 16)
 
 
