@@ -83,7 +83,8 @@ class TrainConfig:
                           "`auto` (cuda, then mps, then cpu), `cpu`, `cuda`, `cuda:N`, `mps`")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "`auto`: bf16 autocast where supported, else fp32")
-    compile: bool = setting(False, "`torch.compile` the model")
+    compile: Literal["auto", True, False] = setting(
+        "auto", "`torch.compile` the model; `auto`: on CUDA (where it pays), off elsewhere")
     seed: int = setting(1337, "model init and batch order")
     resume: bool = setting(False, "continue from out_dir/last")
     overwrite: bool = setting(False, "start afresh in an out_dir that holds a run, deleting its "
@@ -438,7 +439,7 @@ def _type_name(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is Literal:
-        return " | ".join(map(str, args))
+        return " | ".join(map(_yaml_value, args))
     if origin in (list, dict):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]" if args \
             else origin.__name__

@@ -19,22 +19,22 @@ import torch.nn.functional as F
 from minilm.loss import linear_cross_entropy
 
 
-def _about(default, help: str):
-    """A field with the one-line description that train.py --help and the README show."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class GPTConfig:
-    vocab_size: int = _about(50257, "token ids (from the tokenizer)")
-    n_layer: int = _about(4, "transformer blocks")
-    n_head: int = _about(4, "attention heads (n_embd % n_head == 0)")
-    n_embd: int = _about(128, "width of the residual stream")
-    block_size: int = _about(256, "context length in tokens")
-    dropout: float = _about(0.0, "dropout on embeddings, attention and residuals")
-    bias: bool = _about(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
-    tie_embeddings: bool = _about(True, "the LM head is the token embedding matrix (one Parameter)")
-    lm_head_bias: bool = _about(False, "logits z = W·h + b instead of W·h")
+    # metadata["help"]: the one-line description train.py --help and the README show
+    vocab_size: int = field(default=50257, metadata={"help": "token ids (from the tokenizer)"})
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads (n_embd % n_head == 0)"})
+    n_embd: int = field(default=128, metadata={"help": "width of the residual stream"})
+    block_size: int = field(default=256, metadata={"help": "context length in tokens"})
+    dropout: float = field(default=0.0,
+                           metadata={"help": "dropout on embeddings, attention and residuals"})
+    bias: bool = field(default=True,
+                       metadata={"help": "biases in Linear and LayerNorm layers (GPT-2 has them)"})
+    tie_embeddings: bool = field(default=True, metadata={
+        "help": "the LM head is the token embedding matrix (one Parameter)"})
+    lm_head_bias: bool = field(default=False,
+                               metadata={"help": "logits z = W·h + b instead of W·h"})
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
