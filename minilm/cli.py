@@ -30,7 +30,8 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
-        print(e, file=sys.stderr)
+        if e.show:
+            print(e, file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -38,12 +38,14 @@ from minilm.tracking import Timer, Tracker, make_tracker
 
 
 class TrainingStopped(Exception):
-    """A run stopped before max_iters on purpose: its message is the one line to show, exit_code
-    the process's exit code (130 SIGINT, 143 SIGTERM, 1 a diverged loss)."""
+    """A run stopped before max_iters on purpose: its message is the one line to show (shown by
+    rank 0 only: `show`), exit_code the process's exit code (130 SIGINT, 143 SIGTERM, 1 a
+    diverged loss)."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, show: bool = True):
         super().__init__(message)
         self.exit_code = exit_code
+        self.show = show
 
 
 @dataclass
@@ -83,13 +85,16 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
 
 
 class StopSignals:
-    """While active, the first SIGINT or SIGTERM is only noted (`received`), so that the loop can
-    finish its step and save; the handlers in place before are restored at once, so a second
-    signal does what it always does (KeyboardInterrupt, termination). Main thread only: elsewhere
-    Python allows no handlers, and signals keep their usual effect."""
+    """While active, SIGINT and SIGTERM are only noted (`received`), so that the loop can finish
+    its step and save. In a single process the handlers in place before are restored at the first
+    one, so a second signal does what it always does (KeyboardInterrupt, termination); under
+    torchrun every signal is deferred, since Ctrl-C reaches each worker twice (from the terminal
+    and forwarded by torchrun), and torchrun kills workers that take too long itself. Main thread
+    only: elsewhere Python allows no handlers, and signals keep their usual effect."""
 
-    def __init__(self):
+    def __init__(self, once: bool = True):
         self.received: int | None = None
+        self.once = once
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -100,7 +105,8 @@ class StopSignals:
 
     def _note(self, signum: int, frame: Any) -> None:
         self.received = signum
-        self._restore()
+        if self.once:
+            self._restore()
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -246,20 +252,21 @@ def claim_out_dir(cfg: Config, is_main: bool) -> Path | None:
     return None
 
 
-def _diverged(step: int, loss: float, last: Path, saved_step: int | None) -> TrainingStopped:
+def _diverged(step: int, loss: float, last: Path, saved_step: int | None,
+              show: bool = True) -> TrainingStopped:
     good = (f"the last good checkpoint is {last} (step {saved_step}); lower train.learning_rate "
             "(or raise train.warmup_iters) and continue it with --train.resume=true"
             if saved_step else "no checkpoint was saved before it; lower train.learning_rate "
             "(or raise train.warmup_iters) and start again")
     return TrainingStopped(f"error: the loss is {loss} at step {step}, training stopped: {good}",
-                           exit_code=1)
+                           exit_code=1, show=show)
 
 
-def _interrupted(signum: int, step: int, last: Path) -> TrainingStopped:
+def _interrupted(signum: int, step: int, last: Path, show: bool = True) -> TrainingStopped:
     name = signal.Signals(signum).name
     return TrainingStopped(f"{name} received: stopped after step {step} and saved {last}; "
                            "continue with the same command and --train.resume=true",
-                           exit_code=128 + signum)
+                           exit_code=128 + signum, show=show)
 
 
 def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
@@ -375,7 +382,7 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
         if is_best:
             copy_checkpoint(last, out_dir / "best")
 
-    stop = StopSignals()
+    stop = StopSignals(once=ddp.world_size == 1)
     try:
         with stop:
             if step == 0 and ckpt is None and ddp.is_main:
@@ -421,7 +428,7 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
                                          tokens_per_sec=tokens_per_step / sec,
                                          ms_per_iter=1000 * sec, grad_norm=grad_norm.item())
                     if not math.isfinite(loss_value):
-                        raise _diverged(step, loss_value, last, saved_step)
+                        raise _diverged(step, loss_value, last, saved_step, ddp.is_main)
                     timer.restart(step)
                 if ddp.is_main and evaluating:
                     eval_and_checkpoint(step)
@@ -432,7 +439,7 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
                         save_last(step)
                     if ddp.world_size > 1:
                         dist.barrier()  # no rank exits while rank 0 still writes
-                    raise _interrupted(signum, step, last)
+                    raise _interrupted(signum, step, last, ddp.is_main)
     except TrainingStopped:
         tracker.set_summary(best_val_loss=best_val if best_val < math.inf else None,
                             tokens_seen=step * tokens_per_step, stopped_at_step=step)

@@ -99,7 +99,7 @@ def test_strings_that_look_numeric_keep_their_text(tmp_path):
 @pytest.mark.parametrize("arg, message", [
     ("--train.learning_rate=.nan", "train.learning_rate: expected a finite number"),
     ("--train.max_iters=2.5e0", "train.max_iters: expected an integer, got 2.5"),
-    ("--train.compile=yes", "train.compile: expected true or false, got 'yes'"),
+    ("--train.resume=yes", "train.resume: expected true or false, got 'yes'"),
 ])
 def test_numbers_still_checked_against_their_key(arg, message):
     with pytest.raises(ConfigError, match=message):

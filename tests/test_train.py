@@ -238,6 +238,29 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(corpus_file, tmp_pat
     assert steps == ref_steps and evals == ref_evals
 
 
+def test_ddp_ranks_stop_together_on_sigterm(corpus_file, tmp_path):
+    """A preempted torchrun job: the agent forwards SIGTERM to every worker; all stop after the
+    same step, rank 0 saves it and says so, once."""
+    out = tmp_path / "run"
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text("{}\n")
+    args = tiny_overrides(tmp_path, corpus_file, out_dir=out, **{
+        "train.max_iters": 100000, "train.lr_decay_iters": 1000, "train.eval_interval": 1000})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train.py", str(defaults), *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_step(proc, out, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    stops = [line for line in err.splitlines() if "SIGTERM received" in line]
+    assert len(stops) == 1, err[-3000:]
+    stopped = int(re.search(r"stopped after step (\d+)", stops[0]).group(1))
+    assert json.loads((out / "last" / "state.json").read_text())["step"] == stopped
+    assert max(r["step"] for r in read_records(out)) == stopped
+    load_model(out / "last")
+
+
 def test_records_after_the_checkpoint_are_not_logged_twice(corpus_file, tmp_path):
     """A run killed outright (SIGKILL, a crash) logged steps after its last checkpoint; resumed,
     it logs them again, and metrics.jsonl holds each once, as an uninterrupted run."""
