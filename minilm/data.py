@@ -102,7 +102,8 @@ def check_hub_dataset(source: str) -> None:
     HF_DATASETS_OFFLINE set), datasets reads its cache and no request is made."""
     import datasets
 
-    if datasets.config.HF_HUB_OFFLINE:
+    if getattr(datasets.config, "HF_HUB_OFFLINE", False) or \
+            getattr(datasets.config, "HF_DATASETS_OFFLINE", False):
         return
     from huggingface_hub import HfApi
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
