@@ -74,7 +74,10 @@ def _adopt(cfg: Config, values: dict[str, Any], label: str) -> None:
         mine = getattr(getattr(cfg, section), name)
         if key not in given:
             setattr(getattr(cfg, section), name, value)
-        elif mine != value and not (key == "model.block_size" and mine < value):
+        elif key == "model.block_size" and mine > value:
+            raise ConfigError(f"{key} is {mine!r} but {label} has {value!r} (it has no position "
+                              f"embeddings beyond: leave {key} out or set it to at most {value!r})")
+        elif mine != value and key != "model.block_size":
             raise ConfigError(f"{key} is {mine!r} but {label} has {value!r} (the source decides "
                               f"it: leave {key} out or set it to {value!r})")
 
