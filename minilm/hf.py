@@ -282,7 +282,9 @@ def download(repo_id: str) -> Path:
                 break
         else:
             raise missing("model.safetensors or pytorch_model.bin")
-        next((p for p in map(fetch, TOKENIZER_FILES) if p is not None), None)
+        for name in TOKENIZER_FILES:  # optional: without one, the vocabulary size decides
+            if fetch(name) is not None:
+                break
     except CheckpointError:
         raise
     except Exception as e:

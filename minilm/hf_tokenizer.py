@@ -129,17 +129,23 @@ def write_tokenizer_files(tok: Tokenizer, folder: Path, model_max_length: int) -
     """tokenizer.json + tokenizer_config.json (+ vocab.json and merges.txt for a BPE) in folder, so
     that transformers' AutoTokenizer encodes and decodes as `tok`. TokenizerExportError (nothing
     written) when that cannot be made exact."""
-    if isinstance(tok, CharTokenizer):
-        hf, extra = _char_tokenizer(tok), {}
-        probe = tok.chars
-    elif isinstance(tok, TiktokenTokenizer):
-        vocab, merges = tiktoken_vocab(tok.enc), tiktoken_merges(tok.enc)
-        hf = _tiktoken_tokenizer(tok, vocab, merges)
-        extra = {"vocab.json": json.dumps(vocab, ensure_ascii=False),
-                 "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)}
-        probe = PROBE
-    else:
-        raise TokenizerExportError(f"tokenizer {tok.to_dict()} has no Hugging Face equivalent")
+    try:
+        if isinstance(tok, CharTokenizer):
+            hf, extra = _char_tokenizer(tok), {}
+            probe = tok.chars
+        elif isinstance(tok, TiktokenTokenizer):
+            vocab, merges = tiktoken_vocab(tok.enc), tiktoken_merges(tok.enc)
+            hf = _tiktoken_tokenizer(tok, vocab, merges)
+            extra = {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+                     "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)}
+            probe = PROBE
+        else:
+            raise TokenizerExportError(f"tokenizer {tok.to_dict()} has no Hugging Face equivalent")
+    except TokenizerExportError:
+        raise
+    except Exception as e:  # e.g. a split regex the tokenizers library cannot compile
+        raise TokenizerExportError(f"tokenizer {_describe(tok)} cannot be built with the tokenizers "
+                                   f"library ({type(e).__name__}: {str(e)[:100]})") from None
     ids = tok.encode(probe)
     if hf.encode(probe, add_special_tokens=False).ids != ids or \
             hf.decode(ids + [tok.eot_token], skip_special_tokens=False) != tok.decode(ids + [tok.eot_token]):
