@@ -54,7 +54,8 @@ def resolve_init_from(cfg: Config) -> Source | None:
             values["loss.softcap"] = saved["loss"]["softcap"]
             source = Source(f"the checkpoint {ckpt}", state["tokenizer"], None)
         except (KeyError, TypeError):
-            raise CheckpointError(f"corrupt checkpoint {ckpt}: state.json has no run config") from None
+            raise CheckpointError(f"corrupt checkpoint {ckpt}: state.json has no run "
+                                  "config") from None
     else:
         model, tokenizer, _ = load_model(cfg.train.init_from, "cpu")
         values = {key: getattr(model.config, key.split(".")[1]) for key in SHAPE_KEYS}

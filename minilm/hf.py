@@ -118,7 +118,8 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, meta in _meta_state_dict(replace(model.config, bias=True)).items():
         t = own.get(name)
-        t = torch.zeros(meta.shape, dtype=dtype) if t is None else t.detach().cpu()  # bias: false -> zero biases
+        # bias: false has no bias tensors; zeros compute the same
+        t = torch.zeros(meta.shape, dtype=dtype) if t is None else t.detach().cpu()
         tensors[name] = (t.t() if name.endswith(CONV1D) else t).contiguous()
     return tensors
 
@@ -248,7 +249,7 @@ def download(repo_id: str) -> Path:
     except Exception as e:  # offline mode, no network, a timeout: try the local cache
         files = None
         offline = ("HF_HUB_OFFLINE is set" if isinstance(e, OfflineModeIsEnabled)
-                   else f"the hub cannot be reached ({type(e).__name__})")
+                   else f"the hub cannot be reached: {type(e).__name__}")
 
     def fetch(name: str) -> Path | None:
         """The file, or None when the repo (online) or the cache (offline) does not have it."""
@@ -263,9 +264,9 @@ def download(repo_id: str) -> Path:
 
     def missing(what: str) -> CheckpointError:
         if offline:
-            return CheckpointError(f"cannot load {repo_id!r}: {offline} and {what} is not in the "
-                                   "local Hugging Face cache")
-        return CheckpointError(f"{repo_id!r} on the Hugging Face hub has no {what}")
+            return CheckpointError(f"{repo_id!r} is not a local path, and its {what} is not in the "
+                                   f"local Hugging Face cache ({offline})")
+        return CheckpointError(f"the Hugging Face hub model {repo_id!r} has no {what}")
 
     try:
         config = fetch("config.json")
@@ -278,10 +279,10 @@ def download(repo_id: str) -> Path:
                 if name.endswith(".index.json"):
                     shards = set(json.loads(weights.read_text())["weight_map"].values())
                     if not all(fetch(shard) for shard in shards):
-                        raise missing("a weights shard")
+                        raise missing("weights shards")
                 break
         else:
-            raise missing("model.safetensors or pytorch_model.bin")
+            raise missing("weights (model.safetensors or pytorch_model.bin)")
         for name in TOKENIZER_FILES:  # optional: without one, the vocabulary size decides
             if fetch(name) is not None:
                 break

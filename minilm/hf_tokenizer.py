@@ -23,7 +23,8 @@ GPT2_VOCAB_SIZE = 50257
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # what import reads, in order of preference
 PROBE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
          "  def f(x):\n\treturn x  ** 2   # spaces   and\ttabs\r\n\n\n"
-         "naïve café, Straße, 東京タワー, 🤖🏳️‍🌈 ok? I'll, you've, it's 'S 1234567 $3.50 \u00a0\u3000 end  ")
+         "naïve café, Straße, 東京タワー, 🤖🏳️‍🌈 ok? I'll, you've, it's 'S 1234567 $3.50 "
+         "\u00a0\u3000 end  ")
 
 
 class TokenizerExportError(ValueError):
@@ -147,8 +148,9 @@ def write_tokenizer_files(tok: Tokenizer, folder: Path, model_max_length: int) -
         raise TokenizerExportError(f"tokenizer {_describe(tok)} cannot be built with the tokenizers "
                                    f"library ({type(e).__name__}: {str(e)[:100]})") from None
     ids = tok.encode(probe)
+    decoded = hf.decode(ids + [tok.eot_token], skip_special_tokens=False)
     if hf.encode(probe, add_special_tokens=False).ids != ids or \
-            hf.decode(ids + [tok.eot_token], skip_special_tokens=False) != tok.decode(ids + [tok.eot_token]):
+            decoded != tok.decode(ids + [tok.eot_token]):
         raise TokenizerExportError(f"tokenizer {_describe(tok)} cannot be reproduced exactly by a "
                                    "Hugging Face tokenizer.json (a probe text encodes differently)")
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
@@ -163,7 +165,9 @@ def write_tokenizer_files(tok: Tokenizer, folder: Path, model_max_length: int) -
 
 
 def _describe(tok: Tokenizer) -> str:
-    return "char" if isinstance(tok, CharTokenizer) else repr(getattr(tok, "name", type(tok).__name__))
+    if isinstance(tok, CharTokenizer):
+        return "char"
+    return repr(getattr(tok, "name", type(tok).__name__))
 
 
 # ---------------------------------------------------------------- import
@@ -205,9 +209,9 @@ def tokenizer_from_folder(folder: Path, vocab_size: int) -> Tokenizer:
     found = _folder_vocab(folder)
     if found is None:
         if vocab_size != GPT2_VOCAB_SIZE:
-            raise ValueError(f"{folder} has no tokenizer files (tokenizer.json or vocab.json) and its "
-                             f"vocab_size {vocab_size} is not GPT-2's {GPT2_VOCAB_SIZE}: minilm cannot "
-                             "tell which tokenizer the model uses")
+            raise ValueError(f"{folder} has no tokenizer files (tokenizer.json or vocab.json) and "
+                             f"its vocab_size {vocab_size} is not GPT-2's {GPT2_VOCAB_SIZE}: minilm "
+                             "cannot tell which tokenizer the model uses")
         return TiktokenTokenizer("gpt2")
     kind, vocab, name = found
     chars = _chars_of(vocab) if kind == "WordLevel" else None

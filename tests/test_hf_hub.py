@@ -159,8 +159,8 @@ def test_hub_ids_download_only_what_is_needed_and_fail_in_one_line(hub, tmp_path
     assert cached["code"] == local["code"] == 0 and cached["out"] == local["out"] == ok["out"]
     assert json.loads(local["out"])["tokens"]
     assert (missing["code"], missing["err"]) == (
-        2, "error: cannot load 'openai-community/gpt2': HF_HUB_OFFLINE is set and config.json is "
-           "not in the local Hugging Face cache\n")
+        2, "error: 'openai-community/gpt2' is not a local path, and its config.json is not in the "
+           "local Hugging Face cache (HF_HUB_OFFLINE is set)\n")
 
     # no network (a closed port), HF_HUB_OFFLINE unset: no retry loop, one line
     closed = FakeHub({})
@@ -168,5 +168,7 @@ def test_hub_ids_download_only_what_is_needed_and_fail_in_one_line(hub, tmp_path
     closed.close()
     unreachable, = run_cases(["openai-community/gpt2"], url, tmp_path / "other", offline=False)
     assert unreachable["code"] == 2
-    assert unreachable["err"].startswith("error: cannot load 'openai-community/gpt2': the hub "
-                                         "cannot be reached (") and unreachable["err"].count("\n") == 1
+    assert unreachable["err"].startswith("error: 'openai-community/gpt2' is not a local path, and "
+                                         "its config.json is not in the local Hugging Face cache "
+                                         "(the hub cannot be reached: ")
+    assert unreachable["err"].count("\n") == 1

@@ -52,7 +52,8 @@ def test_logits_equal_transformers(hf_models, name):
     assert model.config.tie_embeddings == hf.config.tie_word_embeddings
     assert model.config.layer_norm_eps == hf.config.layer_norm_epsilon
     assert tokenizer.to_dict() == gpt2_bpe().to_dict()  # no tokenizer files, GPT-2's vocab size
-    ids = torch.randint(0, 50257, (3, hf.config.n_positions), generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50257, (3, hf.config.n_positions), generator=g)
     with torch.no_grad():
         ours = model(ids)
         theirs = hf(ids).logits
