@@ -72,7 +72,7 @@ class TrainConfig:
     log_interval: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    compile: bool = False
+    compile: Literal["auto", True, False] = "auto"  # auto: on for CUDA, off elsewhere
     seed: int = 1337
     resume: bool = False
     init_from: str = "scratch"  # scratch | a minilm checkpoint | an HF GPT-2 folder | a hub id
