@@ -6,6 +6,7 @@ with a state.json is complete. A new checkpoint is written as <name>.tmp, the ol
 <name>.old, the new one renamed into place and the old one deleted. However that sequence is
 interrupted, one of <name>, <name>.tmp, <name>.old is complete: readers take the first complete one
 of the three (complete_checkpoint), and resume puts it back under its name (recover_checkpoint).
+load_model also reads Hugging Face GPT-2 folders and hub ids (through minilm.hf).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from minilm.data import looks_like_hub_id as is_hub_id
 from minilm.model import GPT, GPTConfig
 from minilm.tokenizer import Tokenizer, tokenizer_from_dict
 from minilm.tracking import strict_json
@@ -129,7 +131,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if found is not None:
             return found
     raise CheckpointError(f"no checkpoint found at {path} (expected state.json there or in "
-                          f"{path}/best or {path}/last)")
+                          f"{path}/best or {path}/last, or a Hugging Face config.json)")
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -159,10 +161,35 @@ def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return optimizer, rng
 
 
-def load_model(ckpt: str | Path, device: str | torch.device = "cpu"
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml", ".ckpt")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """'gpt2' or 'owner/name', and not a path (minilm.data's rule, with model file suffixes)."""
+    return is_hub_id(source, MODEL_FILE_SUFFIXES)
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu"
                ) -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    """Model (eval mode), tokenizer and state of a checkpoint, for generation."""
-    path = resolve_checkpoint(ckpt)
+    """Model (eval mode), tokenizer and state, for generation, evaluation or fine-tuning.
+
+    source: a minilm checkpoint folder or a run's out_dir; a Hugging Face GPT-2 folder (config.json
+    + model.safetensors or pytorch_model.bin); or a hub id ('gpt2', 'openai-community/gpt2-medium').
+    state: a minilm checkpoint's state.json (config, tokenizer, step, ...); for Hugging Face models
+    {source, format: 'huggingface', path, hf_config, model_config, tokenizer, logit_softcap}.
+    """
+    from minilm import hf  # hf imports CheckpointError from here
+
+    path = Path(source).expanduser()
+    if not path.exists() and complete_checkpoint(path) is None:  # (an interrupted swap: found)
+        if isinstance(source, str) and looks_like_hub_id(source):
+            model, tokenizer, state = hf.load_hub_model(source)
+            return model.to(device), tokenizer, state
+        raise CheckpointError(f"no checkpoint found at {path}: no such file or folder")
+    if hf.is_hf_folder(path) and not (path / "state.json").is_file():
+        model, tokenizer, state = hf.load_folder(path)
+        return model.to(device), tokenizer, state
+    path = resolve_checkpoint(path)
     state = read_state(path)
     try:
         model = GPT(GPTConfig(**state["model_config"]))

@@ -88,7 +88,7 @@ def train_main(argv: list[str]) -> None:
                            "and exits (130, 143);\n--train.resume=true continues it."))
         return
     path, overrides = split_config_args(argv, DEFAULT_CONFIG)
-    train(load_config(path, overrides))
+    train(load_config(path, overrides, default_file=path is DEFAULT_CONFIG))
 
 
 def train_entry() -> None:
@@ -99,5 +99,12 @@ def train_entry() -> None:
 def generate_entry() -> None:
     """Console script `minilm-generate`."""
     from minilm.generate_cli import main
+
+    sys.exit(run_cli(main))
+
+
+def export_entry() -> None:
+    """Console script `minilm-export`."""
+    from minilm.export import main
 
     sys.exit(run_cli(main))

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -89,11 +89,15 @@ def local_data_files(path: Path) -> tuple[str, list[str]]:
     return kind, [str(p) for p in files]
 
 
-def looks_local(source: str) -> bool:
-    """Whether `source` can only be a path, not a hub dataset id ("name" or "owner/name"):
-    ./x, ../x, /x, ~/x, more than one separator, or a data file's suffix (corpus.txt)."""
-    return (source.startswith((".", "~")) or Path(source).suffix.lower() in FILE_SUFFIXES
-            or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source))
+def looks_like_hub_id(source: str, file_suffixes: Collection[str] = FILE_SUFFIXES) -> bool:
+    """'name' or 'owner/name' (a Hugging Face hub id), not a path: no leading . / ~, at most one
+    separator, no file suffix (corpus.txt; a model's .safetensors), and no first folder that
+    exists here (a mistyped data/corpus or out/run is a missing path, not a hub id)."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", source):
+        return False
+    if Path(source).suffix.lower() in file_suffixes:
+        return False
+    return "/" not in source or not Path(source.split("/")[0]).is_dir()
 
 
 def check_hub_dataset(source: str) -> None:
@@ -131,7 +135,7 @@ def load_documents(source: str, text_field: str = "text", name: str | None = Non
     if source == "shakespeare":
         return datasets.Dataset.from_dict({"text": shakespeare_plays()})
     path = Path(source).expanduser()
-    if not path.exists() and looks_local(source):
+    if not path.exists() and not looks_like_hub_id(source):
         raise DataError(f"no such file or folder: {path}")
     if path.exists():
         builder, files = local_data_files(path)

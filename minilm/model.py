@@ -35,6 +35,8 @@ class GPTConfig:
         "help": "the LM head is the token embedding matrix (one Parameter)"})
     lm_head_bias: bool = field(default=False,
                                metadata={"help": "logits z = W·h + b instead of W·h"})
+    layer_norm_eps: float = field(default=1e-5,
+                                  metadata={"help": "nn.LayerNorm's (and GPT-2's) epsilon"})
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
@@ -47,6 +49,8 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"model.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
 
 
 class KVCache:
@@ -122,9 +126,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None, start=0, mask=None):
@@ -163,7 +167,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
         ))
         self.lm_head = LMHead(config, self.transformer.wte)
         self.logit_softcap: float | None = None  # set when the model was trained with loss.softcap

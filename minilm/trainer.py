@@ -33,6 +33,7 @@ from minilm.checkpoint import (complete_checkpoint, copy_checkpoint, load_traini
 from minilm.config import Config, ConfigError, TrainConfig, validate
 from minilm.data import PreparedData, get_batch, prepare
 from minilm.device import resolve_device
+from minilm.finetune import Source, initial_model, resolve_init_from
 from minilm.model import GPT
 from minilm.tracking import Timer, Tracker, make_tracker
 
@@ -275,11 +276,12 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     validate(cfg)
     ddp, device = setup_distributed(cfg.train.device)
     ckpt = claim_out_dir(cfg, ddp.is_main)
+    source = resolve_init_from(cfg)  # train.init_from: the source's shape and tokenizer enter cfg
     state = read_state(ckpt) if ckpt is not None and ddp.is_main else None
     tracker = tracker or make_tracker(cfg, enabled=ddp.is_main,
                                       resume_step=state["step"] if state else None)
     try:
-        return _train(cfg, tracker, ddp, device, ckpt, state)
+        return _train(cfg, tracker, ddp, device, ckpt, state, source)
     except BaseException as e:
         # a stop, a setting found wrong late, a crash: the run is closed (wandb marks it failed),
         # so that none stays open in this process for the next wandb.init to continue
@@ -291,7 +293,8 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
 
 
 def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device,
-           ckpt: Path | None, state: dict[str, Any] | None) -> dict[str, Any]:
+           ckpt: Path | None, state: dict[str, Any] | None, source: Source | None
+           ) -> dict[str, Any]:
     """train()'s work, from data preparation to the last checkpoint."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -316,8 +319,10 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
                      "and best/ is not written")
 
     torch.manual_seed(cfg.train.seed + ddp.rank)
-    model = GPT(cfg.model.gpt_config(data.vocab_size))
-    model.logit_softcap = cfg.loss.softcap
+    model = initial_model(cfg, data, source)
+    if source is not None and source.model is not None:
+        tracker.info(f"initialised from {source.label}")
+        source.model = None  # free the source's own copy of the weights (train() holds source)
     model.to(device)
     optimizer = configure_optimizer(model, cfg.train, device)
     step, best_val = 0, math.inf

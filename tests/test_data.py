@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from minilm.data import (DataError, _atomic_write_bytes, get_batch, load_documents, looks_local,
-                         markdown_play_to_text, prepare, shakespeare_plays, token_dtype)
+from minilm.data import (DataError, _atomic_write_bytes, get_batch, load_documents,
+                         looks_like_hub_id, markdown_play_to_text, prepare, shakespeare_plays,
+                         token_dtype)
 
 DOCS = [f"Document number {i}: " + "the quick brown fox jumps over the lazy dog. " * (i + 3)
         for i in range(10)]
@@ -208,7 +209,7 @@ def test_a_missing_local_path_is_no_such_file(tmp_path, monkeypatch, source):
     ("./wikitext", True), ("~/x", True), ("a/b/c", True), ("/data", True),
 ])
 def test_what_looks_local(source, local):
-    assert looks_local(source) == local
+    assert looks_like_hub_id(source) == (not local)
 
 
 def test_hub_failure_is_one_line_and_fast(tmp_path):
