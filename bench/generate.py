@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minilm.generation import complete, greedy, prepare_for_decoding  # noqa: E402
+from minilm.generation import complete, greedy  # noqa: E402
 from minilm.model import GPT, GPTConfig, KVCache  # noqa: E402
 from minilm.sampling import History, SamplerStack  # noqa: E402
 
@@ -68,7 +68,7 @@ def models() -> tuple[GPT, torch.nn.Module]:
     state = {k: (v.t() if k.endswith(conv1d) else v) for k, v in hf.transformer.state_dict().items()
              if not k.endswith(".attn.bias")}
     ours.transformer.load_state_dict(state)
-    return prepare_for_decoding(ours), hf  # as generate.py does after loading a checkpoint
+    return ours, hf
 
 
 def throughput(ours: GPT, hf, reps: int, new: int = 128, prompt_len: int = 64) -> list[dict]:
@@ -110,6 +110,7 @@ def throughput(ours: GPT, hf, reps: int, new: int = 128, prompt_len: int = 64) -
 
 def stack_overhead(ours: GPT, reps: int, steps: int = 16) -> list[dict]:
     """A decode step (1 token, cache at 128) vs the stack's sample() on its logits."""
+    ours.set_decode_layout(True)  # the layout generation decodes with
     rows = []
     for batch in (1, 8):
         ids = torch.randint(0, V, (batch, 128), generator=torch.Generator().manual_seed(2))

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minilm.cli import run_cli, split_config_args
+from minilm.cli import config_usage, run_cli, split_config_args, wants_help
 from minilm.config import (Config, ConfigError, build, flatten, load_config, merge_overrides,
+                           setting,
                            validate)
 from minilm.data import prepare
 from minilm.report import write_report
@@ -35,11 +36,12 @@ DEFAULT_ARMS = {"tied": {"model.tie_embeddings": True},
 
 @dataclass
 class AblationSection:
-    name: str | None = None  # report title and default wandb group; None = basename of out_dir
-    description: str = ""  # a markdown paragraph for the top of report.md: the question asked
-    seeds: int | list[int] = 3  # a count (train.seed, train.seed + 1, ...) or the seeds themselves
-    # arm name -> overrides, as {"model.lm_head_bias": true} or nested {"model": {...}}
-    arms: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_ARMS))
+    name: str | None = setting(None, "report title and default wandb group (null: out_dir's name)")
+    description: str = setting("", "a markdown paragraph for the top of report.md: the question")
+    seeds: int | list[int] = setting(3, "a count (train.seed, train.seed + 1, ...) or the seeds")
+    arms: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: copy.deepcopy(DEFAULT_ARMS),
+        metadata={"help": "arm name -> overrides ({model.lm_head_bias: true} or nested)"})
 
 
 @dataclass
@@ -86,10 +88,26 @@ def arm_overrides(arms: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+# What the ablation sets per run, and what to use instead: an arm can't override these.
+PER_RUN = {"out_dir": "the ablation's out_dir holds out_dir/<arm>/seed<seed>",
+           "train.seed": "runs are paired by seed: set ablation.seeds",
+           "wandb.group": "all runs share one group: set wandb.group at the top level",
+           "wandb.name": "each run is named <arm>-seed<seed>"}
+
+
 def plan(cfg: AblationConfig) -> list[Run]:
     """Every arm x seed as a validated training config, so that a mistake in any arm is
-    reported before the first run starts. Seed-major: a partial ablation is still paired."""
+    reported before the first run starts. Seed-major: a partial ablation is still paired.
+    An arm's wandb.tags replace the top-level tags (the arm's name is added to either)."""
+    if cfg.data.val_fraction == 0:
+        raise ConfigError("data.val_fraction is 0, but an ablation compares runs by their val "
+                          "loss: give it a val split")
     arms = arm_overrides(cfg.ablation.arms)
+    for arm, overrides in arms.items():
+        for key in overrides:
+            if key in PER_RUN:
+                raise ConfigError(f"ablation.arms.{arm}: {key} is set by the ablation for each "
+                                  f"run ({PER_RUN[key]})")
     seeds = seed_list(cfg.ablation.seeds, cfg.train.seed)
     base = cfg.to_dict()
     del base["ablation"]
@@ -97,9 +115,12 @@ def plan(cfg: AblationConfig) -> list[Run]:
     runs = []
     for seed in seeds:
         for arm, overrides in arms.items():
+            tags = overrides.get("wandb.tags", cfg.wandb.tags)
+            if not isinstance(tags, list):
+                raise ConfigError(f"ablation.arms.{arm}: wandb.tags: expected a list, got {tags!r}")
             ours = {"out_dir": str(Path(cfg.out_dir) / arm / f"seed{seed}"),
                     "train.seed": seed, "wandb.group": group, "wandb.name": f"{arm}-seed{seed}",
-                    "wandb.tags": [*cfg.wandb.tags, arm]}
+                    "wandb.tags": [*tags, arm]}
             # json is a subset of YAML, so each value survives merge_overrides' parsing as is
             args = [f"--{k}={json.dumps(v)}" for k, v in {**overrides, **ours}.items()]
             try:
@@ -128,14 +149,11 @@ def ablate(cfg: AblationConfig) -> dict[str, Any]:
     return results
 
 
-USAGE = """usage: python -m minilm.ablate CONFIG.yaml [--section.key=value ...]
-CONFIG is a training config plus an `ablation` section: name, description, seeds (a count or a
-list), arms (name -> overrides). Example: configs/ablation/tied_vs_untied.yaml"""
-
-
 def main(argv: list[str]) -> None:
-    if argv[:1] in (["-h"], ["--help"]):
-        print(USAGE)
+    if wants_help(argv):
+        print(config_usage("python -m minilm.ablate", AblationConfig, None,
+                           "\nCONFIG is a training config plus an `ablation` section.",
+                           folder="ablation"))
         return
     path, overrides = split_config_args(argv, default=None)
     if path is None:

@@ -1,8 +1,11 @@
 """Checkpoints: one folder each (out_dir/last, out_dir/best), swapped in whole.
 
 A folder holds model.safetensors (weights; a tied matrix is one tensor), optimizer.pt, rng.pt and
-state.json (resolved config, model config, tokenizer, step, best val loss). It is written as
-<name>.tmp and renamed into place, so a crash never leaves a half checkpoint under a real name.
+state.json (resolved config, model config, tokenizer, step, best val loss), written last: a folder
+with a state.json is complete. A new checkpoint is written as <name>.tmp, the old one renamed to
+<name>.old, the new one renamed into place and the old one deleted. However that sequence is
+interrupted, one of <name>, <name>.tmp, <name>.old is complete: readers take the first complete one
+of the three (complete_checkpoint), and resume puts it back under its name (recover_checkpoint).
 load_model also reads Hugging Face GPT-2 folders and hub ids (through minilm.hf).
 """
 
@@ -10,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -19,8 +21,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from minilm.data import looks_like_hub_id as is_hub_id
 from minilm.model import GPT, GPTConfig
 from minilm.tokenizer import Tokenizer, tokenizer_from_dict
+from minilm.tracking import strict_json
 
 FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
 
@@ -42,46 +46,90 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
 def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace folder `path` by `tmp` with renames only."""
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    """Replace folder `path` by the complete folder `tmp` with renames only."""
+    old = _sibling(path, ".old")
     if path.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a leftover: `path` is the complete one
         os.replace(path, old)
+    # else an earlier swap stopped between its renames: `old` stays until `tmp` is in place
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_state(folder: Path, state: dict[str, Any]) -> None:
+    """state.json, written last and atomically: its presence marks the folder complete."""
+    tmp = folder / "state.json.tmp"
+    tmp.write_text(strict_json(state, indent=2))
+    os.replace(tmp, folder / "state.json")
+
+
 def save_checkpoint(path: str | Path, model: GPT, optimizer: torch.optim.Optimizer | None,
                     state: dict[str, Any]) -> None:
-    """Write a checkpoint folder atomically. `state` must be JSON-serialisable."""
+    """Write a checkpoint folder atomically. `state` must be JSON-serialisable (NaN and
+    infinities are stored as null)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _sibling(path, ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
     torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
     torch.save(rng_states(), tmp / "rng.pt")
-    state = dict(state, model_config=asdict(model.config), logit_softcap=model.logit_softcap)
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    _write_state(tmp, dict(state, model_config=asdict(model.config),
+                           logit_softcap=model.logit_softcap))
     _swap_in(tmp, path)
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
+    """Copy a checkpoint folder atomically, state.json last."""
     dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
+    tmp = _sibling(dst, ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    tmp.mkdir(parents=True)
+    for file in sorted(Path(src).iterdir(), key=lambda f: f.name == "state.json"):
+        shutil.copy2(file, tmp / file.name)  # state.json last
     _swap_in(tmp, dst)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or a run's out_dir (its best, else its last checkpoint)."""
+def complete_checkpoint(path: str | Path) -> Path | None:
+    """The complete checkpoint among `path`, `path.tmp` (a newer one not yet swapped in) and
+    `path.old` (the one it replaces), in that order; None if none is. Reads only."""
     path = Path(path)
-    for candidate in (path, path / "best", path / "last"):
+    for candidate in (path, _sibling(path, ".tmp"), _sibling(path, ".old")):
         if (candidate / "state.json").is_file():
             return candidate
+    return None
+
+
+def recover_checkpoint(path: str | Path) -> Path | None:
+    """Put the complete checkpoint of complete_checkpoint(path) back under `path` after an
+    interrupted swap; `path`, or None when there is no complete checkpoint. For the run's owner
+    (the trainer resuming), never a reader: it renames."""
+    path = Path(path)
+    found = complete_checkpoint(path)
+    if found is None:
+        return None
+    if found != path:
+        shutil.rmtree(path, ignore_errors=True)  # an incomplete folder, if any
+        os.replace(found, path)
+    for leftover in (_sibling(path, ".tmp"), _sibling(path, ".old")):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or a run's out_dir (its best, else its last checkpoint), each
+    through complete_checkpoint (so an interrupted swap still resolves)."""
+    path = Path(path)
+    for candidate in (path, path / "best", path / "last"):
+        found = complete_checkpoint(candidate)
+        if found is not None:
+            return found
     raise CheckpointError(f"no checkpoint found at {path} (expected state.json there or in "
                           f"{path}/best or {path}/last, or a Hugging Face config.json)")
 
@@ -113,14 +161,12 @@ def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return optimizer, rng
 
 
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml", ".ckpt")
+
+
 def looks_like_hub_id(source: str) -> bool:
-    """'gpt2' or 'owner/name', and not a path: no leading . / ~, no file suffix, no local first
-    folder (so a mistyped out/run is reported as a missing path, not looked up on the hub)."""
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", source):
-        return False
-    if Path(source).suffix in (".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml", ".ckpt"):
-        return False
-    return "/" not in source or not Path(source.split("/")[0]).is_dir()
+    """'gpt2' or 'owner/name', and not a path (minilm.data's rule, with model file suffixes)."""
+    return is_hub_id(source, MODEL_FILE_SUFFIXES)
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu"
@@ -135,7 +181,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"
     from minilm import hf  # hf imports CheckpointError from here
 
     path = Path(source).expanduser()
-    if not path.exists():
+    if not path.exists() and complete_checkpoint(path) is None:  # (an interrupted swap: found)
         if isinstance(source, str) and looks_like_hub_id(source):
             model, tokenizer, state = hf.load_hub_model(source)
             return model.to(device), tokenizer, state
@@ -147,9 +193,12 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"
     state = read_state(path)
     try:
         model = GPT(GPTConfig(**state["model_config"]))
-        tokenizer = tokenizer_from_dict(state["tokenizer"])
+        tokenizer_description = state["tokenizer"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"corrupt checkpoint {path}: bad state.json ({e})") from None
+    # outside the try: a tokenizer that can't be loaded here (a tiktoken encoding offline, not
+    # cached) is not a corrupt checkpoint, and says what is missing itself
+    tokenizer = tokenizer_from_dict(tokenizer_description)
     load_weights(path, model)
     model.logit_softcap = state.get("logit_softcap")
     return model.to(device).eval(), tokenizer, state

@@ -14,14 +14,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import torch
 
-from minilm.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_dict
+from minilm.tokenizer import (CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_dict,
+                              utf8_problem)
 
 LOCAL_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# suffixes that make a source a file name, never a hub dataset id
+FILE_SUFFIXES = {*LOCAL_KINDS, ".csv", ".tsv", ".md", ".gz", ".bz2", ".xz", ".zst", ".arrow"}
 
 
 class DataError(ValueError):
@@ -74,10 +77,53 @@ def local_data_files(path: Path) -> tuple[str, list[str]]:
     if None in kinds or len(kinds) > 1:
         raise DataError(f"{path}: expected files of one kind among "
                         f"{', '.join(LOCAL_KINDS)}, found {sorted(p.suffix for p in files)}")
+    kind = kinds.pop()
     for p in files:
         if p.stat().st_size == 0:
             raise DataError(f"data file {p} is empty")
-    return kinds.pop(), [str(p) for p in files]
+        # datasets reads text and json as UTF-8 and lets invalid bytes through to fail later
+        problem = utf8_problem(p) if kind != "parquet" else None
+        if problem:
+            raise DataError(f"data file {p} is not UTF-8 text ({problem}); convert it, e.g. "
+                            f"iconv -f latin1 -t utf-8")
+    return kind, [str(p) for p in files]
+
+
+def looks_like_hub_id(source: str, file_suffixes: Collection[str] = FILE_SUFFIXES) -> bool:
+    """'name' or 'owner/name' (a Hugging Face hub id), not a path: no leading . / ~, at most one
+    separator, no file suffix (corpus.txt; a model's .safetensors), and no first folder that
+    exists here (a mistyped data/corpus or out/run is a missing path, not a hub id)."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", source):
+        return False
+    if Path(source).suffix.lower() in file_suffixes:
+        return False
+    return "/" not in source or not Path(source.split("/")[0]).is_dir()
+
+
+def check_hub_dataset(source: str) -> None:
+    """Fail fast and in one line where the hub can't serve `source`: one request without
+    retries (datasets' own requests retry for ~25 s first). Offline (HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE set), datasets reads its cache and no request is made."""
+    import datasets
+
+    if getattr(datasets.config, "HF_HUB_OFFLINE", False) or \
+            getattr(datasets.config, "HF_DATASETS_OFFLINE", False):
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(source, timeout=10)
+    except GatedRepoError:
+        raise DataError(f"hub dataset {source!r} is gated: accept its terms on huggingface.co "
+                        "and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"no file or folder {source!r} here, and no dataset {source!r} on the "
+                        "Hugging Face hub (or it is private: log in with hf auth login)") from None
+    except Exception as e:  # no network, DNS, proxy, timeout...
+        raise DataError(f"could not reach the Hugging Face hub for dataset {source!r} "
+                        f"({type(e).__name__}); offline, set HF_DATASETS_OFFLINE=1 to use a "
+                        "copy in the datasets cache") from None
 
 
 def load_documents(source: str, text_field: str = "text", name: str | None = None,
@@ -89,6 +135,8 @@ def load_documents(source: str, text_field: str = "text", name: str | None = Non
     if source == "shakespeare":
         return datasets.Dataset.from_dict({"text": shakespeare_plays()})
     path = Path(source).expanduser()
+    if not path.exists() and not looks_like_hub_id(source):
+        raise DataError(f"no such file or folder: {path}")
     if path.exists():
         builder, files = local_data_files(path)
         try:
@@ -99,6 +147,7 @@ def load_documents(source: str, text_field: str = "text", name: str | None = Non
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
         label = str(path)
     else:
+        check_hub_dataset(source)
         try:
             ds = datasets.load_dataset(source, name, split=split)
         except Exception as e:
@@ -109,6 +158,11 @@ def load_documents(source: str, text_field: str = "text", name: str | None = Non
     if text_field not in ds.column_names:
         raise DataError(f"{label} has no column {text_field!r} (columns: "
                         f"{', '.join(ds.column_names)}); set data.text_field")
+    feature = ds.features[text_field]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        kind = getattr(feature, "dtype", None) or type(feature).__name__
+        raise DataError(f"{label}: column {text_field!r} holds {kind} values, not text; set "
+                        "data.text_field to a column of strings")
     ds = ds.select_columns([text_field])
     if text_field != "text":
         ds = ds.rename_column(text_field, "text")
@@ -134,9 +188,24 @@ class PreparedData:
     def vocab_size(self) -> int:
         return self.meta["vocab_size"]
 
-    def tokens(self, split: str) -> np.memmap:
+    def tokens(self, split: str) -> np.ndarray:
         """The token ids of a split, memory-mapped (read lazily, never all in RAM)."""
-        return np.memmap(self.dir / f"{split}.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+        n, dtype = self.meta["tokens"][split], np.dtype(self.meta["dtype"])
+        if n == 0:  # the .bin holds one placeholder token: an empty file can't be mapped
+            return np.empty(0, dtype=dtype)
+        return np.memmap(self.dir / f"{split}.bin", dtype=dtype, mode="r", shape=(n,))
+
+    def check_windows(self, splits: tuple[str, ...], block_size: int) -> None:
+        """Each split must hold a window of block_size + 1 tokens: checked right after
+        preparation, before a model is built, naming the split."""
+        for split in splits:
+            n = self.meta["tokens"][split]
+            if n <= block_size:
+                fix = ("raise data.val_fraction, or set it to 0 to train without a val split"
+                       if split == "val" else "or add data")
+                raise DataError(f"the {split} split of {self.meta['source']} has {n} tokens, "
+                                f"fewer than model.block_size + 1 = {block_size + 1}: lower "
+                                f"model.block_size, {fix}")
 
 
 def _source_fingerprint(source: str) -> Any:
@@ -190,7 +259,7 @@ def prepare(source: str = "shakespeare", tokenizer: str = "char", text_field: st
             log=print) -> PreparedData:
     """Tokenize a source into cache_dir/<key>/{train,val}.bin + meta.json (reused when present)."""
     key = cache_key(source, tokenizer, text_field, name, split, val_fraction)
-    out = Path(cache_dir) / key
+    out = Path(cache_dir).expanduser() / key
     meta_path = out / "meta.json"
     if meta_path.exists():
         return PreparedData(out, json.loads(meta_path.read_text()))

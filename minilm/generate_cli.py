@@ -21,11 +21,10 @@ from typing import TextIO
 import torch
 
 from minilm.checkpoint import load_model
-from minilm.device import resolve_device
-from minilm.generation import (Completion, complete, generate, next_token_stages,
-                               prepare_for_decoding)
+from minilm.device import DEVICE_NAMES, resolve_device
+from minilm.generation import Completion, complete, generate, next_token_stages
 from minilm.sampling import DEFAULT_ORDER, ORDERS, SamplerStack
-from minilm.tokenizer import Tokenizer
+from minilm.tokenizer import Tokenizer, read_text
 
 BAN = -100.0  # a --logit_bias of -100 bans the token (OpenAI)
 SHOWN = 10  # tokens per stage in --show_distribution
@@ -74,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show_distribution", action="store_true",
                    help="show the next token's distribution after each stage of the sampler "
                         "(raw, penalties, temperature, top-k, ...) and exit")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (as train.device)")
     return p
 
 
@@ -86,8 +85,7 @@ def main(argv: list[str]) -> int | None:
     if args.logprobs and not args.json:
         raise ValueError("--logprobs needs --json (text output has no place for them)")
     prompt = read_prompt(args)
-    model, tokenizer, _ = load_model(args.ckpt, resolve_device(args.device))
-    prepare_for_decoding(model)
+    model, tokenizer, _ = load_model(args.ckpt, resolve_device(args.device, key="--device"))
     ids = tokenizer.encode(prompt)
     order = args.order if args.order in ORDERS else [s.strip() for s in args.order.split(",")]
     sampler = SamplerStack.from_settings(
@@ -121,11 +119,12 @@ def read_prompt(args: argparse.Namespace) -> str:
         prompt = args.prompt
     else:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompt = f.read()
+            prompt = read_text(args.prompt_file)
         except OSError as e:
             raise ValueError(f"cannot read --prompt_file {args.prompt_file}: "
                              f"{e.strerror or type(e).__name__}") from None
+        except ValueError as e:  # not UTF-8: the file and the first bad byte
+            raise ValueError(f"--prompt_file {e}") from None
     if not prompt:
         raise ValueError("empty prompt: give --prompt TEXT or a non-empty --prompt_file")
     return prompt

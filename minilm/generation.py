@@ -2,10 +2,14 @@
 
     prompt ids → model (raw logits, T = 1) → SamplerStack (processors, draw) → token → model ...
 
-    prepare_for_decoding(model)                      # once: a weight layout that decodes faster
     for step in generate(model, [[1, 2, 3], [4, 5]], 50, sampler=stack, eos_id=0, seed=1337):
         step.rows, step.tokens, step.info.logprobs   # the rows still running and what each drew
     results = complete(model, prompts, 50, ...)      # the same, collected: a Completion per prompt
+
+Whatever the caller did to the model before, generation runs it in eval mode (no dropout) and
+without autograd, and leaves its mode as it found it (a generator when it finishes or is closed);
+on CPU it switches the model to the weight layout that decodes fastest there
+(GPT.set_decode_layout) itself.
 
 Choices where there were several:
 - `sampler=None` is greedy decoding (HF's default, do_sample=False): SamplerStack([Temperature(0)]).
@@ -25,6 +29,7 @@ Choices where there were several:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -39,20 +44,9 @@ Stop = Sequence[str | Sequence[int]]
 
 
 def prepare_for_decoding(model: GPT) -> GPT:
-    """Lay out every matrix the decode step multiplies by (the four per block and the head) as
-    [in, out] in memory, like HF's Conv1D; shapes and values stay the same (W.t().contiguous().t()).
-
-    Why: F.linear(x, W) multiplies by W.t(), and for the few rows of a decode step (batch 2-16)
-    MKL's sgemm is up to 2x faster when that operand is contiguous (measured on this project's CPU
-    box); one token (GEMV) is as fast either way. The embedding lookups of a tied head become
-    strided reads of B·d floats, which cost nothing next to the matmuls. Idempotent; returns the model.
-    """
-    matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for w in matrices + [model.lm_head.matrix]:
-            if w.is_contiguous():
-                w.data = w.data.t().contiguous().t()
-    return model
+    """The decode weight layout (GPT.set_decode_layout). Generation switches it on itself; this
+    remains for callers that want the copy done ahead of the first generation."""
+    return model.set_decode_layout(True)
 
 
 def greedy() -> SamplerStack:
@@ -117,19 +111,22 @@ def generate(model: GPT, prompt_ids: Prompts, max_new_tokens: int,
 def complete(model: GPT, prompt_ids: Prompts, max_new_tokens: int, **kwargs) -> list[Completion]:
     """Run generate() to the end and collect each prompt's tokens, log-probs and finish reason."""
     results = [Completion() for _ in prompt_lists(prompt_ids, model.config.vocab_size)]
-    for step in generate(model, prompt_ids, max_new_tokens, **kwargs):
-        info = step.info
-        tops = [[] for _ in step.rows] if info.top_ids is None else \
-            [list(zip(i, lp)) for i, lp in zip(info.top_ids.tolist(), info.top_logprobs.tolist())]
-        for row, token, lp, plp, top, reason in zip(
-                step.rows, step.tokens.tolist(), info.logprobs.tolist(),
-                info.processed_logprobs.tolist(), tops, step.finish_reasons):
-            r = results[row]
-            r.tokens.append(token)
-            r.logprobs.append(lp)
-            r.processed_logprobs.append(plp)
-            r.top_logprobs.append(top)
-            r.finish_reason = reason or r.finish_reason
+    # closing: the model's mode is restored at once, even when an exception ends the loop
+    with contextlib.closing(generate(model, prompt_ids, max_new_tokens, **kwargs)) as steps:
+        for step in steps:
+            info = step.info
+            tops = [[] for _ in step.rows] if info.top_ids is None else \
+                [list(zip(i, lp)) for i, lp in zip(info.top_ids.tolist(),
+                                                    info.top_logprobs.tolist())]
+            for row, token, lp, plp, top, reason in zip(
+                    step.rows, step.tokens.tolist(), info.logprobs.tolist(),
+                    info.processed_logprobs.tolist(), tops, step.finish_reasons):
+                r = results[row]
+                r.tokens.append(token)
+                r.logprobs.append(lp)
+                r.processed_logprobs.append(plp)
+                r.top_logprobs.append(top)
+                r.finish_reason = reason or r.finish_reason
     return results
 
 
@@ -139,7 +136,8 @@ def next_token_stages(model: GPT, prompt_ids: Prompts, sampler: SamplerStack
     ("raw", logits): what each setting does to the model's distribution (generate.py's
     --show_distribution)."""
     batch = _Batch(model, prompt_lists(prompt_ids, model.config.vocab_size), 1, None)
-    logits = batch.prefill()
+    with model.evaluating():
+        logits = batch.prefill()
     with torch.inference_mode():
         return sampler.stages(logits, batch.history)
 
@@ -208,28 +206,33 @@ class _StopMatcher:
 def _steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, sampler: SamplerStack,
            eos_id: int | None, stopper: _StopMatcher, generators: list[torch.Generator] | None,
            logprobs: int) -> Iterator[Step]:
-    """generate()'s loop: draw, report, drop the rows that finished, feed the rest."""
+    """generate()'s loop: draw, report, drop the rows that finished, feed the rest. The model is
+    in eval mode from the first step until the generator finishes or is closed; autograd is off
+    inside each step only (the _Batch methods), never across a yield into the caller's code."""
     if max_new_tokens == 0:
         return
+    if max_new_tokens > 1 and next(model.parameters()).device.type == "cpu":
+        model.set_decode_layout(True)  # on CUDA it gains nothing (fp32, batch 32: 18% slower)
     batch = _Batch(model, prompts, max_new_tokens, generators)
     generated: list[list[int]] = [[] for _ in prompts]
-    logits = batch.prefill()  # [B, V]
-    while True:
-        tokens, info = batch.sample(logits, sampler, logprobs)
-        reasons: list[str | None] = []
-        for row, token in zip(batch.rows, tokens.tolist()):
-            out = generated[row]
-            out.append(token)
-            reasons.append("stop" if token == eos_id or stopper(out) else
-                           "length" if len(out) == max_new_tokens else None)
-        yield Step(list(batch.rows), tokens, info, reasons)
-        running = [i for i, r in enumerate(reasons) if r is None]
-        if not running:
-            return
-        if len(running) < len(reasons):
-            batch.select(running)
-            tokens = tokens[running]
-        logits = batch.forward(tokens)
+    with model.evaluating():
+        logits = batch.prefill()  # [B, V]
+        while True:
+            tokens, info = batch.sample(logits, sampler, logprobs)
+            reasons: list[str | None] = []
+            for row, token in zip(batch.rows, tokens.tolist()):
+                out = generated[row]
+                out.append(token)
+                reasons.append("stop" if token == eos_id or stopper(out) else
+                               "length" if len(out) == max_new_tokens else None)
+            yield Step(list(batch.rows), tokens, info, reasons)
+            running = [i for i, r in enumerate(reasons) if r is None]
+            if not running:
+                return
+            if len(running) < len(reasons):
+                batch.select(running)
+                tokens = tokens[running]
+            logits = batch.forward(tokens)
 
 
 class _Batch:

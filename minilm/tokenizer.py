@@ -6,6 +6,9 @@ the data's meta.json and in every checkpoint, so a model always comes with its t
 
 from __future__ import annotations
 
+import codecs
+import os
+from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 EOT_TEXT = "<|endoftext|>"
@@ -56,14 +59,19 @@ class TiktokenTokenizer:
     def __init__(self, name: str = "gpt2"):
         import tiktoken
 
+        if name not in tiktoken.list_encoding_names():
+            raise ValueError(f"unknown tokenizer {name!r} (use 'char' or a tiktoken encoding: "
+                             f"{', '.join(tiktoken.list_encoding_names())})")
         try:
             self.enc = tiktoken.get_encoding(name)
-        except ValueError:
-            raise ValueError(f"unknown tokenizer {name!r} (use 'char' or a tiktoken encoding: "
-                             f"{', '.join(tiktoken.list_encoding_names())})") from None
-        except Exception as e:  # download failure: no network and no TIKTOKEN_CACHE_DIR
-            raise ValueError(f"could not load tiktoken encoding {name!r} "
-                             f"({type(e).__name__}); offline, set TIKTOKEN_CACHE_DIR") from None
+        except Exception as e:  # not cached, and the download failed (offline)
+            cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+            where = f"TIKTOKEN_CACHE_DIR={cache} does not hold it" if cache else \
+                "TIKTOKEN_CACHE_DIR is not set"
+            raise ValueError(f"tiktoken encoding {name!r} is not available: it is not in the local "
+                             f"cache ({where}) and downloading it failed ({type(e).__name__}); "
+                             "connect to the internet once, or point TIKTOKEN_CACHE_DIR at a "
+                             "cache that holds it") from None
         self.name = name
         self.eot_token = self.enc.eot_token
         self.vocab_size = self.enc.n_vocab
@@ -88,3 +96,30 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     if d.get("type") == "tiktoken":
         return TiktokenTokenizer(d["name"])
     raise ValueError(f"unknown tokenizer description {d!r}")
+
+
+def utf8_problem(path: str | Path, chunk: int = 1 << 20) -> str | None:
+    """Where `path` stops being UTF-8 ("byte 0xe9 at offset 12: invalid continuation byte"),
+    or None when it is UTF-8 throughout. Reads in chunks: files may be large."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                at = offset - (len(e.object) - len(data)) + e.start  # e.object: held + data
+                return f"byte 0x{e.object[e.start]:02x} at offset {at}: {e.reason}"
+            if not data:
+                return None
+            offset += len(data)
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's text; a file in another encoding is a ValueError naming the file and the
+    first byte that is not UTF-8."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text ({utf8_problem(path)})") from None

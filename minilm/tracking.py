@@ -9,11 +9,43 @@ start costs one warning line, never the training run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """json.dumps that strict JSON readers accept: NaN and infinities become null."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def detach_closed_stdout() -> None:
+    """After a write to stdout failed with a broken pipe (`... | head` has exited): point stdout,
+    and stderr if it is the same pipe (`2>&1 | head`), at /dev/null, so that later writes and the
+    interpreter's final flush succeed silently instead of raising again."""
+    try:
+        stdout_fd = sys.stdout.fileno()
+        same = os.path.sameopenfile(stdout_fd, sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stdout_fd)
+    if same:
+        os.dup2(devnull, sys.stderr.fileno())
+    os.close(devnull)
 
 
 def _duration(seconds: float) -> str:
@@ -30,28 +62,46 @@ def _warn(message: str, error: BaseException) -> None:
 
 class Tracker:
     """Append-only metrics.jsonl plus console output, mirrored to a wandb run when given one.
-    Only rank 0 makes one (enabled=True)."""
+    Only rank 0 makes one (enabled=True).
+
+    resume_step: continue the records of a run resumed from its checkpoint at that step; the
+    records of later steps (logged before an interrupt, after the checkpoint) are dropped, since
+    the resumed run logs those steps again. Console output is not the run: when it can no longer be
+    written (stdout piped into `head`, which has exited), it stops and the records go on."""
 
     def __init__(self, out_dir: str | Path, max_iters: int, enabled: bool = True,
-                 stream=sys.stdout, run: Any = None, log_checkpoints: bool = False,
-                 append: bool = False):
+                 stream=None, run: Any = None, log_checkpoints: bool = False,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.max_iters = max_iters
-        self.stream = stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.stream = stream if stream is not None else sys.stdout  # the console (None: stdout)
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.summary: dict[str, Any] = {}
         self.run = run  # a wandb Run, or None
         self.log_checkpoints = log_checkpoints
         self._file = None
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            # a resumed run appends to the records of the steps it continues from
-            self._file = open(self.out_dir / "metrics.jsonl", "a" if append else "w", buffering=1)
+            path = self.out_dir / "metrics.jsonl"
+            if resume_step is not None:
+                _truncate_records(path, resume_step)
+            self._file = open(path, "a" if resume_step is not None else "w", buffering=1)
+
+    def _console(self, text: str) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            if self.stream in (sys.stdout, sys.__stdout__):
+                detach_closed_stdout()
+            self.stream = None  # the reader has gone; the run goes on
 
     def _write(self, record: dict[str, Any], section: str) -> None:
         """One record to metrics.jsonl and, as `section/key` at the same step, to wandb."""
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(strict_json(record) + "\n")
         if self.run is not None:
             self.run.log({f"{section}/{k}": v for k, v in record.items() if k != "step"},
                          step=record["step"])
@@ -68,18 +118,20 @@ class Tracker:
         eta = _duration((self.max_iters - step) * ms_per_iter / 1000)
         line = (f"[{bar}] {step}/{self.max_iters} loss {loss:.4f} lr {lr:.2e} "
                 f"{tokens_per_sec / 1000:.1f}k tok/s {ms_per_iter:.0f} ms/it ETA {eta}")
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        self.stream.flush()
+        self._console(("\r" + line) if self.tty else line + "\n")
 
-    def log_eval(self, step: int, train_loss: float, val_loss: float, val_ppl: float) -> None:
+    def log_eval(self, step: int, train_loss: float, val_loss: float | None = None,
+                 val_ppl: float | None = None) -> None:
+        """One eval's losses; without a val split (data.val_fraction 0) the train loss only."""
         if not self.enabled:
             return
-        self._write(dict(step=step, train_loss=train_loss, val_loss=val_loss, val_ppl=val_ppl),
-                    "eval")
+        record = dict(step=step, train_loss=train_loss)
+        if val_loss is not None:
+            record.update(val_loss=val_loss, val_ppl=val_ppl)
+        self._write(record, "eval")
         prefix = "\n" if self.tty else ""
-        self.stream.write(f"{prefix}eval step {step}: train loss {train_loss:.4f}, "
-                          f"val loss {val_loss:.4f}, val ppl {val_ppl:.2f}\n")
-        self.stream.flush()
+        val = f", val loss {val_loss:.4f}, val ppl {val_ppl:.2f}" if val_loss is not None else ""
+        self._console(f"{prefix}eval step {step}: train loss {train_loss:.4f}{val}\n")
 
     def set_summary(self, **values: Any) -> None:
         """Run-level figures (parameter counts, best val loss, ...): summary.json and wandb."""
@@ -89,16 +141,16 @@ class Tracker:
 
     def info(self, message: str) -> None:
         if self.enabled:
-            self.stream.write(message + "\n")
-            self.stream.flush()
+            self._console(message + "\n")
 
-    def close(self, final_checkpoint: Path | None = None) -> None:
-        """End of the run; final_checkpoint is the folder uploaded when log_checkpoints is set."""
+    def close(self, final_checkpoint: Path | None = None, exit_code: int = 0) -> None:
+        """End of the run; final_checkpoint is the folder uploaded when log_checkpoints is set,
+        exit_code the run's (not 0: wandb marks it failed). Closing twice does nothing."""
         if self._file is None:
             return
         self._file.close()
         self._file = None
-        (self.out_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
+        (self.out_dir / "summary.json").write_text(strict_json(self.summary, indent=2) + "\n")
         if self.run is None:
             return
         run, self.run = self.run, None
@@ -109,7 +161,7 @@ class Tracker:
                 artifact = wandb.Artifact(f"checkpoint-{run.id}", type="model")
                 artifact.add_dir(str(final_checkpoint))
                 run.log_artifact(artifact)
-            run.finish()
+            run.finish(exit_code=exit_code)
         except Exception as e:  # an upload that fails must not turn a finished run into an error
             _warn("wandb did not finish the run", e)
 
@@ -136,13 +188,31 @@ def start_wandb(cfg) -> Any:
         return None
 
 
-def make_tracker(cfg, enabled: bool = True) -> Tracker:
-    """The tracker for a run of resolved config `cfg` (rank 0 only: enabled=False elsewhere)."""
+def make_tracker(cfg, enabled: bool = True, resume_step: int | None = None) -> Tracker:
+    """The tracker for a run of resolved config `cfg` (rank 0 only: enabled=False elsewhere),
+    resumed from its checkpoint at `resume_step` if given."""
     tracker = Tracker(cfg.out_dir, cfg.train.max_iters, enabled=enabled,
-                      log_checkpoints=cfg.wandb.log_checkpoints, append=cfg.train.resume)
+                      log_checkpoints=cfg.wandb.log_checkpoints, resume_step=resume_step)
     if enabled:
         tracker.run = start_wandb(cfg)
     return tracker
+
+
+def _truncate_records(path: Path, last_step: int) -> None:
+    """Keep the records of steps <= last_step (and drop a line torn by a kill); atomic."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:

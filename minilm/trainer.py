@@ -1,8 +1,13 @@
 """The training loop: AdamW, warmup + cosine schedule, AMP, gradient accumulation, DDP, eval,
-checkpoints and resume.
+checkpoints, resume and stopping.
 
 Batches are a pure function of (seed, rank, step, micro-step), so a resumed run, or any rank of a
 DDP run, draws exactly the windows an uninterrupted run would have drawn.
+
+A run stops early in two ways, each one line and an exit code (TrainingStopped): SIGINT (Ctrl-C)
+or SIGTERM (a preempted job) finish the current step, save out_dir/last and exit 130 / 143, ready
+for --train.resume=true; a loss that is no longer finite stops the run at once, before any
+checkpoint of the diverged weights is written, naming the step and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ import contextlib
 import dataclasses
 import math
 import os
+import shutil
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +27,26 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from minilm.checkpoint import (copy_checkpoint, load_training_state, load_weights, read_state,
-                               save_checkpoint, set_rng_states)
-from minilm.config import Config, ConfigError, TrainConfig
+from minilm.checkpoint import (complete_checkpoint, copy_checkpoint, load_training_state,
+                               load_weights, read_state, recover_checkpoint, save_checkpoint,
+                               set_rng_states)
+from minilm.config import Config, ConfigError, TrainConfig, validate
 from minilm.data import PreparedData, get_batch, prepare
 from minilm.device import resolve_device
-from minilm.finetune import initial_model, resolve_init_from
+from minilm.finetune import Source, initial_model, resolve_init_from
 from minilm.model import GPT
 from minilm.tracking import Timer, Tracker, make_tracker
+
+
+class TrainingStopped(Exception):
+    """A run stopped before max_iters on purpose: its message is the one line to show (shown by
+    rank 0 only: `show`), exit_code the process's exit code (130 SIGINT, 143 SIGTERM, 1 a
+    diverged loss)."""
+
+    def __init__(self, message: str, exit_code: int, show: bool = True):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.show = show
 
 
 @dataclass
@@ -34,10 +54,21 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    control: Any = None  # a gloo group for the CPU flags all ranks agree on (None: the default)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def agree(self, value: float, op: str = "max") -> float:
+        """The max (or sum) of a number over all ranks, on the CPU: a rank's signal becomes every
+        rank's decision at the same step without syncing the GPU."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
+                        group=self.control)
+        return t.item()
 
 
 def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
@@ -46,10 +77,45 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     env = os.environ
     d = Distributed(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
                     int(env.get("LOCAL_RANK", 0)))
-    device = resolve_device(device_name, d.local_rank)
+    device = resolve_device(device_name, d.local_rank, key="train.device")
     if "RANK" in env and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if d.world_size > 1 and dist.get_backend() != "gloo":
+        d.control = dist.new_group(backend="gloo")
     return d, device
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM are only noted (`received`), so that the loop can finish
+    its step and save. In a single process the handlers in place before are restored at the first
+    one, so a second signal does what it always does (KeyboardInterrupt, termination); under
+    torchrun every signal is deferred, since Ctrl-C reaches each worker twice (from the terminal
+    and forwarded by torchrun), and torchrun kills workers that take too long itself. Main thread
+    only: elsewhere Python allows no handlers, and signals keep their usual effect."""
+
+    def __init__(self, once: bool = True):
+        self.received: int | None = None
+        self.once = once
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        if self.once:
+            self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -94,13 +160,18 @@ def batch_generator(seed: int, rank: int, step: int, micro: int) -> torch.Genera
     return g
 
 
+def eval_splits(cfg: Config) -> tuple[str, ...]:
+    """The splits a run evaluates: no val split when data.val_fraction is 0."""
+    return ("train", "val") if cfg.data.val_fraction > 0 else ("train",)
+
+
 @torch.no_grad()
 def evaluate(model: GPT, data: PreparedData, cfg: Config, device: torch.device,
              autocast) -> dict[str, float]:
     """Mean loss over eval_iters fixed batches of each split; the same batches every eval."""
     model.eval()
     losses = {}
-    for split in ("train", "val"):
+    for split in eval_splits(cfg):
         tokens = data.tokens(split)
         g = torch.Generator().manual_seed(cfg.train.seed + 1)
         total = torch.zeros((), device=device)
@@ -110,6 +181,8 @@ def evaluate(model: GPT, data: PreparedData, cfg: Config, device: torch.device,
                 total += model(x, y, **loss_options(cfg)).float()
         losses[split] = (total / cfg.train.eval_iters).item()
     model.train()
+    if "val" not in losses:
+        return dict(train_loss=losses["train"])
     return dict(train_loss=losses["train"], val_loss=losses["val"],
                 val_ppl=math.exp(min(losses["val"], 50.0)))
 
@@ -118,31 +191,118 @@ def loss_options(cfg: Config) -> dict[str, Any]:
     return dict(impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, z_loss=cfg.loss.z_loss)
 
 
+def resume_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint fixes, from a config dict: the model, the data (but where it is
+    cached and how many processes tokenize it) and loss.softcap, which is part of the model's
+    output function (the trained logits are capped, and so are the sampled ones)."""
+    fixed = {f"model.{k}": v for k, v in cfg.get("model", {}).items()}
+    fixed.update({f"data.{k}": v for k, v in cfg.get("data", {}).items()
+                  if k not in ("num_proc", "cache_dir")})
+    fixed["loss.softcap"] = cfg.get("loss", {}).get("softcap")
+    return fixed
+
+
 def _check_resumable(cfg: Config, state: dict[str, Any]) -> None:
-    saved = state.get("config", {})
-    for section in ("model", "data"):
-        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
-            old = saved.get(section, {}).get(key, value)
-            if old != value and key not in ("num_proc", "cache_dir"):
-                raise ConfigError(f"cannot resume: {section}.{key} is {value!r} but the "
-                                  f"checkpoint was trained with {old!r}")
+    saved = resume_settings(state.get("config", {}))
+    for key, value in resume_settings(cfg.to_dict()).items():
+        old = saved.get(key, value)
+        if old != value:
+            raise ConfigError(f"cannot resume: {key} is {value!r} but the checkpoint was trained "
+                              f"with {old!r}")
+
+
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml")
+CHECKPOINTS = ("last", "best")
+
+
+def _holds_run(out_dir: Path) -> list[str]:
+    """What of a run out_dir holds: its records and checkpoints (an empty metrics.jsonl, left by
+    a run that failed before its first record, is not a run)."""
+    found = []
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    found += [f"{name}/" for name in CHECKPOINTS if complete_checkpoint(out_dir / name)]
+    return found
+
+
+def claim_out_dir(cfg: Config, is_main: bool) -> Path | None:
+    """Check out_dir against train.resume / train.overwrite before any work; returns the
+    checkpoint to resume from (None for a fresh run).
+
+    resume: out_dir/last must hold a complete checkpoint (an interrupted swap is recovered).
+    fresh: out_dir must not hold a run (records or checkpoints), unless train.overwrite deletes
+    it: a fresh run never mixes its records and checkpoints with another run's."""
+    out_dir = Path(cfg.out_dir)
+    last = out_dir / "last"
+    if cfg.train.resume:
+        if complete_checkpoint(last) is None:
+            raise ConfigError(f"train.resume: no checkpoint to resume from in {last}")
+        return recover_checkpoint(last) if is_main else last
+    found = _holds_run(out_dir)
+    if found and not cfg.train.overwrite:
+        raise ConfigError(f"out_dir {out_dir} already holds a run ({', '.join(found)}): continue "
+                          "it with --train.resume=true, choose another --out_dir, or replace it "
+                          "with --train.overwrite=true")
+    if found and is_main:
+        for name in CHECKPOINTS:
+            for suffix in ("", ".tmp", ".old"):
+                shutil.rmtree(out_dir / f"{name}{suffix}", ignore_errors=True)
+        for name in RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    return None
+
+
+def _diverged(step: int, loss: float, last: Path, saved_step: int | None,
+              show: bool = True) -> TrainingStopped:
+    good = (f"the last good checkpoint is {last} (step {saved_step}); lower train.learning_rate "
+            "(or raise train.warmup_iters) and continue it with --train.resume=true"
+            if saved_step else "no checkpoint was saved before it; lower train.learning_rate "
+            "(or raise train.warmup_iters) and start again")
+    return TrainingStopped(f"error: the loss is {loss} at step {step}, training stopped: {good}",
+                           exit_code=1, show=show)
+
+
+def _interrupted(signum: int, step: int, last: Path, show: bool = True) -> TrainingStopped:
+    name = signal.Signals(signum).name
+    return TrainingStopped(f"{name} received: stopped after step {step} and saved {last}; "
+                           "continue with the same command and --train.resume=true",
+                           exit_code=128 + signum, show=show)
 
 
 def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
-    """Train (or resume) the run described by cfg; returns the run summary."""
+    """Train (or resume) the run described by cfg; returns the run summary. Raises
+    TrainingStopped when a signal or a diverged loss ends the run early."""
+    validate(cfg)
     ddp, device = setup_distributed(cfg.train.device)
+    ckpt = claim_out_dir(cfg, ddp.is_main)
+    source = resolve_init_from(cfg)  # train.init_from: the source's shape and tokenizer enter cfg
+    state = read_state(ckpt) if ckpt is not None and ddp.is_main else None
+    tracker = tracker or make_tracker(cfg, enabled=ddp.is_main,
+                                      resume_step=state["step"] if state else None)
+    try:
+        return _train(cfg, tracker, ddp, device, ckpt, state, source)
+    except BaseException as e:
+        # a stop, a setting found wrong late, a crash: the run is closed (wandb marks it failed),
+        # so that none stays open in this process for the next wandb.init to continue
+        tracker.close(exit_code=getattr(e, "exit_code", 1))
+        raise
+    finally:
+        if ddp.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device,
+           ckpt: Path | None, state: dict[str, Any] | None, source: Source | None
+           ) -> dict[str, Any]:
+    """train()'s work, from data preparation to the last checkpoint."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = resolve_dtype(cfg.train.dtype, device)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
     out_dir = Path(cfg.out_dir)
-
-    ckpt = out_dir / "last"
-    if cfg.train.resume and not (ckpt / "state.json").is_file():
-        raise ConfigError(f"train.resume: no checkpoint to resume from in {ckpt}")
-    source = resolve_init_from(cfg)  # train.init_from: the source's shape and tokenizer enter cfg
-    tracker = tracker or make_tracker(cfg, enabled=ddp.is_main)
+    last = out_dir / "last"
 
     # Data: rank 0 prepares, the others wait and then read the cached files.
     data_args = dataclasses.asdict(cfg.data)
@@ -152,22 +312,29 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
         dist.barrier()
     if not ddp.is_main:
         data = prepare(**data_args, log=lambda *_: None)
+    splits = eval_splits(cfg)
+    data.check_windows(splits, cfg.model.block_size)
+    if "val" not in splits:
+        tracker.info("data.val_fraction is 0: no val split; evals report the train loss only "
+                     "and best/ is not written")
 
     torch.manual_seed(cfg.train.seed + ddp.rank)
     model = initial_model(cfg, data, source)
     if source is not None and source.model is not None:
         tracker.info(f"initialised from {source.label}")
-    del source  # the source's own copy of the weights
+        source.model = None  # free the source's own copy of the weights (train() holds source)
     model.to(device)
     optimizer = configure_optimizer(model, cfg.train, device)
-    step, best_val = 0, float("inf")
-    if cfg.train.resume:
-        state = read_state(ckpt)
+    step, best_val = 0, math.inf
+    saved_step = None  # the step out_dir/last holds
+    if ckpt is not None:
+        state = state or read_state(ckpt)
         _check_resumable(cfg, state)
         load_weights(ckpt, model)
         opt_state, rng = load_training_state(ckpt)
         optimizer.load_state_dict(opt_state)
-        step, best_val = state["step"], state["best_val_loss"]
+        step = saved_step = state["step"]
+        best_val = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         if ddp.is_main:
             set_rng_states(rng)
         else:
@@ -199,63 +366,93 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     tracker.set_summary(params_total=counts["total"], params_embedding=counts["embedding"],
                         params_head=counts["head"], params_non_embedding=counts["non_embedding"])
 
+    def save_last(step: int, **metrics: float) -> None:
+        nonlocal saved_step
+        save_checkpoint(last, raw_model, optimizer,
+                        dict(state_base, step=step, best_val_loss=best_val, **metrics))
+        saved_step = step
+
     def eval_and_checkpoint(step: int) -> None:
         nonlocal best_val
         metrics = evaluate(raw_model, data, cfg, device, autocast)
         tracker.log_eval(step, **metrics)
+        bad = next((v for v in metrics.values() if not math.isfinite(v)), None)
+        if bad is not None:  # never a checkpoint of diverged weights
+            raise _diverged(step, bad, last, saved_step)
         if step == 0:
             return
-        is_best = metrics["val_loss"] < best_val
-        best_val = min(best_val, metrics["val_loss"])
-        save_checkpoint(out_dir / "last", raw_model, optimizer,
-                        dict(state_base, step=step, best_val_loss=best_val, **metrics))
+        is_best = metrics.get("val_loss", math.inf) < best_val
+        best_val = min(best_val, metrics.get("val_loss", math.inf))
+        save_last(step, **metrics)
         if is_best:
-            copy_checkpoint(out_dir / "last", out_dir / "best")
+            copy_checkpoint(last, out_dir / "best")
 
-    if step == 0 and ddp.is_main:
-        eval_and_checkpoint(0)
-    timer = Timer()
-    timer.restart(step)
-    model.train()
-    while step < t.max_iters:
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro in range(t.grad_accum_steps):
-            x, y = get_batch(train_tokens, t.batch_size, cfg.model.block_size,
-                             batch_generator(t.seed, ddp.rank, step, micro), device)
-            last = micro == t.grad_accum_steps - 1
-            sync = model.no_sync() if (ddp.world_size > 1 and not last) else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    # "sum" over the micro-batch, one divisor for the whole step: the step's loss
-                    # is the mean over all its tokens, however they are split into micro-batches.
-                    loss = model(x, y, reduction="sum", **loss_options(cfg)) / (
-                        tokens_per_micro * t.grad_accum_steps)
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                   t.grad_clip if t.grad_clip > 0 else math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        if ddp.is_main and (step % t.log_interval == 0 or step == 1 or step == t.max_iters):
-            sec = timer.seconds_per_step(step)  # .item() below syncs, so the time is honest
-            tracker.log_step(step, loss=step_loss.item(), lr=lr,
-                             tokens_per_sec=tokens_per_step / sec, ms_per_iter=1000 * sec,
-                             grad_norm=grad_norm.item())
+    stop = StopSignals(once=ddp.world_size == 1)
+    try:
+        with stop:
+            if step == 0 and ckpt is None and ddp.is_main:
+                eval_and_checkpoint(0)
+            timer = Timer()
             timer.restart(step)
-        if ddp.is_main and (step % t.eval_interval == 0 or step == t.max_iters):
-            eval_and_checkpoint(step)
-            timer.restart(step)
+            model.train()
+            while step < t.max_iters:
+                lr = lr_at(step, t)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss = torch.zeros((), device=device)
+                for micro in range(t.grad_accum_steps):
+                    x, y = get_batch(train_tokens, t.batch_size, cfg.model.block_size,
+                                     batch_generator(t.seed, ddp.rank, step, micro), device)
+                    is_last = micro == t.grad_accum_steps - 1
+                    sync = model.no_sync() if (ddp.world_size > 1 and not is_last) \
+                        else contextlib.nullcontext()
+                    with sync:
+                        with autocast:
+                            # "sum" over the micro-batch, one divisor for the whole step: the step's
+                            # loss is the mean over all its tokens, however they are split into
+                            # micro-batches.
+                            loss = model(x, y, reduction="sum", **loss_options(cfg)) / (
+                                tokens_per_micro * t.grad_accum_steps)
+                        scaler.scale(loss).backward()
+                    step_loss += loss.detach()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    raw_model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
 
-    tracker.set_summary(best_val_loss=best_val, tokens_seen=step * tokens_per_step)
-    tracker.close(final_checkpoint=out_dir / "last" if ddp.is_main else None)
+                evaluating = step % t.eval_interval == 0 or step == t.max_iters
+                if evaluating or step % t.log_interval == 0 or step == 1:
+                    sec = timer.seconds_per_step(step)  # .item() below syncs: an honest time
+                    # every rank checks the same (all-rank mean) loss, so all stop together
+                    loss_value = ddp.agree(step_loss.item(), "sum") / ddp.world_size
+                    if ddp.is_main:
+                        tracker.log_step(step, loss=loss_value, lr=lr,
+                                         tokens_per_sec=tokens_per_step / sec,
+                                         ms_per_iter=1000 * sec, grad_norm=grad_norm.item())
+                    if not math.isfinite(loss_value):
+                        raise _diverged(step, loss_value, last, saved_step, ddp.is_main)
+                    timer.restart(step)
+                if ddp.is_main and evaluating:
+                    eval_and_checkpoint(step)
+                    timer.restart(step)
+                signum = int(ddp.agree(stop.received or 0))
+                if signum and step < t.max_iters:
+                    if ddp.is_main and saved_step != step:
+                        save_last(step)
+                    if ddp.world_size > 1:
+                        dist.barrier()  # no rank exits while rank 0 still writes
+                    raise _interrupted(signum, step, last, ddp.is_main)
+    except TrainingStopped:
+        tracker.set_summary(best_val_loss=best_val if best_val < math.inf else None,
+                            tokens_seen=step * tokens_per_step, stopped_at_step=step)
+        raise
+
+    tracker.set_summary(best_val_loss=best_val if best_val < math.inf else None,
+                        tokens_seen=step * tokens_per_step)
+    tracker.close(final_checkpoint=last if ddp.is_main else None)
     if ddp.world_size > 1:
         dist.barrier()
-        dist.destroy_process_group()
     return dict(tracker.summary, step=step, out_dir=str(out_dir))

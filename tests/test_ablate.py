@@ -94,6 +94,20 @@ def test_plan_names_groups_and_tags_the_runs(tmp_path):
         assert r.cfg.wandb.name == f"{r.arm}-seed{r.seed}"
 
 
+def test_every_override_an_arm_lists_is_applied(tmp_path):
+    """What report.md lists as an arm's overrides is what its runs got: wandb.* included."""
+    cfg = load_config(None, [f"--out_dir={tmp_path / 'abl'}", "--wandb.tags=[base]",
+                             "--ablation.seeds=1", "--ablation.arms={a: {wandb.tags: [mine], "
+                             "wandb.mode: disabled, wandb.project: p2}, b: {}}"],
+                      cls=AblationConfig)
+    a, b = plan(cfg)
+    assert a.overrides == {"wandb.tags": ["mine"], "wandb.mode": "disabled", "wandb.project": "p2"}
+    assert (a.cfg.wandb.tags, a.cfg.wandb.mode, a.cfg.wandb.project) == (["mine", "a"],
+                                                                         "disabled", "p2")
+    assert (b.cfg.wandb.tags, b.cfg.wandb.mode, b.cfg.wandb.project) == (["base", "b"],
+                                                                         "offline", "minilm")
+
+
 def test_shipped_config_plans_six_gpt2_runs():
     cfg = load_config(ROOT / "configs" / "ablation" / "tied_vs_untied.yaml", cls=AblationConfig)
     runs = plan(cfg)
@@ -112,6 +126,13 @@ def test_shipped_config_plans_six_gpt2_runs():
     (["--ablation.seeds=0"], "ablation.seeds: expected a count >= 1"),
     (["--ablation.seeds=[1, 1]"], "ablation.seeds"),
     (["--ablation.seed=2"], "unknown config key 'ablation.seed'"),
+    (["--ablation.arms={a: {train.seed: 7}}"],
+     "ablation.arms.a: train.seed is set by the ablation for each run (runs are paired by seed"),
+    (["--ablation.arms={a: {train: {seed: 7}}}"], "ablation.arms.a: train.seed is set by"),
+    (["--ablation.arms={a: {out_dir: elsewhere}}"], "ablation.arms.a: out_dir is set by"),
+    (["--ablation.arms={a: {wandb.group: g}}"], "ablation.arms.a: wandb.group is set by"),
+    (["--ablation.arms={a: {wandb: {name: n}}}"], "ablation.arms.a: wandb.name is set by"),
+    (["--data.val_fraction=0"], "an ablation compares runs by their val loss"),
 ])
 def test_config_mistakes_are_one_line_before_any_run(tmp_path, capsys, args, message):
     config = tmp_path / "ablation.yaml"

@@ -1,5 +1,6 @@
 """Config: YAML + overrides, types and choices checked, one-line errors with exit code 2."""
 
+import os
 import subprocess
 import sys
 
@@ -59,3 +60,190 @@ def test_cli_exits_2_with_one_line():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "did you mean train.max_iters" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- YAML 1.2 numbers (issue 8.1)
+
+
+def test_scientific_notation_in_files_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 6e-4\n  min_lr: 6E-5\n  weight_decay: .5\n"
+                    "  lr_decay_iters: 5e3\n")
+    cfg = load_config(path, ["--train.beta2=95e-2", "--loss.z_loss=1e-4", "--train.max_iters=1e4"])
+    t = cfg.train
+    assert (t.learning_rate, t.min_lr, t.weight_decay, t.beta2) == (6e-4, 6e-5, 0.5, 0.95)
+    assert cfg.loss.z_loss == 1e-4
+    assert t.lr_decay_iters == 5000 and isinstance(t.lr_decay_iters, int)  # integral: an int
+    assert t.max_iters == 10000 and isinstance(t.max_iters, int)
+
+
+def test_yaml_follows_the_1_2_core_schema():
+    from minilm.config import read_yaml
+
+    values = read_yaml("[1e-3, .5, 1., +2, -3, 010, 0o17, 0x1F, .inf, -.Inf, true, false, null, ~,"
+                       " yes, no, on, off, 1_000, 2024-01-01, 1:30]")
+    assert values[:10] == [1e-3, 0.5, 1.0, 2, -3, 10, 15, 31, float("inf"), float("-inf")]
+    assert values[10:14] == [True, False, None, None]
+    # YAML 1.1 (PyYAML's default) reads these as booleans, ints, dates: YAML 1.2 as strings
+    assert values[14:] == ["yes", "no", "on", "off", "1_000", "2024-01-01", "1:30"]
+
+
+def test_strings_that_look_numeric_keep_their_text(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  source: 1e3\n  name: 010\nwandb:\n  name: 2.50\n  tags: [1e-3, on]\n")
+    cfg = load_config(path, ["--wandb.project=6e-4"])
+    assert (cfg.data.source, cfg.data.name, cfg.wandb.name) == ("1e3", "010", "2.50")
+    assert cfg.wandb.tags == ["1e-3", "on"] and cfg.wandb.project == "6e-4"
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--train.learning_rate=.nan", "train.learning_rate: expected a finite number"),
+    ("--train.max_iters=2.5e0", "train.max_iters: expected an integer, got 2.5"),
+    ("--train.resume=yes", "train.resume: expected true or false, got 'yes'"),
+])
+def test_numbers_still_checked_against_their_key(arg, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [arg])
+
+
+# ---------------------------------------------------------------- settings checked before any work
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train.min_lr=0.01", "--train.learning_rate=0.001"],
+     r"train.min_lr \(0.01\) must be <= train.learning_rate \(0.001\)"),
+    (["--train.lr_decay_iters=-5"], "train.lr_decay_iters must be > 0, or null"),
+    (["--train.lr_decay_iters=0"], "train.lr_decay_iters must be > 0, or null"),
+    (["--train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
+    (["--train.grad_clip=-1"], "train.grad_clip must be >= 0"),
+    (["--train.beta1=1.0"], r"train.beta1 must be in \[0, 1\)"),
+    (["--train.beta2=-0.5"], r"train.beta2 must be in \[0, 1\)"),
+    (["--train.warmup_iters=100", "--train.max_iters=100"],
+     r"train.warmup_iters \(100\) must be < train.max_iters \(100\)"),
+    (["--train.warmup_iters=50", "--train.lr_decay_iters=40"],
+     r"train.warmup_iters \(50\) must be < train.lr_decay_iters \(40\)"),
+    (["--train.resume=true", "--train.overwrite=true"], "exclude each other"),
+])
+def test_optimizer_settings_are_checked(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, args)
+
+
+def test_warmup_longer_than_this_run_is_fine_when_the_schedule_is_fixed():
+    cfg = load_config(None, ["--train.warmup_iters=100", "--train.max_iters=50",
+                             "--train.lr_decay_iters=2000"])
+    assert cfg.train.max_iters == 50
+
+
+def test_paths(tmp_path, monkeypatch):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for key in ("out_dir", "data.cache_dir"):
+        for value in (a_file, a_file / "sub"):
+            with pytest.raises(ConfigError, match=f"{key}: {a_file} is a file, not a folder"):
+                load_config(None, [f"--{key}={value}"])
+        with pytest.raises(ConfigError, match=f"{key} is empty"):
+            load_config(None, [f"--{key}="])
+    with pytest.raises(ConfigError, match="data.source is empty"):
+        load_config(None, ['--data.source=""'])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["--out_dir=~/runs/a", "--data.cache_dir=~/cache"])
+    assert (cfg.out_dir, cfg.data.cache_dir) == (str(tmp_path / "runs/a"), str(tmp_path / "cache"))
+
+
+def test_config_file_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("wandb:\n  name: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 0xe9 at offset "
+                                          r"18: invalid continuation byte\)"):
+        load_config(path)
+
+
+# ---------------------------------------------------------------- shipped configs, --help
+
+
+def test_configs_by_name_and_default():
+    from minilm.config import find_config, shipped_configs
+
+    assert find_config("shakespeare_char") == ROOT / "configs" / "shakespeare_char.yaml"
+    assert find_config("ablation/tied_vs_untied.yaml").name == "tied_vs_untied.yaml"
+    assert shipped_configs() == ROOT / "configs"
+    assert load_config("shakespeare_gpt2").data.tokenizer == "gpt2"
+    with pytest.raises(ConfigError, match="config file not found: shakespear_char "
+                                          r"\(shipped configs: .*shakespeare_char"):
+        load_config("shakespear_char")
+
+
+def test_the_wheel_ships_the_configs_and_finds_them(tmp_path):
+    """A non-editable build: the wheel holds minilm/configs (built from configs/) and, unpacked
+    away from the repository, minilm finds its configs there."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("minilm", "configs"):
+        shutil.copytree(ROOT / folder, src / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps",
+                           "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
+                          cwd=src, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("minilm-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n for n in z.namelist() if n.startswith("minilm/configs/")}
+        expected = {f"minilm/configs/{p.relative_to(ROOT / 'configs').as_posix()}"
+                    for p in (ROOT / "configs").rglob("*.yaml")}
+        assert shipped == expected
+        for name in shipped:
+            assert z.read(name) == (ROOT / "configs" / name.removeprefix("minilm/configs/")
+                                    ).read_bytes()
+        z.extractall(tmp_path / "site")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    code = ("from minilm.config import find_config, load_config; "
+            "print(find_config('shakespeare_char')); "
+            "print(load_config('shakespeare_char').out_dir)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found, out_dir = proc.stdout.split()
+    assert found == str(tmp_path / "site" / "minilm" / "configs" / "shakespeare_char.yaml")
+    assert out_dir == "out/shakespeare_char"
+
+
+def test_train_finds_a_config_by_name(tmp_path):
+    """train.py NAME, and train.py with no config, use the shipped configs (checked here up to
+    the one-line refusal of an out_dir that already holds a run)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    for argv in (["shakespeare_gpt2"], []):
+        proc = subprocess.run([sys.executable, "train.py", *argv, f"--out_dir={out}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr
+
+
+def test_help_anywhere_lists_every_key():
+    from minilm.config import Config, config_keys, flatten
+
+    for argv in (["--help"], ["shakespeare_char", "--train.max_iters=5", "-h"]):
+        proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stderr == ""
+        lines = proc.stdout.splitlines()
+        assert lines[0] == "usage: train.py [CONFIG] [--section.key=value ...]"
+        assert "Sections: out_dir, model, data, train, loss, wandb." in proc.stdout
+        keys = config_keys(Config)
+        assert [k.key for k in keys] == list(flatten(Config().to_dict()))  # every key, in order
+        for k in keys:  # one line each: key, type = default, description
+            (line,) = [ln for ln in lines if ln.split()[:1] == [k.key]]
+            assert f"{k.type} = {k.default}" in line and k.help.replace("`", "") in line
+            assert k.help, f"{k.key} has no description"
+
+
+def test_readme_config_reference_is_generated_from_the_dataclasses():
+    from minilm.config import config_reference
+
+    assert config_reference() in (ROOT / "README.md").read_text()

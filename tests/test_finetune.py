@@ -102,7 +102,8 @@ def test_init_from_a_minilm_char_checkpoint(corpus_file, tmp_path, capsys, monke
     """Its shape, char vocabulary and soft-cap carry over; other characters are refused."""
     source = char_source(tmp_path / "src", CharTokenizer.from_texts([CORPUS]).chars, softcap=20.0)
     overrides = tiny_overrides(tmp_path, corpus_file, **{"train.init_from": tmp_path / "src",
-                                                         "train.max_iters": 2})
+                                                         "train.max_iters": 2,
+                                                         "train.warmup_iters": 1})
     overrides = [o for o in overrides if not o.startswith("--model.")]
     cfg = load_config(None, overrides)
     train(cfg)

@@ -107,3 +107,55 @@ def test_stream_text_holds_back_partial_utf8():
     out = io.StringIO()
     stream_text(steps, bpe, out)
     assert out.getvalue() == "é€!\n"  # nothing written twice, no U+FFFD for half a character
+
+
+@pytest.mark.parametrize("device, message", [
+    ("xpu", "--device: invalid choice 'xpu' (allowed: auto, cpu, cuda, cuda:N, mps)"),
+    ("meta", "--device: invalid choice 'meta'"),
+    ("cuda:99", "--device: 'cuda:99' requested but"),
+])
+def test_device_is_checked_like_train_device(ckpt, device, message):
+    done = run("--ckpt", str(ckpt), "--device", device)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_prompt_file_not_utf8(ckpt, tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_bytes("ROMEO:\nO, wilt thou leave me so unsatisfied? Caf".encode() + b"\xe9")
+    done = run("--ckpt", str(ckpt), "--prompt_file", str(path))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.strip() == (f"error: --prompt_file {path} is not UTF-8 text (byte 0xe9 at "
+                                   "offset 48: unexpected end of data)")
+
+
+def test_missing_tiktoken_cache_is_named(tmp_path):
+    """A GPT-2 BPE checkpoint sampled offline without the tiktoken cache: say what is missing,
+    not that the checkpoint is corrupt."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, n_layer=1, n_head=1, n_embd=8, block_size=8))
+    save_checkpoint(tmp_path / "last", model, None, dict(
+        config={}, tokenizer={"type": "tiktoken", "name": "gpt2"}, step=0, best_val_loss=None))
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(empty), HTTPS_PROXY="http://127.0.0.1:9",
+               https_proxy="http://127.0.0.1:9")  # no download, whatever the network
+    done = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "corrupt" not in done.stderr
+    assert (f"tiktoken encoding 'gpt2' is not available: it is not in the local cache "
+            f"(TIKTOKEN_CACHE_DIR={empty} does not hold it)") in done.stderr
+
+
+def test_a_closed_stdout_ends_quietly(ckpt):
+    """generate.py | head: no traceback, no error, exit 0, as Unix filters end."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    no_eot = json.dumps({str(TOKENIZER.eot_token): -100})  # a long stream, written after head
+    proc = subprocess.Popen([sys.executable, "generate.py", "--ckpt", str(ckpt), "--prompt",
+                             "ROMEO:", "--max_new_tokens", "100000", "--logit_bias", no_eot],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10)  # head -c 10
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""

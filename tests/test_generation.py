@@ -196,16 +196,76 @@ def test_next_token_stages(model):
     assert ((stages[-1][1] > float("-inf")).sum(-1) == 3).all()
 
 
-def test_prepare_for_decoding_changes_layout_not_results(model):
-    prepared = prepare_for_decoding(copy.deepcopy(model))
-    assert not prepared.transformer.h[0].attn.c_attn.weight.is_contiguous()
-    for a, b in zip(model.parameters(), prepared.parameters()):
+def dropout_model() -> GPT:
+    """A fresh GPT(cfg) with heavy dropout: in train mode, as a constructor or a training loop
+    leaves it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=64,
+                          dropout=0.5)).double()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(15)
+    return model
+
+
+def test_generation_runs_in_eval_mode_and_restores_the_callers_mode():
+    model = dropout_model()
+    assert model.training
+    evaluated = copy.deepcopy(model).eval()
+    stack = SamplerStack.from_settings(temperature=1.3, top_k=10)
+    got = complete(model, PROMPTS, 15, sampler=stack, seed=[1, 2, 3, 4], logprobs=2)
+    want = complete(evaluated, PROMPTS, 15, sampler=stack, seed=[1, 2, 3, 4], logprobs=2)
+    assert tokens_of(got) == tokens_of(want)  # no dropout: the model's own distribution
+    assert [r.logprobs for r in got] == [r.logprobs for r in want]
+    assert all(m.training for m in model.modules())  # left as it was found
+    stages, eval_stages = (next_token_stages(m, PROMPTS[:2], stack) for m in (model, evaluated))
+    for (name, z), (_, z_eval) in zip(stages, eval_stages):
+        assert torch.equal(z, z_eval) and not z.requires_grad, name
+    assert all(m.training for m in model.modules())
+
+    stream = generate(model, PROMPTS, 15, sampler=stack, seed=[1, 2, 3, 4])
+    first = next(stream)
+    assert first.tokens.tolist() == [r.tokens[0] for r in want]
+    assert torch.is_grad_enabled()  # autograd is off inside each step, not in the caller's code
+    stream.close()  # a generator closed early restores the mode too
+    assert all(m.training for m in model.modules())
+    assert tokens_of(complete(evaluated, PROMPTS, 15, sampler=stack, seed=[1, 2, 3, 4])) == \
+        tokens_of(want) and not evaluated.training  # an eval model stays in eval
+
+
+def layout(model: GPT) -> list[bool]:
+    return [p.is_contiguous() for p in model.parameters()]
+
+
+def test_generation_picks_the_decode_layout_and_training_puts_it_back():
+    model = tiny_model()
+    values = [p.detach().clone() for p in model.parameters()]
+    assert all(layout(model))
+    (r,) = complete(model, PROMPTS[1], 30)
+    assert r.tokens == reference(model, PROMPTS[1], 30)  # same tokens, faster layout
+    assert model.decode_layout and not model.transformer.h[0].attn.c_attn.weight.is_contiguous()
+    assert not model.transformer.wte.weight.is_contiguous()  # the tied head: one matrix
+    assert all(torch.equal(a, b) for a, b in zip(values, model.parameters()))
+    assert prepare_for_decoding(model) is model  # still there for callers, idempotent
+
+    # a notebook: train, generate, train again. Training never runs on the decode layout, and
+    # it trains exactly as a model that never generated.
+    twin = copy.deepcopy(model).set_decode_layout(False)
+    x = torch.tensor([PROMPTS[1][:-1]])
+    y = torch.tensor([PROMPTS[1][1:]])
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, twin)]
+    for step in range(3):
+        for m, opt in zip((model, twin), optimizers):
+            m.train()
+            m(x, y).backward()
+            assert all(layout(m)) and all(p.grad.is_contiguous() for p in m.parameters())
+            opt.step()
+            opt.zero_grad()
+        complete(model, PROMPTS[0], 4)  # between steps: back to the decode layout
+        assert model.decode_layout and model.training
+    for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
-    stack = SamplerStack.from_settings(**STACK)
-    for sampler in (None, stack):
-        assert tokens_of(complete(prepared, PROMPTS, 20, sampler=sampler, seed=1)) == \
-            tokens_of(complete(model, PROMPTS, 20, sampler=sampler, seed=1))
-    assert prepare_for_decoding(prepared) is prepared  # idempotent
+    state = optimizers[0].state[model.transformer.h[0].mlp.c_fc.weight]
+    assert state["exp_avg"].is_contiguous() and state["exp_avg_sq"].is_contiguous()
 
 
 def test_tensor_prompts_and_zero_tokens(model):

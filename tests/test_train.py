@@ -1,16 +1,24 @@
 """Training end to end: a tiny run, checkpoints, resume equality, DDP with gloo, errors."""
 
+import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from conftest import ROOT, tiny_overrides
+from minilm import trainer
 from minilm.checkpoint import CheckpointError, load_model
+from minilm.cli import run_cli, train_main
 from minilm.config import ConfigError, load_config
+from minilm.data import DataError
 from minilm.tracking import read_metrics as read_records
 from minilm.trainer import batch_generator, lr_at, resolve_compile
 from minilm.trainer import train as train_run
@@ -127,3 +135,217 @@ def test_ddp_two_gloo_processes(corpus_file, tmp_path):
     r = next(r for r in lines if r.get("step") == 2 and "loss" in r)
     assert r["tokens_per_sec"] * r["ms_per_iter"] / 1000 == pytest.approx(256)
     load_model(tmp_path / "out")
+
+
+# ---------------------------------------------------------------- hardening (issue 8)
+
+
+def strict_json_files(out_dir):
+    """Every JSON file of a run, parsed by a strict reader (NaN / Infinity are not JSON)."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    files = [out_dir / "summary.json", *out_dir.glob("*/state.json")]
+    for path in files:
+        json.loads(path.read_text(), parse_constant=refuse)
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+    return files
+
+
+def test_resume_with_changed_softcap_is_refused(corpus_file, tmp_path):
+    train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4})))
+    cfg = load_config(None, tiny_overrides(tmp_path, corpus_file, **{"train.resume": True,
+                                                                     "loss.softcap": 30}))
+    with pytest.raises(ConfigError, match="loss.softcap is 30.0 but the checkpoint was trained "
+                                          "with None"):
+        train_run(cfg)
+
+
+def test_diverged_loss_stops_with_one_line_and_strict_json(corpus_file, tmp_path, capsys):
+    args = tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4,
+                                                    "train.lr_decay_iters": 100})
+    assert run_cli(train_main, args) == 0
+    capsys.readouterr()
+    # a learning rate that overflows the weights: the loss is no longer finite within steps
+    code = run_cli(train_main, [*args, "--train.resume=true", "--train.max_iters=100",
+                                "--train.learning_rate=1e30", "--train.min_lr=0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    m = re.fullmatch(r"error: the loss is (nan|inf) at step (\d+), training stopped: the last good "
+                     r"checkpoint is (\S+) \(step 4\); lower train.learning_rate .*", err)
+    assert m and 4 < int(m.group(2)) < 100 and m.group(3) == str(tmp_path / "out" / "last")
+    out = tmp_path / "out"
+    assert read_records(out)[-1]["loss"] is None  # the diverged step, recorded as null
+    assert {p.parent.name for p in strict_json_files(out)} == {"out", "last", "best"}
+    assert json.loads((out / "last" / "state.json").read_text())["step"] == 4  # not overwritten
+    load_model(out / "last")
+
+
+def wait_for_step(proc, out_dir, step: int, timeout: float = 240.0) -> None:
+    """Until the run in out_dir has logged `step` (or the process ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        path = out_dir / "metrics.jsonl"
+        if path.is_file() and any(r.get("step", 0) >= step and "loss" in r
+                                  for r in read_records(out_dir)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step}: {proc.poll()} {proc.stderr and proc.stderr.read()}")
+
+
+def start_train(tmp_path, corpus_file, out_dir, **extra) -> subprocess.Popen:
+    args = tiny_overrides(tmp_path, corpus_file, out_dir=out_dir, **{
+        "train.max_iters": 100000, "train.lr_decay_iters": 1000, **extra})
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # bit-exact resumes
+    defaults = tmp_path / "defaults.yaml"  # the dataclass defaults, as load_config(None, ...)
+    defaults.write_text("{}\n")
+    return subprocess.Popen([sys.executable, "train.py", str(defaults), *args], cwd=ROOT, env=env,
+                            text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def reference_run(tmp_path, corpus_file, max_iters: int, **extra):
+    out = tmp_path / "reference"
+    train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, out_dir=out, **{
+        "train.max_iters": max_iters, "train.lr_decay_iters": 1000, **extra})))
+    return read_metrics(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_finishes_the_step_saves_and_resumes_exactly(corpus_file, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = start_train(tmp_path, corpus_file, out, **{"train.eval_interval": 1000})
+    wait_for_step(proc, out, 3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    last_line = err.strip().splitlines()[-1]  # after data preparation's progress bar
+    m = re.fullmatch(rf"{sig.name} received: stopped after step (\d+) and saved (\S+); continue "
+                     r"with the same command and --train.resume=true", last_line)
+    assert m and m.group(2) == str(out / "last"), err
+    stopped = int(m.group(1))
+    assert json.loads((out / "last" / "state.json").read_text())["step"] == stopped
+    assert max(r["step"] for r in read_records(out)) == stopped
+    strict_json_files(out)
+    # resumed, the run logs what an uninterrupted one logs, each step once
+    train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, out_dir=out, **{
+        "train.max_iters": stopped + 3, "train.lr_decay_iters": 1000,
+        "train.eval_interval": 1000, "train.resume": True})))
+    steps, evals, lines = read_metrics(out)
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, stopped + 4))
+    ref_steps, ref_evals, _ = reference_run(tmp_path, corpus_file, stopped + 3,
+                                            **{"train.eval_interval": 1000})
+    assert steps == ref_steps and evals == ref_evals
+
+
+def test_ddp_ranks_stop_together_on_sigterm(corpus_file, tmp_path):
+    """A preempted torchrun job: the agent forwards SIGTERM to every worker; all stop after the
+    same step, rank 0 saves it and says so, once."""
+    out = tmp_path / "run"
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text("{}\n")
+    args = tiny_overrides(tmp_path, corpus_file, out_dir=out, **{
+        "train.max_iters": 100000, "train.lr_decay_iters": 1000, "train.eval_interval": 1000})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train.py", str(defaults), *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_step(proc, out, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    stops = [line for line in err.splitlines() if "SIGTERM received" in line]
+    assert len(stops) == 1, err[-3000:]
+    stopped = int(re.search(r"stopped after step (\d+)", stops[0]).group(1))
+    assert json.loads((out / "last" / "state.json").read_text())["step"] == stopped
+    assert max(r["step"] for r in read_records(out)) == stopped
+    load_model(out / "last")
+
+
+def test_records_after_the_checkpoint_are_not_logged_twice(corpus_file, tmp_path):
+    """A run killed outright (SIGKILL, a crash) logged steps after its last checkpoint; resumed,
+    it logs them again, and metrics.jsonl holds each once, as an uninterrupted run."""
+    out = tmp_path / "run"
+    proc = start_train(tmp_path, corpus_file, out, **{"train.eval_interval": 4})
+    wait_for_step(proc, out, 10)
+    proc.kill()
+    proc.communicate(timeout=60)
+    logged = max(r["step"] for r in read_records(out))
+    saved = load_model(out / "last")[2]["step"]  # the checkpoint may be mid-swap: still found
+    assert saved <= logged
+    train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, out_dir=out, **{
+        "train.max_iters": logged + 2, "train.lr_decay_iters": 1000, "train.eval_interval": 4,
+        "train.resume": True})))
+    steps, evals, lines = read_metrics(out)
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, logged + 3))
+    ref_steps, ref_evals, _ = reference_run(tmp_path, corpus_file, logged + 2,
+                                            **{"train.eval_interval": 4})
+    assert steps == ref_steps and evals == ref_evals
+
+
+def test_training_survives_a_closed_stdout(corpus_file, tmp_path):
+    """train.py | head: console output is not the run; it goes on to the end, quietly."""
+    args = tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 40})
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline()  # head -1
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Error" not in err and "Traceback" not in err, err
+    assert json.loads((tmp_path / "out" / "last" / "state.json").read_text())["step"] == 40
+    assert max(r["step"] for r in read_records(tmp_path / "out")) == 40
+
+
+def test_fresh_run_into_a_used_out_dir_is_refused(corpus_file, tmp_path):
+    args = tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4})
+    train_run(load_config(None, args))
+    out = tmp_path / "out"
+    before = (out / "metrics.jsonl").read_text()
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert (f"error: out_dir {out} already holds a run (metrics.jsonl, last/, best/): continue it "
+            "with --train.resume=true, choose another --out_dir, or replace it with "
+            "--train.overwrite=true") == proc.stderr.strip()
+    assert (out / "metrics.jsonl").read_text() == before  # untouched
+    shutil.rmtree(out / "best")
+    os.replace(out / "last", out / "last.old")  # an interrupted swap still counts
+    (out / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"already holds a run \(last/\)"):
+        train_run(load_config(None, args))
+    train_run(load_config(None, [*args, "--train.max_iters=2", "--train.eval_interval=2",
+                                 "--train.warmup_iters=1", "--train.overwrite=true"]))
+    assert max(r["step"] for r in read_records(out)) == 2  # the new run's records only
+    assert not (out / "last.old").exists() and load_model(out / "last")[2]["step"] == 2
+    (out / "metrics.jsonl").write_text("")  # a run that failed before its first record
+    shutil.rmtree(out / "last")
+    shutil.rmtree(out / "best")
+    train_run(load_config(None, args))
+
+
+def test_no_val_split(corpus_file, tmp_path, capfd):
+    summary = train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, **{
+        "data.val_fraction": 0})))
+    assert "data.val_fraction is 0: no val split; evals report the train loss only and best/ " \
+           "is not written" in capfd.readouterr().out
+    out = tmp_path / "out"
+    evals = [r for r in read_records(out) if "train_loss" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert all(set(r) == {"step", "train_loss"} for r in evals)
+    assert not (out / "best").exists() and summary["best_val_loss"] is None
+    assert load_model(out)[2]["step"] == 8  # out_dir resolves to last
+    strict_json_files(out)
+
+
+def test_a_split_too_short_is_named_before_the_model_is_built(corpus_file, tmp_path,
+                                                              monkeypatch):
+    def no_model(*args):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(trainer, "GPT", no_model)
+    cfg = load_config(None, tiny_overrides(tmp_path, corpus_file, **{
+        "data.val_fraction": 0.001, "model.block_size": 64}))
+    with pytest.raises(DataError, match=r"the val split of \S+corpus.txt has \d+ tokens, fewer "
+                                        r"than model.block_size \+ 1 = 65: lower model.block_size,"
+                                        " raise data.val_fraction"):
+        train_run(cfg)

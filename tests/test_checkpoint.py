@@ -1,0 +1,123 @@
+"""Checkpoint swaps interrupted at every point: a complete checkpoint is always found, resume puts
+it back in place, and the next save works."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from minilm import checkpoint
+from minilm.checkpoint import (complete_checkpoint, copy_checkpoint, load_model, read_state,
+                               recover_checkpoint, save_checkpoint)
+from minilm.model import GPT, GPTConfig
+from minilm.tokenizer import CharTokenizer
+
+TOKENIZER = CharTokenizer("abcdefgh")
+
+
+class Crash(Exception):
+    """The process dying at this point."""
+
+
+def model_for(step: int) -> GPT:
+    torch.manual_seed(step)
+    return GPT(GPTConfig(vocab_size=TOKENIZER.vocab_size, n_layer=1, n_head=1, n_embd=8,
+                         block_size=8))
+
+
+def save(path, step: int) -> None:
+    save_checkpoint(path, model_for(step), None,
+                    dict(config={}, tokenizer=TOKENIZER.to_dict(), step=step, best_val_loss=None))
+
+
+def check_loads(path, steps: set[int]) -> int:
+    """The checkpoint found from `path` is complete and is one of `steps`: its weights are that
+    step's model."""
+    model, _, state = load_model(path)
+    assert state["step"] in steps
+    for a, b in zip(model.state_dict().values(), model_for(state["step"]).state_dict().values()):
+        assert torch.equal(a, b)
+    return state["step"]
+
+
+def operations(monkeypatch, crash_at: int | None, partial: bool) -> list[str]:
+    """Record the renames and deletions checkpoint.py makes; the one numbered crash_at raises
+    Crash instead (a deletion first deletes one file when `partial`: killed midway)."""
+    done: list[str] = []
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def op(name, real):
+        def run(path, *args, **kwargs):
+            if len(done) == crash_at:
+                if partial and name == "rmtree" and os.path.isdir(path):
+                    files = sorted(os.listdir(path))  # the weights first: state.json stays
+                    if files:
+                        os.remove(os.path.join(path, files[0]))
+                raise Crash(f"{name} {path}")
+            done.append(f"{name} {os.path.basename(path)}")
+            return real(path, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(checkpoint.os, "replace", op("replace", real_replace))
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", op("rmtree", real_rmtree))
+    return done
+
+
+def test_a_save_is_these_steps(tmp_path, monkeypatch):
+    save(tmp_path / "last", 1)
+    ops = operations(monkeypatch, None, False)
+    save(tmp_path / "last", 2)
+    assert ops == ["rmtree last.tmp", "replace state.json.tmp", "rmtree last.old",
+                   "replace last", "replace last.tmp", "rmtree last.old"]
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["before", "midway"])
+@pytest.mark.parametrize("crash_at", range(6))
+@pytest.mark.parametrize("then", ["recover", "save again"])
+def test_interrupted_save_leaves_a_complete_checkpoint(tmp_path, monkeypatch, crash_at, partial,
+                                                        then):
+    last = tmp_path / "last"
+    save(last, 1)
+    save(last, 1)  # a second save leaves nothing behind but last/
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    operations(monkeypatch, crash_at, partial)
+    with pytest.raises(Crash):
+        save(last, 2)
+    monkeypatch.undo()
+    found = check_loads(tmp_path, {1, 2})  # readers: a run's out_dir
+    assert check_loads(last, {found}) == found  # and the checkpoint's own name
+    if then == "recover":  # what resume does
+        assert recover_checkpoint(last) == last
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+        assert read_state(last)["step"] == found
+    save(last, 3)  # the run goes on
+    assert check_loads(tmp_path, {3}) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_a_copy_interrupted_midway_is_not_taken_for_complete(tmp_path, monkeypatch):
+    save(tmp_path / "last", 1)
+    copy_checkpoint(tmp_path / "last", tmp_path / "best")
+    save(tmp_path / "last", 2)
+    copied = []
+    real_copy = shutil.copy2
+
+    def copy2(src, dst, *args, **kwargs):
+        if len(copied) == 2:
+            raise Crash("copy")
+        copied.append(os.path.basename(src))
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "copy2", copy2)
+    with pytest.raises(Crash):
+        copy_checkpoint(tmp_path / "last", tmp_path / "best")
+    assert "state.json" not in copied  # copied last
+    assert complete_checkpoint(tmp_path / "best") == tmp_path / "best"
+    assert read_state(tmp_path / "best")["step"] == 1
+
+
+def test_nothing_complete_is_nothing(tmp_path):
+    (tmp_path / "last.tmp").mkdir()
+    (tmp_path / "last.tmp" / "model.safetensors").write_bytes(b"half")
+    assert complete_checkpoint(tmp_path / "last") is None
+    assert recover_checkpoint(tmp_path / "last") is None
