@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,13 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a ValueError: run_cli prints it on one line and exits 2."""
+
+    def error(self, message: str):
+        raise ValueError(message)
 
 
 def split_config_args(argv: list[str], default: Path | None) -> tuple[Path | None, list[str]]:
@@ -64,5 +72,12 @@ def train_entry() -> None:
 def generate_entry() -> None:
     """Console script `minilm-generate`."""
     from minilm.generate_cli import main
+
+    sys.exit(run_cli(main))
+
+
+def eval_entry() -> None:
+    """Console script `minilm-eval`."""
+    from minilm.eval_cli import main
 
     sys.exit(run_cli(main))
