@@ -78,7 +78,8 @@ def one_case(name: str, batch_size: int, fit: bool, device: str, reps: int) -> d
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return dict(model=name, batch_size=batch_size, fit=fit, tokens=results["tokens"],
+    passes = results["temperature"]["passes"] if fit else 0
+    return dict(model=name, batch_size=batch_size, fit=fit, passes=passes, tokens=results["tokens"],
                 tokens_per_sec=results["tokens"] / min(times), peak_bytes=peak,
                 eval_bytes=peak - base, weights_bytes=sum(p.numel() * 4 for p in
                                                           model.parameters()))
@@ -112,7 +113,8 @@ def main() -> None:
             print(f"| {name} | {batch_size} | failed: {out.stderr.strip().splitlines()[-1]} |")
             continue
         r = json.loads(out.stdout)
-        print(f"| {name} | {batch_size} | {'yes' if fit else 'no'} | {r['tokens']:,} | "
+        fitted = f"yes ({r['passes']} passes)" if fit else "no"
+        print(f"| {name} | {batch_size} | {fitted} | {r['tokens']:,} | "
               f"{r['tokens_per_sec']:,.0f} | {r['peak_bytes'] / 2**20:,.0f} MiB | "
               f"{r['eval_bytes'] / 2**20:,.0f} MiB |", flush=True)
 

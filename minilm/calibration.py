@@ -163,24 +163,37 @@ def fit_temperature(chunks: LogitChunks, tol: float = 1e-6, max_passes: int = 10
     u = log T. `chunks()` must give a fresh pass over the same (logits, targets) each call.
 
     NLL is unimodal in u (convex in 1/T), so the sign of its derivative says on which side of
-    the minimum u lies: [lo, hi] always holds the minimum, and a Newton step that would leave it
-    (or a non-positive curvature) becomes a bisection. Stops when a step moves u by < tol."""
-    lo, hi = math.log(T_MIN), math.log(T_MAX)
+    the minimum u lies: [lo, hi] always holds the minimum. A Newton step that would leave it (or
+    a non-positive curvature) goes instead to the search bound on the minimum's side the first
+    time (where a derivative of the same sign ends the fit: the minimum lies beyond the bound,
+    e.g. an untrained model whose best T is infinite), and bisects after that. Stops when a step
+    moves u by < tol."""
+    u_min, u_max = math.log(T_MIN), math.log(T_MAX)
+    lo, hi, tried_lo, tried_hi = u_min, u_max, False, False
     u = 0.0
     f, g, h, n = nll_and_derivatives(chunks(), u)
     nll_at_1, passes = f, 1
     while passes < max_passes and g != 0:
+        if (u <= u_min and g > 0) or (u >= u_max and g < 0):
+            break  # the minimum lies beyond the search bound
         if g > 0:
             hi = u
         else:
             lo = u
         newton = u - g / h if h > 0 else math.nan
-        new = newton if lo < newton < hi else (lo + hi) / 2
+        if lo < newton < hi:
+            new = newton
+        elif g < 0 and not tried_hi:
+            new, tried_hi = u_max, True
+        elif g > 0 and not tried_lo:
+            new, tried_lo = u_min, True
+        else:
+            new = (lo + hi) / 2
         done = abs(new - u) < tol
         u = new
         f, g, h, _ = nll_and_derivatives(chunks(), u)
         passes += 1
         if done:
             break
-    at_bound = min(u - math.log(T_MIN), math.log(T_MAX) - u) < 1e-3
+    at_bound = min(u - u_min, u_max - u) < 1e-3
     return TemperatureFit(math.exp(u), nll_at_1, f, n, passes, at_bound)
