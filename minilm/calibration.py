@@ -13,7 +13,8 @@ non-empty bins (Guo et al. 2017, "On Calibration of Modern Neural Networks").
 Temperature scaling divides the logits by one T > 0 fitted to minimise NLL. NLL is convex in
 beta = 1/T, so it has one minimum in log T; the fit is Newton's method on log T with the exact
 first and second derivatives, kept inside a bracket that shrinks around the minimum (a bisection
-step whenever Newton would leave it), so T stays positive and the fit always converges.
+step whenever Newton would leave it or slows down), so T stays positive and the fit always
+converges.
 """
 
 from __future__ import annotations
@@ -142,10 +143,11 @@ def nll_and_derivatives(chunks: Iterable[tuple[Tensor, Tensor]], log_t: float
     n = 0
     for z, y in chunks:  # z [n, V], y [n]
         z = z.float()
-        lse = torch.logsumexp(z * beta, dim=1)  # [n]
-        p = torch.exp(z * beta - lse[:, None])  # [n, V]
+        p = z * beta  # [n, V], turned into the probabilities in place
+        lse = torch.logsumexp(p, dim=1)  # [n]
+        p.sub_(lse[:, None]).exp_()
         mean_z = (p * z).sum(dim=1)
-        var_z = (p * (z - mean_z[:, None]).square()).sum(dim=1)
+        var_z = (p * (z - mean_z[:, None]).square_()).sum(dim=1)
         z_y = z.gather(1, y[:, None])[:, 0]
         d_beta = (mean_z - z_y).double()
         f += (lse - beta * z_y).double().sum().item()
@@ -157,22 +159,25 @@ def nll_and_derivatives(chunks: Iterable[tuple[Tensor, Tensor]], log_t: float
     return f / n, g / n, h / n, n
 
 
-def fit_temperature(chunks: LogitChunks, tol: float = 1e-6, max_passes: int = 100
+def fit_temperature(chunks: LogitChunks, tol: float = 1e-6, max_passes: int = 60
                     ) -> TemperatureFit:
-    """T* = argmin mean NLL(logits / T) over T in [T_MIN, T_MAX], by safeguarded Newton on
-    u = log T. `chunks()` must give a fresh pass over the same (logits, targets) each call.
+    """T* = argmin mean NLL(logits / T) over T in [T_MIN, T_MAX]: Newton's method on u = log T
+    for the zero of dNLL/du, safeguarded as Numerical Recipes' rtsafe. `chunks()` must give a
+    fresh pass over the same (logits, targets) each call.
 
-    NLL is unimodal in u (convex in 1/T), so the sign of its derivative says on which side of
-    the minimum u lies: [lo, hi] always holds the minimum. A Newton step that would leave it (or
-    a non-positive curvature) goes instead to the search bound on the minimum's side the first
-    time (where a derivative of the same sign ends the fit: the minimum lies beyond the bound,
-    e.g. an untrained model whose best T is infinite), and bisects after that. Stops when a step
-    moves u by < tol."""
+    NLL is convex in 1/T, hence unimodal in u: the sign of its derivative says on which side of
+    the minimum u lies, and [lo, hi] always holds it. A Newton step that would leave the bracket,
+    or that does not at least halve the step before it (the slow crawl of Newton towards a
+    minimum at T -> 0 or T -> inf), becomes a bisection; the first time a bisection heads for a
+    search bound, the bound itself is tried, and a derivative of the same sign there ends the
+    fit (the minimum lies beyond it, e.g. an untrained model's). Stops when a step moves u by
+    < tol."""
     u_min, u_max = math.log(T_MIN), math.log(T_MAX)
     lo, hi, tried_lo, tried_hi = u_min, u_max, False, False
     u = 0.0
     f, g, h, n = nll_and_derivatives(chunks(), u)
     nll_at_1, passes = f, 1
+    step, last_step = hi - lo, hi - lo
     while passes < max_passes and g != 0:
         if (u <= u_min and g > 0) or (u >= u_max and g < 0):
             break  # the minimum lies beyond the search bound
@@ -180,20 +185,20 @@ def fit_temperature(chunks: LogitChunks, tol: float = 1e-6, max_passes: int = 10
             hi = u
         else:
             lo = u
-        newton = u - g / h if h > 0 else math.nan
-        if lo < newton < hi:
-            new = newton
+        newton_leaves = ((u - hi) * h - g) * ((u - lo) * h - g) > 0  # u - g/h outside [lo, hi]
+        if not newton_leaves and abs(2 * g) <= abs(last_step * h):
+            new = u - g / h
         elif g < 0 and not tried_hi:
             new, tried_hi = u_max, True
         elif g > 0 and not tried_lo:
             new, tried_lo = u_min, True
         else:
             new = (lo + hi) / 2
-        done = abs(new - u) < tol
+        last_step, step = step, new - u
         u = new
         f, g, h, _ = nll_and_derivatives(chunks(), u)
         passes += 1
-        if done:
+        if abs(step) < tol:
             break
     at_bound = min(u - u_min, u_max - u) < 1e-3
     return TemperatureFit(math.exp(u), nll_at_1, f, n, passes, at_bound)

@@ -1,9 +1,12 @@
-"""Scoring text with a model: the log-probability of every token given the tokens before it.
+"""Scoring text with a model: the log-probability of every token given the tokens before it, and
+what is made of it (perplexity, bits per byte, calibration, scoring completions).
 
     seq = [eot] + tokenizer.encode(document)      # the first token is context only, never scored
     for chunk in scored_logits(model, [seq, ...]):  # raw logits (T = 1) of every scored position
         chunk.seq, chunk.positions, chunk.targets, chunk.logits   # [n], [n], [n], [n, V]
     score_tokens(model, [seq], top_n=5)           # per token: log-prob, rank, top alternatives
+    evaluate(model, [Document(...)], eot)         # ppl, bits per byte, ECE, T* (minilm-eval)
+    score(model, tokenizer, context, [choice, ...])  # log p(choice | context) per choice
 
 One scorer serves every consumer (perplexity and calibration here, the server's `echo` with
 `logprobs`), so a token's log-probability is the same number wherever it is reported.

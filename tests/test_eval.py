@@ -272,10 +272,10 @@ def test_temperature_fit_agrees_with_a_fine_grid(true_t):
 def test_temperature_fit_stays_positive_when_the_minimum_is_at_zero():
     z = torch.randn(500, 10, generator=torch.Generator().manual_seed(1))
     fit = fit_temperature(lambda: [(z, z.argmax(1))])  # always right: NLL falls as T -> 0
-    assert fit.at_bound and fit.temperature == pytest.approx(0.01) and fit.passes <= 4
+    assert fit.at_bound and fit.temperature == pytest.approx(0.01) and fit.passes <= 6
     model_free = fit_temperature(lambda: [(z * 0.01, z.argmin(1))])  # always wrong: T -> 100
     assert model_free.at_bound and model_free.temperature == pytest.approx(100)
-    assert model_free.passes <= 8  # not the ~25 of bisecting down to the bound
+    assert model_free.passes <= 6  # not the ~25 of bisecting down to the bound
 
 
 def test_fit_temperature_on_the_val_split(run_dir, capsys, monkeypatch):
