@@ -264,6 +264,10 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "val", texts: list[str] |
         source = dict(split=split, cache=str(data.dir))
     if max_tokens is not None:
         documents = truncate(documents, max_tokens, tokenizer)
+        if fit_temperature and len(documents) < 2:
+            raise ValueError(f"fitting a temperature needs at least 2 documents, and the first "
+                             f"--max_tokens {max_tokens} tokens are all in the first one: "
+                             "raise --max_tokens")
     device_name = str(next(model.parameters()).device)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as outputs:  # per-token files appear whole or not at all

@@ -166,7 +166,7 @@ def plot_reliability(results: dict[str, Any], path: Path) -> None:
             ax_n.annotate(f"{b['count']:,}", ((b["lo"] + b["hi"]) / 2, b["count"]),
                           ha="center", va="bottom", fontsize=6.5, rotation=90)
         ax_n.set_yscale("log")
-        ax_n.set_ylim(top=max(b["count"] for b in used) * 30)
+        ax_n.set_ylim(0.7, max(b["count"] for b in used) * 30)
         ax_n.set(xlabel="confidence (top-1 probability)", ylabel="tokens per bin")
     _save(fig, path)
 
@@ -187,7 +187,10 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
         if "temperature" in results:
             ax.axvline(results["temperature"]["T"], color="C3", lw=1, ls="--", label="T*")
             ax.legend(fontsize=8)
-        ax.set(xlabel="temperature T", title=label)
+        ax.set_xscale("log")  # temperatures act by ratios
+        ax.set_xticks(temps, [f"{t:g}" for t in temps], minor=False)
+        ax.minorticks_off()
+        ax.set(xlabel="temperature T (log scale)", title=label)
         ax.grid(alpha=0.3)
     _save(fig, path)
 

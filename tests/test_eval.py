@@ -577,3 +577,9 @@ def test_missing_data_cache_is_one_line(run_dir, tmp_path, capsys):
     assert run_cli(main, ["--ckpt", str(tmp_path / "moved")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "data cache" in err and "is missing" in err
+
+
+def test_max_tokens_inside_one_document_cannot_fit_a_temperature(run_dir, capsys):
+    assert run_cli(main, ["--ckpt", str(run_dir), "--fit_temperature", "--max_tokens", "10"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "raise --max_tokens" in err
