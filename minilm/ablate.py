@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minilm.atomic import write_atomic
 from minilm.cli import config_usage, run_cli, split_config_args, wants_help
 from minilm.config import (Config, ConfigError, build, flatten, load_config, merge_overrides,
                            setting,
                            validate)
 from minilm.data import prepare
-from minilm.report import write_report
+from minilm.eval_cli import evaluate_checkpoint
+from minilm.report import EVAL_FILE, write_report
 from minilm.trainer import train
 
 DEFAULT_ARMS = {"tied": {"model.tie_embeddings": True},
@@ -140,6 +142,7 @@ def ablate(cfg: AblationConfig) -> dict[str, Any]:
         print(f"== {cfg.name}: run {i}/{len(runs)}, arm {run.arm}, seed {run.seed} "
               f"-> {run.cfg.out_dir}", flush=True)
         train(run.cfg)
+        evaluate_run(run.cfg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     vocab_size = prepare(**dataclasses.asdict(cfg.data), log=lambda *_: None).vocab_size  # cached
     results = write_report(cfg.out_dir, cfg.name, cfg.ablation.description, runs, vocab_size,
@@ -147,6 +150,14 @@ def ablate(cfg: AblationConfig) -> dict[str, Any]:
     print(f"== {cfg.name}: {len(runs)} runs in {wall / 60:.1f} min; report in {cfg.out_dir}/"
           "report.md, results.json, report.png", flush=True)
     return results
+
+
+def evaluate_run(cfg: Config) -> None:
+    """Bits per byte and calibration of a run's last checkpoint on its val split, by minilm.eval,
+    into out_dir/eval.json for the report."""
+    results = evaluate_checkpoint(Path(cfg.out_dir) / "last", device=cfg.train.device)
+    write_atomic(Path(cfg.out_dir) / EVAL_FILE, json.dumps(results, indent=2) + "\n")
+
 
 
 def main(argv: list[str]) -> None:

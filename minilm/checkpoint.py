@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from minilm.atomic import write_atomic
 from minilm.data import looks_like_hub_id as is_hub_id
 from minilm.model import GPT, GPTConfig
 from minilm.tokenizer import Tokenizer, tokenizer_from_dict
@@ -63,9 +64,7 @@ def _swap_in(tmp: Path, path: Path) -> None:
 
 def _write_state(folder: Path, state: dict[str, Any]) -> None:
     """state.json, written last and atomically: its presence marks the folder complete."""
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(strict_json(state, indent=2))
-    os.replace(tmp, folder / "state.json")
+    write_atomic(folder / "state.json", strict_json(state, indent=2))
 
 
 def save_checkpoint(path: str | Path, model: GPT, optimizer: torch.optim.Optimizer | None,

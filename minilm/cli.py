@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -36,6 +37,13 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a ValueError: run_cli prints it on one line and exits 2."""
+
+    def error(self, message: str):
+        raise ValueError(message)
 
 
 def wants_help(argv: list[str]) -> bool:
@@ -106,5 +114,12 @@ def generate_entry() -> None:
 def export_entry() -> None:
     """Console script `minilm-export`."""
     from minilm.export import main
+
+    sys.exit(run_cli(main))
+
+
+def eval_entry() -> None:
+    """Console script `minilm-eval`."""
+    from minilm.eval_cli import main
 
     sys.exit(run_cli(main))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Collection
 import numpy as np
 import torch
 
+from minilm.atomic import atomic_path, write_atomic
 from minilm.tokenizer import (CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_dict,
                               utf8_problem)
 
@@ -226,20 +226,11 @@ def cache_key(source: str, tokenizer: str, text_field: str, name: str | None, sp
     return f"{slug}-{tokenizer}-{digest}"
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_tokens(path: Path, ds, dtype: np.dtype) -> int:
     """Concatenate ds["ids"] into a flat .bin file; returns the token count."""
     n = int(sum(ds["len"])) if len(ds) else 0
 
-    def write(tmp: Path) -> None:
+    with atomic_path(path) as tmp:
         out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(n, 1),))
         pos = 0
         for batch in ds.iter(batch_size=1024):
@@ -248,8 +239,6 @@ def _write_tokens(path: Path, ds, dtype: np.dtype) -> int:
                 pos += len(ids)
         out.flush()
         del out
-
-    _atomic_write_bytes(path, write)
     return n
 
 
@@ -282,7 +271,7 @@ def prepare(source: str = "shakespeare", tokenizer: str = "char", text_field: st
         raise DataError(f"{source}: too little text to train on ({counts['train']} tokens)")
     meta = dict(source=str(source), tokenizer=tok.to_dict(), vocab_size=tok.vocab_size,
                 dtype=dtype.name, tokens=counts, documents={k: len(v) for k, v in splits.items()})
-    _atomic_write_bytes(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    write_atomic(meta_path, json.dumps(meta, indent=2))
     return PreparedData(out, meta)
 
 

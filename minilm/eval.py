@@ -1,9 +1,12 @@
-"""Scoring text with a model: the log-probability of every token given the tokens before it.
+"""Scoring text with a model: the log-probability of every token given the tokens before it, and
+what is made of it (perplexity, bits per byte, calibration, scoring completions).
 
     seq = [eot] + tokenizer.encode(document)      # the first token is context only, never scored
     for chunk in scored_logits(model, [seq, ...]):  # raw logits (T = 1) of every scored position
         chunk.seq, chunk.positions, chunk.targets, chunk.logits   # [n], [n], [n], [n, V]
     score_tokens(model, [seq], top_n=5)           # per token: log-prob, rank, top alternatives
+    evaluate(model, [Document(...)], eot)         # ppl, bits per byte, ECE, T* (minilm-eval)
+    score(model, tokenizer, context, [choice, ...])  # log p(choice | context) per choice
 
 One scorer serves every consumer (perplexity and calibration here, the server's `echo` with
 `logprobs`), so a token's log-probability is the same number wherever it is reported.
@@ -17,13 +20,17 @@ block_size - stride tokens of context once the first window is passed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from minilm.calibration import Tally, TemperatureFit
+from minilm.calibration import fit_temperature as fit_temperature_on
 from minilm.model import GPT
+from minilm.tokenizer import Tokenizer
 
 # Logits rows per chunk handed to consumers: [rows, V] fp32 stays near 64 MiB whatever V is.
 LOGITS_BYTES = 64 * 2**20
@@ -55,11 +62,14 @@ def rolling_windows(n_tokens: int, block_size: int, stride: int, seq: int = 0) -
 @dataclass
 class ScoredChunk:
     """Rows of scored positions: sequence index, position of the predicted token in it, the token,
-    and the raw logits [n, V] (fp32, T = 1) that predicted it."""
+    the raw logits [n, V] (fp32, T = 1) that predicted it, and the final hidden states [n, d] they
+    came from (model.logits_from_hidden(hidden) == logits): [n, d] is what a consumer can afford to
+    keep when it must look at the logits again (the temperature fit), never [n, V]."""
     seq: Tensor
     positions: Tensor
     targets: Tensor
     logits: Tensor
+    hidden: Tensor | None = None
 
 
 def scored_logits(model: GPT, sequences: Sequence[Sequence[int]], stride: int | None = None,
@@ -97,7 +107,33 @@ def scored_logits(model: GPT, sequences: Sequence[Sequence[int]], stride: int | 
             for r in range(0, h.size(0), max_rows):
                 sl = slice(r, r + max_rows)
                 yield ScoredChunk(seq_t[sl], pos_t[sl], tgt_t[sl],
-                                  model.logits_from_hidden(h[sl]).float())
+                                  model.logits_from_hidden(h[sl]).float(), h[sl])
+
+
+@dataclass
+class TokenStats:
+    """What a logits chunk [n, V] says about its n targets; every figure of minilm-eval (NLL,
+    accuracy, entropy, calibration, the per-token outputs) is made of these."""
+    logprobs: Tensor  # [n] log p(target)
+    ranks: Tensor  # [n] 1 + how many tokens are strictly more likely than the target
+    greedy: Tensor  # [n] bool: the argmax is the target (ECE's "correct")
+    confidence: Tensor  # [n] the largest probability (ECE's "confidence")
+    entropy: Tensor  # [n] nats
+    top_logprobs: Tensor  # [n, top_n] the top_n largest log-probs, descending
+    top_ids: Tensor  # [n, top_n] their token ids
+
+
+def token_stats(logits: Tensor, targets: Tensor, top_n: int = 0) -> TokenStats:
+    """Per-row statistics of logits [n, V] (already divided by a temperature, if any) against
+    targets [n]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    target_lp = logp.gather(1, targets[:, None])  # [n, 1]
+    best_lp, best = logp.max(dim=1)
+    top = logp.topk(min(top_n, logp.size(1)), dim=1)
+    return TokenStats(logprobs=target_lp[:, 0], ranks=(logp > target_lp).sum(dim=1) + 1,
+                      greedy=best == targets, confidence=best_lp.exp(),
+                      entropy=torch.special.entr(logp.exp()).sum(dim=1),
+                      top_logprobs=top.values, top_ids=top.indices)
 
 
 @dataclass
@@ -105,31 +141,207 @@ class TokenScores:
     """What the model thought of each token of a sequence but the first (tokens[1:]).
 
     logprobs: log p(token | the tokens before it) at T = 1; ranks: 1 + how many tokens the model
-    found strictly more likely; top: the top_n most likely tokens and their log-probs."""
+    found strictly more likely; top: the top_n most likely tokens and their log-probs;
+    greedy: the token is the argmax; entropy: of the predicted distribution, in nats."""
     tokens: list[int]
     logprobs: list[float] = field(default_factory=list)
     ranks: list[int] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    greedy: list[bool] = field(default_factory=list)
+    entropy: list[float] = field(default_factory=list)
 
 
 def score_tokens(model: GPT, sequences: Sequence[Sequence[int]], top_n: int = 0,
                  stride: int | None = None, batch_size: int = 8) -> list[TokenScores]:
-    """Per sequence, the log-probability, rank and top_n alternatives of every token but the
-    first, from scored_logits."""
+    """Per sequence, the log-probability, rank, top_n alternatives, greedy flag and entropy of
+    every token but the first, from scored_logits."""
     if top_n < 0:
         raise ValueError(f"top_n must be >= 0, got {top_n}")
     out = [TokenScores(tokens=list(s[1:])) for s in sequences]
     for chunk in scored_logits(model, sequences, stride, batch_size):
-        logp = torch.log_softmax(chunk.logits, dim=-1)  # [n, V]
-        target_lp = logp.gather(1, chunk.targets[:, None])  # [n, 1]
-        ranks = (logp > target_lp).sum(dim=1) + 1
-        top = logp.topk(min(top_n, logp.size(1)), dim=1) if top_n else None
-        tops = ([list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
-                if top is not None else None)
-        for j, (s, lp, rank) in enumerate(zip(chunk.seq.tolist(), target_lp[:, 0].tolist(),
-                                              ranks.tolist())):
+        st = token_stats(chunk.logits, chunk.targets, top_n)
+        tops = [list(zip(i, v)) for i, v in zip(st.top_ids.tolist(), st.top_logprobs.tolist())]
+        for s, lp, rank, top, greedy, ent in zip(chunk.seq.tolist(), st.logprobs.tolist(),
+                                                 st.ranks.tolist(), tops, st.greedy.tolist(),
+                                                 st.entropy.tolist()):
             out[s].logprobs.append(lp)
             out[s].ranks.append(rank)
-            if tops is not None:
-                out[s].top.append(tops[j])
+            if top_n:
+                out[s].top.append(top)
+            out[s].greedy.append(greedy)
+            out[s].entropy.append(ent)
     return out
+
+
+# ---------------------------------------------------------------- scoring completions
+
+
+@dataclass
+class ChoiceScore:
+    """One continuation of a context: its tokens and their log-probabilities given the context,
+    their sum, whether greedy decoding would produce it, the sum per character of the
+    continuation (lm-evaluation-harness's acc_norm), and the softmax of the sums over the
+    choices."""
+    continuation: str
+    tokens: list[int]
+    logprobs: list[float]
+    logprob: float
+    is_greedy: bool
+    logprob_per_char: float
+    prob: float
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str
+                ) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness makes them: trailing whitespace of
+    the context moves to the continuation, the two are encoded together and split at the
+    context's own length (so a merge across the boundary stays as the tokenizer makes it); an
+    empty context is the end-of-text token."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:
+        return [tokenizer.eot_token], tokenizer.encode(continuation)
+    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def score(model: GPT, tokenizer: Tokenizer, context: str, continuations: Sequence[str],
+          batch_size: int = 8) -> list[ChoiceScore]:
+    """How likely each continuation is after the context (a multiple-choice classifier from a
+    language model). The sequence is cut from the left to block_size + 1 tokens when the
+    continuation fits, so it is predicted with as much context as the model can see."""
+    if not continuations:
+        raise ValueError("no continuations to score: give at least one choice")
+    block_size = model.config.block_size
+    pairs, sequences = [], []
+    for c in continuations:
+        ctx, cont = encode_pair(tokenizer, context, c)
+        if not cont:
+            raise ValueError(f"choice {c!r} is empty: it encodes to no tokens")
+        seq = ctx + cont
+        sequences.append(seq[-(block_size + 1):] if len(cont) <= block_size else seq)
+        pairs.append(cont)
+    scored = score_tokens(model, sequences, batch_size=batch_size)
+    sums = torch.tensor([math.fsum(s.logprobs[-len(cont):]) for s, cont in zip(scored, pairs)],
+                        dtype=torch.float64)
+    probs = torch.softmax(sums, dim=0).tolist()
+    return [ChoiceScore(continuation=c, tokens=cont, logprobs=s.logprobs[-len(cont):],
+                        logprob=total, is_greedy=all(s.greedy[-len(cont):]),
+                        logprob_per_char=total / len(c) if c else total, prob=p)
+            for c, cont, s, total, p in zip(continuations, pairs, scored, sums.tolist(), probs)]
+
+
+# ---------------------------------------------------------------- corpus evaluation
+
+
+@dataclass
+class Document:
+    """One text scored on its own, preceded by the end-of-text token: its tokens (without that
+    token) and its text, whose UTF-8 bytes and whitespace-separated words the per-byte and
+    per-word figures divide by."""
+    name: str
+    text: str
+    tokens: list[int]
+
+
+# called with (document index [n], position [n], target [n], stats) for every scored chunk
+TokenSink = Callable[[Tensor, Tensor, Tensor, TokenStats], None]
+TOP_N = 5  # alternatives per token in the per-token outputs; also top-k accuracy's k
+
+
+def corpus_figures(nll_sum: float, tokens: int, n_bytes: int, n_words: int) -> dict[str, Any]:
+    """Perplexity per token, per byte and per word from one summed NLL (nats): the byte and word
+    figures do not depend on the tokenizer, so they compare a char model with a BPE model."""
+    nll = nll_sum / tokens
+    return dict(tokens=tokens, bytes=n_bytes, words=n_words, nll=nll, ppl=_exp(nll),
+                bits_per_byte=nll_sum / n_bytes / math.log(2) if n_bytes else math.nan,
+                byte_perplexity=_exp(nll_sum / n_bytes) if n_bytes else math.nan,
+                word_perplexity=_exp(nll_sum / n_words) if n_words else math.nan)
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
+
+
+def evaluate(model: GPT, documents: Sequence[Document], eot: int, stride: int | None = None,
+             batch_size: int = 8, fit_temperature: bool = False, sweep: Sequence[float] = (),
+             on_tokens: TokenSink | None = None) -> dict[str, Any]:
+    """Perplexity, bits per byte and calibration of `model` on `documents`, from one pass of
+    scored_logits (the rolling log-likelihood of each document after the end-of-text token).
+
+    fit_temperature: fit T* on the first half of the documents (Guo et al. 2017) and report NLL
+    and ECE at T = 1 and at T* on the second half. The fit keeps the first half's hidden states
+    [tokens, d] and re-applies the head once per Newton step; the second half is scored after the
+    fit, at both temperatures, in the same pass that scores it at T = 1.
+    sweep: temperatures at which NLL, ECE, entropy and top-1 probability are also measured.
+    on_tokens: receives every chunk's per-token statistics (T = 1), in document order."""
+    if stride is not None and not 0 < stride <= model.config.block_size:
+        raise ValueError(f"stride must be in [1, block_size = {model.config.block_size}], "
+                         f"got {stride}")
+    if sum(len(d.tokens) for d in documents) == 0:
+        raise ValueError("nothing to score: the text is empty")
+    n_fit = len(documents) // 2
+    if fit_temperature and (n_fit == 0 or not any(d.tokens for d in documents[:n_fit])):
+        raise ValueError(f"fitting a temperature needs at least 2 non-empty documents (one half "
+                         f"to fit on, the other to report on), got {len(documents)}")
+    parts = [(0, n_fit), (n_fit, len(documents))] if fit_temperature else [(0, len(documents))]
+    total = Tally()
+    sweeps = {t: Tally() for t in sweep}
+    kept: list[tuple[Tensor, Tensor]] = []  # the fit half's (hidden [n, d], targets [n])
+    fit, held, held_t = None, Tally(), Tally()
+    for part, (lo, hi) in enumerate(parts):
+        fitting, reporting = fit_temperature and part == 0, fit_temperature and part == 1
+        if reporting:
+            fit = _fit_on_hidden(model, kept)
+            kept.clear()
+        sequences = [[eot] + d.tokens for d in documents[lo:hi]]
+        for chunk in scored_logits(model, sequences, stride, batch_size):
+            stats = token_stats(chunk.logits, chunk.targets, TOP_N if on_tokens else 0)
+            total.add(stats)
+            for t, tally in sweeps.items():
+                tally.add(token_stats(chunk.logits / t, chunk.targets))
+            if fitting:
+                kept.append((chunk.hidden, chunk.targets))
+            if reporting:
+                held.add(stats)
+                held_t.add(token_stats(chunk.logits / fit.temperature, chunk.targets))
+            if on_tokens is not None:
+                on_tokens(chunk.seq + lo, chunk.positions, chunk.targets, stats)
+
+    n_bytes = sum(len(d.text.encode("utf-8")) for d in documents)
+    n_words = sum(len(d.text.split()) for d in documents)
+    results = dict(documents=len(documents), **corpus_figures(total.nll_sum, total.tokens,
+                                                              n_bytes, n_words),
+                   **total.figures(), reliability=total.bins.table())
+    if fit is not None:
+        results["temperature"] = dict(
+            T=fit.temperature, passes=fit.passes, at_bound=fit.at_bound,
+            fit=dict(documents=n_fit, tokens=fit.tokens, nll_at_1=fit.nll_at_1, nll_at_T=fit.nll),
+            heldout=dict(documents=len(documents) - n_fit, tokens=held.tokens,
+                         nll_at_1=held.nll, nll_at_T=held_t.nll, ece_at_1=held.bins.ece,
+                         ece_at_T=held_t.bins.ece, mce_at_1=held.bins.mce,
+                         mce_at_T=held_t.bins.mce, reliability_at_1=held.bins.table(),
+                         reliability_at_T=held_t.bins.table()))
+    if sweeps:
+        results["sweep"] = [dict(temperature=t, nll=s.nll, ppl=_exp(s.nll), ece=s.bins.ece,
+                                 mce=s.bins.mce, entropy=s.entropy, top1_prob=s.top1_prob)
+                            for t, s in sweeps.items()]
+    return results
+
+
+def _fit_on_hidden(model: GPT, kept: list[tuple[Tensor, Tensor]]) -> TemperatureFit:
+    """T* from the kept hidden states: each pass of the fit re-applies the head chunk by chunk."""
+    def chunks() -> Iterator[tuple[Tensor, Tensor]]:
+        with model.inference():
+            for hidden, targets in kept:
+                yield model.logits_from_hidden(hidden).float(), targets
+
+    return fit_temperature_on(chunks)
+
+
+if __name__ == "__main__":  # python -m minilm.eval: the CLI lives in eval_cli
+    from minilm.cli import run_cli
+    from minilm.eval_cli import main
+
+    raise SystemExit(run_cli(main))

@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 
 from minilm.checkpoint import load_model
-from minilm.cli import run_cli
-from minilm.generate_cli import _Parser
+from minilm.cli import ArgumentParser, run_cli
 from minilm.hf import check_destination, export, push_to_hub
 
 
-def build_parser() -> _Parser:
-    p = _Parser(prog="python -m minilm.export",
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m minilm.export",
                 description="Write a minilm model as a Hugging Face GPT-2 folder "
                             "(config.json, model.safetensors, generation_config.json, tokenizer).")
     p.add_argument("ckpt", help="checkpoint folder, a run's out_dir, an HF folder or hub id")

@@ -21,6 +21,7 @@ from typing import TextIO
 import torch
 
 from minilm.checkpoint import load_model
+from minilm.cli import ArgumentParser
 from minilm.device import DEVICE_NAMES, resolve_device
 from minilm.generation import Completion, complete, generate, next_token_stages
 from minilm.sampling import DEFAULT_ORDER, ORDERS, SamplerStack
@@ -31,15 +32,8 @@ SHOWN = 10  # tokens per stage in --show_distribution
 BAR = 40  # characters of a probability-1 bar
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is a ValueError: run_cli prints it on one line and exits 2."""
-
-    def error(self, message: str):
-        raise ValueError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="generate.py", description="Sample text from a minilm checkpoint.")
+    p = ArgumentParser(prog="generate.py", description="Sample text from a minilm checkpoint.")
     p.add_argument("--ckpt", required=True,
                    help="checkpoint folder, a run's out_dir, a Hugging Face GPT-2 folder or a hub "
                         "id such as gpt2 or distilbert/distilgpt2")

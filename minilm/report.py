@@ -1,9 +1,11 @@
 """An ablation's report from its runs' folders: results.json, report.md and report.png.
 
 A run is scored by its final val loss (the eval at train.max_iters), not by its best one: the
-minimum over several evals of a noisy curve would favour the noisier arm. The spread is the sample
-standard deviation over seeds (0 with one seed). Arms are compared with the first arm seed by
-seed, since the runs of one seed are paired (same batches, same shared initial weights).
+minimum over several evals of a noisy curve would favour the noisier arm. For the same reason its
+bits per byte and ECE (minilm.eval on the whole val split, in the run's eval.json) are those of
+its last checkpoint. The spread is the sample standard deviation over seeds (0 with one seed).
+Arms are compared with the first arm seed by seed, since the runs of one seed are paired (same
+batches, same shared initial weights).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Any
 
 from minilm.tracking import read_metrics
 
+EVAL_FILE = "eval.json"  # in each run's out_dir, written by minilm.ablate
+EVAL_FIGURES = {"bits_per_byte": "bits per byte", "ece": "ECE"}  # reported per arm when present
+
 
 @dataclass
 class RunResult:
@@ -24,6 +29,7 @@ class RunResult:
     evals: list[dict[str, float]]  # metrics.jsonl's eval records: step, train/val loss, val_ppl
     summary: dict[str, Any]  # summary.json: params_*, best_val_loss, tokens_seen
     tokens_per_sec: float  # median over the logged steps
+    eval: dict[str, Any] | None = None  # eval.json: minilm.eval of the last checkpoint, val split
 
     @property
     def val_loss(self) -> float:
@@ -34,8 +40,10 @@ def load_run(arm: str, seed: int, out_dir: str | Path) -> RunResult:
     records = read_metrics(out_dir)
     speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
     summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    eval_path = Path(out_dir) / EVAL_FILE
+    evaluated = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     return RunResult(arm, seed, [r for r in records if "val_loss" in r], summary,
-                     statistics.median(speeds))
+                     statistics.median(speeds), evaluated)
 
 
 def _std(values: list[float]) -> float:
@@ -56,6 +64,11 @@ def summarize(results: list[RunResult], vocab_size: int, n_embd: int) -> dict[st
                         val_losses=losses,
                         val_ppl_mean=statistics.mean(r.evals[-1]["val_ppl"] for r in rs),
                         tokens_per_sec=statistics.mean(r.tokens_per_sec for r in rs))
+        if all(r.eval is not None for r in results):
+            for key in EVAL_FIGURES:
+                values = [r.eval[key] for r in rs]
+                out[arm].update({f"{key}_mean": statistics.mean(values), f"{key}_std": _std(values),
+                                 f"{key}_values": values})
     return {"vocab_size": vocab_size, "n_embd": n_embd, "arms": out}
 
 
@@ -78,6 +91,15 @@ def comparison(results: dict[str, Any]) -> list[str]:
             f"**{arm} − {ref}**: val loss {mean:+.4f} ± {spread:.4f} (mean ± std over seeds of "
             f"the per-seed difference: {', '.join(f'{d:+.4f}' for d in diffs)}); parameters "
             f"{extra:+,}{factor}.")
+        evaluated = [k for k in EVAL_FIGURES if f"{k}_values" in r]
+        if evaluated:
+            parts = []
+            for key in evaluated:
+                d = [a - b for a, b in zip(r[f"{key}_values"], r0[f"{key}_values"])]
+                parts.append(f"{EVAL_FIGURES[key]} {statistics.mean(d):+.4f} ± {_std(d):.4f} "
+                             f"(per seed {', '.join(f'{x:+.4f}' for x in d)})")
+            paragraphs.append(f"On the whole val split (minilm.eval, last checkpoint), {arm} − "
+                              f"{ref}: {'; '.join(parts)}.")
         if len(diffs) < 2:
             paragraphs.append("With one seed there is no spread to compare the difference with.")
             continue
@@ -113,9 +135,13 @@ def markdown(title: str, description: str, results: dict[str, Any], runs: list,
         f"of `{cfg.data.source}` with the `{cfg.data.tokenizer}` tokenizer "
         f"(vocab {results['vocab_size']:,}); n_layer {m.n_layer}, n_head {m.n_head}, "
         f"n_embd {m.n_embd}, block {m.block_size}; device `{t.device}`.{timing}", "",
+    ]
+    evaluated = [k for k in EVAL_FIGURES if f"{k}_mean" in next(iter(arms.values()))]
+    out += [
         "| arm | overrides | params | non-embedding | val loss (mean ± std) | val loss per seed "
-        "| val ppl | tokens/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| val ppl | " + "".join(f"{EVAL_FIGURES[k]} (mean ± std) | " for k in evaluated)
+        + "tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(evaluated) + "---:|",
     ]
     for arm, r in arms.items():
         ov = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in overrides[arm].items()) or "—"
@@ -123,7 +149,8 @@ def markdown(title: str, description: str, results: dict[str, Any], runs: list,
                    f"{_params(r['params_non_embedding'])} | "
                    f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f} | "
                    f"{', '.join(f'{v:.4f}' for v in r['val_losses'])} | {r['val_ppl_mean']:.1f} | "
-                   f"{r['tokens_per_sec']:,.0f} |")
+                   + "".join(f"{r[f'{k}_mean']:.4f} ± {r[f'{k}_std']:.4f} | " for k in evaluated)
+                   + f"{r['tokens_per_sec']:,.0f} |")
     for paragraph in comparison(results):
         out += ["", paragraph]
     out += ["",
@@ -132,7 +159,10 @@ def markdown(title: str, description: str, results: dict[str, Any], runs: list,
             "parameter they share from the same values; an untied head is a fresh N(0, 0.02) "
             "matrix drawn after all shared parameters, not a copy of the embedding. tokens/s is "
             "the median over logged steps, averaged over seeds (wall clock: noisy on a shared "
-            "machine).", "",
+            "machine)." + (" Bits per byte and ECE (top-label, 15 bins) are minilm.eval's, on "
+                           "every token of the val split (each document scored after the "
+                           "end-of-text token, sliding windows), for each run's last checkpoint, "
+                           "the one the val loss is read from." if evaluated else ""), "",
             "![val loss against step, every run; per-arm mean in bold](report.png)", ""]
     return "\n".join(out)
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from minilm.atomic import write_atomic
+
 
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -210,9 +212,7 @@ def _truncate_records(path: Path, last_step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= last_step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept))
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:

@@ -14,7 +14,8 @@ from minilm.config import load_config
 N_EMBD = 32  # tiny_overrides' width
 VOCAB = len(set(CORPUS)) + 1  # characters + <|endoftext|>
 ARM_KEYS = {"params_total", "params_non_embedding", "val_loss_mean", "val_loss_std",
-            "val_losses", "val_ppl_mean", "tokens_per_sec"}
+            "val_losses", "val_ppl_mean", "tokens_per_sec", "bits_per_byte_mean",
+            "bits_per_byte_std", "bits_per_byte_values", "ece_mean", "ece_std", "ece_values"}
 
 
 def run_ablation(tmp_path, corpus_file, *extra: str) -> dict:
@@ -46,11 +47,27 @@ def test_tied_vs_untied_report(corpus_file, tmp_path):
         assert arm["val_loss_mean"] == pytest.approx(statistics.mean(arm["val_losses"]))
         assert arm["val_loss_std"] == pytest.approx(statistics.stdev(arm["val_losses"]))
         assert arm["tokens_per_sec"] > 0 and arm["val_ppl_mean"] > 1
+        for key in ("bits_per_byte", "ece"):
+            assert arm[f"{key}_mean"] == pytest.approx(statistics.mean(arm[f"{key}_values"]))
+            assert arm[f"{key}_std"] == pytest.approx(statistics.stdev(arm[f"{key}_values"]))
+
+    # bits per byte and ECE: minilm.eval on each run's last checkpoint and its val split
+    from minilm.eval_cli import evaluate_checkpoint
+
+    run = out / "untied" / "seed1338"
+    saved = json.loads((run / "eval.json").read_text())
+    again = evaluate_checkpoint(run / "last", device="cpu")
+    assert saved["data"]["split"] == "val" and saved["step"] == 4
+    assert untied["bits_per_byte_values"][1] == saved["bits_per_byte"] == pytest.approx(
+        again["bits_per_byte"])
+    assert untied["ece_values"][1] == saved["ece"] == pytest.approx(again["ece"])
 
     report = (out / "report.md").read_text()
     assert "| tied |" in report and "| untied |" in report
     assert "**untied − tied**" in report and "Reading:" in report
     assert f"= {VOCAB} × {N_EMBD}" in report and "![" in report
+    assert "bits per byte (mean ± std)" in report and "ECE (mean ± std)" in report
+    assert "On the whole val split (minilm.eval, last checkpoint), untied − tied" in report
 
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

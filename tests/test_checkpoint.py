@@ -1,6 +1,7 @@
 """Checkpoint swaps interrupted at every point: a complete checkpoint is always found, resume puts
 it back in place, and the next save works."""
 import os
+import re
 import shutil
 
 import pytest
@@ -54,7 +55,8 @@ def operations(monkeypatch, crash_at: int | None, partial: bool) -> list[str]:
                     if files:
                         os.remove(os.path.join(path, files[0]))
                 raise Crash(f"{name} {path}")
-            done.append(f"{name} {os.path.basename(path)}")
+            temp = re.sub(r"^\.(.*\.tmp)\d+$", r"\1", os.path.basename(path))  # .x.tmp<pid>
+            done.append(f"{name} {temp}")
             return real(path, *args, **kwargs)
         return run
 

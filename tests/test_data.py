@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from minilm.data import (DataError, _atomic_write_bytes, get_batch, load_documents,
+from minilm.atomic import atomic_path
+from minilm.data import (DataError, get_batch, load_documents,
                          looks_like_hub_id, markdown_play_to_text, prepare, shakespeare_plays,
                          token_dtype)
 
@@ -79,12 +80,9 @@ def test_second_prepare_reuses_the_cache(corpus_file, tmp_path):
 def test_interrupted_write_leaves_no_file(tmp_path):
     target = tmp_path / "train.bin"
 
-    def write(tmp):
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
         tmp.write_bytes(b"half")
         raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _atomic_write_bytes(target, write)
     assert list(tmp_path.iterdir()) == []
 
 
