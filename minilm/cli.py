@@ -66,3 +66,10 @@ def generate_entry() -> None:
     from minilm.generate_cli import main
 
     sys.exit(run_cli(main))
+
+
+def serve_entry() -> None:
+    """Console script `minilm-serve`."""
+    from minilm.serve.cli import main
+
+    sys.exit(run_cli(main))

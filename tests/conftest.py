@@ -40,3 +40,71 @@ def tiny_overrides(tmp_path: Path, source: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"--{k}={v}" for k, v in values.items()]
+
+
+# ------------------------------------------------------------------------------------------------
+# minilm-serve, started once per test session on a free loopback port (test_serve, test_explorer)
+
+SERVE_CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint(tmp_path_factory) -> Path:
+    """A tiny char model with random weights; the token embedding is scaled up so that the
+    logits are spread (std ~ 2): greedy choices are clear and sampled texts differ by seed."""
+    import torch
+
+    from minilm.checkpoint import save_checkpoint
+    from minilm.model import GPT, GPTConfig
+    from minilm.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer(SERVE_CHARS)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          block_size=32))
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(10)
+    out = tmp_path_factory.mktemp("serve") / "tiny_char"
+    save_checkpoint(out / "best", model, None, dict(config={}, tokenizer=tokenizer.to_dict(),
+                                                    step=0, best_val_loss=None))
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(serve_checkpoint, tmp_path_factory):
+    """minilm-serve in a subprocess (python -m minilm.serve): its URL and log file."""
+    import socket
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "minilm.serve", "--ckpt", str(serve_checkpoint), "--port",
+             str(port), "--max_batch", "16"], cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"minilm-serve did not start:\n{log_path.read_text()}")
+        time.sleep(0.2)
+    yield SimpleNamespace(url=url, log=log_path, checkpoint=serve_checkpoint, name="tiny_char")
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
