@@ -73,38 +73,17 @@ def serve_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(serve_checkpoint, tmp_path_factory):
     """minilm-serve in a subprocess (python -m minilm.serve): its URL and log file."""
-    import socket
-    import subprocess
-    import time
     from types import SimpleNamespace
 
-    import httpx
+    from minilm.serve.launch import ServerProcess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "minilm.serve", "--ckpt", str(serve_checkpoint), "--port",
-             str(port), "--max_batch", "16"], cwd=ROOT, env=env, stdout=log,
-            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"minilm-serve did not start:\n{log_path.read_text()}")
-        time.sleep(0.2)
-    yield SimpleNamespace(url=url, log=log_path, checkpoint=serve_checkpoint, name="tiny_char")
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+            server = ServerProcess(serve_checkpoint, "--max_batch", "16", env=env, log=log)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}:\n{log_path.read_text()}") from None
+    yield SimpleNamespace(url=server.url, log=log_path, checkpoint=serve_checkpoint,
+                          name="tiny_char")
+    server.close()
