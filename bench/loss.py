@@ -57,14 +57,17 @@ def make_inputs(args, device, n=None, seed=0):
 
 
 def loss_fn(impl, args, hidden, weight, targets):
-    """One forward of `impl`: a closure returning the scalar loss."""
+    """One forward of `impl` ("triton:2048": with that chunk size): a closure returning the
+    scalar loss."""
+    impl, _, rows = impl.partition(":")
+    chunk_size = int(rows) if rows else args.chunk_size
     if impl == "liger":
         from liger_kernel.transformers.fused_linear_cross_entropy import (
             LigerFusedLinearCrossEntropyLoss)
         liger = LigerFusedLinearCrossEntropyLoss()
         return lambda: liger(weight, hidden, targets)
     return lambda: linear_cross_entropy(hidden, weight, targets, impl=impl,
-                                        chunk_size=args.chunk_size)
+                                        chunk_size=chunk_size)
 
 
 def autocast(args, device):
@@ -81,6 +84,8 @@ def run_one(impl, args):
     device = torch.device(args.device)
     hidden, weight, targets = make_inputs(args, device)
     fn = loss_fn(impl, args, hidden, weight, targets)
+    if args.compile:
+        fn = torch.compile(fn, fullgraph=True)
 
     def step():
         with autocast(args, device):
@@ -107,6 +112,15 @@ def run_one(impl, args):
             times.append(start.elapsed_time(end) / 1e3)
             clear()
         peak = (torch.cuda.max_memory_allocated() - base) / MiB
+        if args.profile:  # where the time goes: GPU time per kernel over 3 steps
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+            print(f"{impl}:\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                                            max_name_column_width=80),
+                  file=sys.stderr, flush=True)
+            clear()
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
@@ -128,6 +142,8 @@ def run_in_subprocess(impl, args):
            "--reps", str(args.reps)]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
+    if args.compile:
+        cmd += ["--compile"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         return dict(impl=impl, error=(out.stderr.strip().splitlines() or ["?"])[-1])
@@ -135,6 +151,7 @@ def run_in_subprocess(impl, args):
 
 
 def available(impl, args):
+    impl = impl.partition(":")[0]
     if impl == "liger":
         try:
             import liger_kernel  # noqa: F401
@@ -174,7 +191,7 @@ def bench(args):
     dev = f"CPU, {torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name()
     print(f"\nN={args.n} d={args.d} V={args.v} dtype={args.dtype}, {dev}, "
           f"torch {torch.__version__}; time: median of {args.rounds} x {args.reps} steps; memory: max; "
-          f"chunk_size={args.chunk_size or 'auto'}\n")
+          f"chunk_size={args.chunk_size or 'auto'}{', compiled' if args.compile else ''}\n")
     print("| impl | fwd+bwd time | vs naive |" + (" CPU time | vs naive |" if cpu else "")
           + " peak extra memory | vs naive |")
     print("|---|---|---|" + ("---|---|" if cpu else "") + "---|---|")
@@ -206,7 +223,8 @@ def check(args):
         loss = linear_cross_entropy(ref[0], ref[1], targets, bias=ref[2], impl="naive", **opts)
         loss.backward()
         want = [loss.detach()] + [x.grad for x in ref]
-        for impl in [i for i in args.impls.split(",") if available(i, args) and i != "liger"]:
+        for impl in [i for i in args.impls.split(",")
+                     if available(i, args) and ":" not in i and i != "liger"]:
             if impl == "torch" and opts:
                 continue
             for x in inputs:
@@ -235,8 +253,14 @@ def main():
                    help="runs of each impl, interleaved (default 3 CPU, 1 CUDA)")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--impls", default=None,
-                   help="comma-separated (default naive,chunked,torch; on CUDA also triton,liger)")
+                   help="comma-separated, impl:rows sets a chunk size "
+                        "(default naive,chunked,torch; on CUDA also triton,liger)")
     p.add_argument("--check", action="store_true", help="also print errors vs float64")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: also print each impl's GPU time per kernel (stderr)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile(fullgraph=True) the loss call (naive: Inductor fuses it; "
+                        "the fused impls run their op as in eager)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "amp")

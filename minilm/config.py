@@ -71,7 +71,7 @@ class TrainConfig:
     log_interval: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    compile: bool = False
+    compile: Literal["auto", True, False] = "auto"  # auto: on for CUDA, off elsewhere
     seed: int = 1337
     resume: bool = False
 

@@ -14,15 +14,22 @@ The fused path walks the tokens in chunks of rows. Per chunk it computes the log
 [rows, V] buffer, turns them in place into the gradient wrt the logits (the "step"), and from that
 accumulates d_hidden, d_weight and d_bias. So the gradients are ready at the end of the forward
 pass: backward only scales them by grad_output (reduction="none" recomputes them instead, since
-its per-token grad_output has to enter before the sum over tokens; so does a second backward
-through a retained graph). The step is PyTorch ops for impl="chunked" and a Triton kernel
+its per-token grad_output has to enter before the sum over tokens). The step is PyTorch ops for impl="chunked" and a Triton kernel
 (minilm/kernels/cross_entropy.py) for impl="triton"; the chunk loop is shared.
+
+The fused path is a registered operator, minilm::linear_cross_entropy (torch.library.custom_op,
+with a fake impl for tracing and an autograd formula), so torch.compile traces a model that calls
+it in one graph, without a break: the operator is opaque to dynamo and Inductor, and its chunk
+loop runs eagerly inside the compiled step (cuBLAS and the Triton kernel, as uncompiled). That
+also keeps it clear of two torch 2.11 traps: dynamo tracing a chunked linear-CE inside an
+autograd.Function can return wrong gradients (pytorch #180642), and addmm(out_dtype=) fails
+under compile (pytorch #163880). Tests compare compiled and eager gradients.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +39,17 @@ REDUCTIONS = ("mean", "sum", "none")
 
 # A chunk's logits buffer may cost this fraction of the fp32 [V, d] weight-gradient accumulator that
 # the fused loss holds anyway, so peak extra memory ≈ (1 + budget)·|d_weight| + |d_hidden|. Each
-# chunk adds a rank-`rows` update to all of d_weight, a pass over it, so larger chunks are faster:
-# 1/3 gives 512 rows for GPT-2 124M's head in bf16 (256 in fp32): 9.0 ms at 282 MiB on an H100
-# (docs/loss_gpu_notes.md has the sweep).
-CHUNK_BUDGET = 1 / 3
+# chunk adds a rank-`rows` update to all of d_weight, a read and a write of it, and small chunks
+# make small matmuls: on an H100 at N = 16384 (first kernel) the loss took 17.1 ms at 512 rows,
+# 12.2 at 2048, 11.4 at 4096, 11.1 at 8192 (docs/loss_gpu_notes.md). On CUDA 8/3 gives 4096 rows
+# for GPT-2 124M's head in bf16, at any vocabulary size. Elsewhere the budget stays 1/3 (256 rows
+# in fp32), where the CPU figures in the README were measured: memory is what it is for there.
+CHUNK_BUDGET = {"cuda": 8 / 3}
+DEFAULT_CHUNK_BUDGET = 1 / 3
 MIN_CHUNK_BYTES = 16 * 2**20  # smaller buffers save nothing that matters and make small matmuls
-_ADDMM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+# mm/addmm with an fp32 output from bf16 inputs (tensor cores, no upcast copies): CUDA, torch >= 2.8
+_HAVE_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out")
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -52,9 +64,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     "none" (fp32, or fp64 for fp64 inputs). impl: "chunked" (PyTorch), "triton" (the GPU kernel),
     "naive" (F.linear + F.cross_entropy), "torch" (F.linear_cross_entropy, torch >= 2.13), or
     "auto" (triton on CUDA when importable, else chunked). chunk_size: rows (tokens) per chunk of
-    the fused paths; None derives it from V, d and CHUNK_BUDGET. Under autocast the matmuls run
-    in the autocast dtype, as F.linear would; accumulation is fp32 and each gradient comes back in
-    its input's dtype.
+    the fused paths; None derives it from V, d and the device's CHUNK_BUDGET. Under autocast the
+    matmuls run in the autocast dtype, as F.linear would; accumulation is fp32 and each gradient
+    comes back in its input's dtype.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -73,7 +85,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"targets {tuple(targets.shape)} must be hidden's shape without its last "
                          f"dim, {tuple(hidden.shape[:-1])}")
     if impl == "auto":
-        impl = "triton" if hidden.is_cuda and _have_triton() else "chunked"
+        impl = "triton" if hidden.is_cuda and HAVE_TRITON else "chunked"
 
     h = hidden.reshape(-1, hidden.shape[-1])  # [N, d]
     t = targets.reshape(-1)  # [N]
@@ -83,19 +95,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     elif impl == "torch":
         loss = _torch_lce(h, weight, bias, t, ignore_index, reduction, z_loss, softcap, dtype)
     else:
-        if impl == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got "
-                             f"{hidden.device.type} ones")
-        step = _triton_step() if impl == "triton" else _torch_step_
-        rows = chunk_size or _chunk_rows(*weight.shape, dtype)
-        loss = _fused(h, weight, bias, t, ignore_index, reduction, z_loss, softcap, dtype, rows,
-                      step, torch.is_grad_enabled())
+        rows = chunk_size or _chunk_rows(*weight.shape, dtype, hidden.device.type)
+        grad = torch.is_grad_enabled()
+        need = [grad and x is not None and x.requires_grad for x in (h, weight, bias)]
+        softcap = None if softcap is None else float(softcap)
+        loss = torch.ops.minilm.linear_cross_entropy(h, weight, bias, t, reduction, ignore_index,
+                                                     float(z_loss), softcap, dtype, rows, impl,
+                                                     need)[0]
     return loss.view(targets.shape) if reduction == "none" else loss
-
-
-@torch.compiler.disable  # hand-fused already: under train.compile the model body is compiled,
-def _fused(*args):      # this runs eagerly (dynamo can't trace its fp32-output addmm)
-    return _FusedLinearCrossEntropy.apply(*args)
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -106,26 +113,24 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _chunk_rows(V: int, d: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the [rows, V] buffer may take CHUNK_BUDGET · |fp32 d_weight [V, d]| bytes
-    (or MIN_CHUNK_BYTES if more), i.e. rows = CHUNK_BUDGET · d · 4 / itemsize; a multiple of 16.
+def _chunk_rows(V: int, d: int, dtype: torch.dtype, device_type: str = "cpu") -> int:
+    """Rows per chunk: the [rows, V] buffer may take budget · |fp32 d_weight [V, d]| bytes (or
+    MIN_CHUNK_BYTES if more), i.e. rows = budget · d · 4 / itemsize; a multiple of 16.
     Independent of N: the budget is relative to memory the loss needs anyway."""
-    budget = max(CHUNK_BUDGET * V * d * 4, MIN_CHUNK_BYTES)
+    fraction = CHUNK_BUDGET.get(device_type, DEFAULT_CHUNK_BUDGET)
+    budget = max(fraction * V * d * 4, MIN_CHUNK_BYTES)
     return max(16, int(budget // (V * dtype.itemsize)) // 16 * 16)
 
 
-@cache
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _triton_step():
-    if not _have_triton():
+def _step_for(impl: str, device: torch.device):
+    """The per-chunk step: PyTorch ops ("chunked") or the Triton kernel ("triton")."""
+    if impl == "chunked":
+        return _torch_step_
+    if not HAVE_TRITON:
         raise RuntimeError("impl='triton' needs the triton package (pip install triton)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got "
+                         f"{device.type} ones")
     from minilm.kernels.cross_entropy import ce_step_
     return ce_step_
 
@@ -208,14 +213,19 @@ def _torch_step_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tenso
         logits.copy_(x)
 
 
-def _addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, acc in fp32 (or fp64) while a, b may be bf16/fp16."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.is_cuda and _ADDMM_OUT_DTYPE:  # tensor cores with an fp32 output, no temporary
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out = a @ b, or out += a @ b (beta = 1, no separate zero-fill and add); out may be fp32
+    (or fp64) while a, b are bf16/fp16: on CUDA the matmul writes fp32 itself (out_dtype)."""
+    kw = {}
+    if a.dtype != out.dtype:
+        if out.is_cuda and _HAVE_OUT_DTYPE:
+            kw["out_dtype"] = out.dtype
+        else:
+            a, b = a.to(out.dtype), b.to(out.dtype)
+    if accumulate:
+        torch.addmm(out, a, b, out=out, **kw)
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        torch.mm(a, b, out=out, **kw)
 
 
 def _padded_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -229,12 +239,12 @@ def _padded_head(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.d
     Vp = -(-V // 64) * 64 if weight.is_cuda else V
     if Vp == V:
         return weight.to(dtype), None if bias is None else bias.to(dtype)
-    w = torch.zeros(Vp, d, dtype=dtype, device=weight.device)
-    w[:V] = weight
+    w = torch.empty(Vp, d, dtype=dtype, device=weight.device)
+    w[:V], w[V:] = weight, 0
     b = None
     if bias is not None:
-        b = torch.zeros(Vp, dtype=dtype, device=weight.device)
-        b[:V] = bias
+        b = torch.empty(Vp, dtype=dtype, device=weight.device)
+        b[:V], b[V:] = bias, 0
     return w, b
 
 
@@ -243,18 +253,20 @@ def _chunk_loop(step, hidden, weight, bias, targets, scale, ignore_index, z_loss
     """Walk the tokens in chunks of `rows`; returns the per-token loss [N] and the gradients
     flagged by need_*, each row of dloss weighted by scale [N]: d_hidden [N, d] (in `dtype`),
     d_weight [V, d] and d_bias [V] (fp32, or fp64 for fp64 inputs). Peak extra memory: the
-    gradients plus one [rows, V] logits buffer."""
+    gradients plus one [rows, V] logits buffer. One pass over each chunk gives its loss and all
+    its gradient contributions; nothing here waits for the device."""
     N, d = hidden.shape
     V = weight.shape[0]
     acc = torch.promote_types(dtype, torch.float32)
     opts = dict(device=hidden.device)
+    new = torch.zeros if N == 0 else torch.empty  # the first chunk writes d_weight and d_bias
     h = hidden.to(dtype)  # [N, d]: a copy only when dtypes differ
     w, b = _padded_head(weight, bias, dtype)  # [Vp, d], [Vp] with Vp >= V, zero rows past V
     Vp = w.shape[0]
     loss = torch.empty(N, dtype=acc, **opts)
     dh = torch.empty(N, d, dtype=dtype, **opts) if need_dh else None
-    dw = torch.zeros(Vp, d, dtype=acc, **opts) if need_dw else None
-    db = torch.zeros(V, dtype=acc, **opts) if need_db else None
+    dw = new(Vp, d, dtype=acc, **opts) if need_dw else None
+    db = new(V, dtype=acc, **opts) if need_db else None
     compute_grad = need_dh or need_dw or need_db
     buf = torch.empty(min(rows, N), Vp, dtype=dtype, **opts)
     for start in range(0, N, rows):
@@ -271,52 +283,109 @@ def _chunk_loop(step, hidden, weight, bias, targets, scale, ignore_index, z_loss
         if need_dh:
             torch.mm(zp, w, out=dh[start:end])  # [n, d]
         if need_dw:
-            _addmm_acc_(dw, zp.t(), h_c)  # += [Vp, n] @ [n, d]
+            _matmul_into(dw, zp.t(), h_c, accumulate=start > 0)  # (+)= [Vp, n] @ [n, d]
         if need_db:
-            db += z.sum(dim=0, dtype=acc)
+            if start == 0:
+                torch.sum(z, dim=0, dtype=acc, out=db)
+            else:
+                db += z.sum(dim=0, dtype=acc)
     dw = dw[:V] if dw is not None else None
     return loss, dh, dw, db
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Chunked loss. For "mean"/"sum" the forward pass computes the gradients too, and backward
-    scales them in place by grad_output and hands them over. Backward recomputes them with the
-    chunk loop instead for "none" (the per-token grad_output must weight each row before the sum
-    over tokens) and for a second backward through the same graph (retain_graph, gradcheck).
-    For that it saves its inputs: hidden [N, d] stays alive until backward, nothing is copied."""
+# --- The registered operator ------------------------------------------------------------------
+#
+# minilm::linear_cross_entropy(hidden [N, d], weight [V, d], bias [V]?, targets [N], ...)
+#   -> (loss, d_hidden, d_weight, d_bias)
+# loss: the reduced scalar, or [N] for "none". For "mean"/"sum" the gradients of that loss wrt the
+# inputs flagged by need_grads come out of the same pass (empty [0] tensors for the others, and
+# for "none"); its backward scales them by grad_output. For "none" the backward recomputes them
+# through minilm::linear_cross_entropy_backward, with the per-token grad_output as row weights.
+# Explicit schemas: stable across torch versions, unlike inference from annotations.
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, z_loss, softcap, dtype,
-                rows, step, grad_enabled):
-        inputs = (hidden, weight, bias)
-        need = [grad_enabled and reduction != "none" and n for n in ctx.needs_input_grad[:3]]
-        acc = torch.promote_types(dtype, torch.float32)
-        if reduction == "mean":  # a device tensor: no host sync
-            factor = (targets != ignore_index).sum().to(acc).clamp(min=1).reciprocal()
-        else:
-            factor = torch.ones((), dtype=acc, device=hidden.device)
-        ctx.args, ctx.step = (ignore_index, z_loss, softcap, dtype, rows), step
-        ctx.save_for_backward(*inputs, targets, factor)
-        with torch.autocast(hidden.device.type, enabled=False):
-            loss, *grads = _chunk_loop(step, *inputs, targets, factor.expand(len(targets)),
-                                       *ctx.args, *need)
-        ctx.grads = _like(grads, inputs) if any(need) else None
-        return loss if reduction == "none" else loss.sum() * factor
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        nones = (None,) * 9
-        if ctx.grads is not None:  # first backward of "mean"/"sum": hand over without a copy
-            grads, ctx.grads = ctx.grads, None
-            return (*(None if g is None else g.mul_(grad_output) for g in grads), *nones)
-        *inputs, targets, factor = ctx.saved_tensors
-        with torch.autocast(targets.device.type, enabled=False):
-            scale = (grad_output * factor).to(factor.dtype).expand(len(targets))  # [N]
-            _, *grads = _chunk_loop(ctx.step, *inputs, targets, scale, *ctx.args,
-                                    *ctx.needs_input_grad[:3])
-        return (*_like(grads, inputs), *nones)
+_ARGS = ("int ignore_index, float z_loss, float? softcap, ScalarType dtype, int rows, str impl, "
+         "bool[] need_grads")
 
 
-def _like(grads, inputs):
-    """Each gradient in its input's dtype (None stays None)."""
-    return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs))
+@torch.library.custom_op(
+    "minilm::linear_cross_entropy", mutates_args=(),
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, str reduction, {_ARGS})"
+           " -> (Tensor, Tensor, Tensor, Tensor)")
+def _fused_op(hidden, weight, bias, targets, reduction, ignore_index, z_loss, softcap, dtype, rows,
+              impl, need_grads):
+    acc = torch.promote_types(dtype, torch.float32)
+    if reduction == "mean":  # a device tensor: no host sync
+        factor = (targets != ignore_index).sum().to(acc).clamp(min=1).reciprocal()
+    else:
+        factor = torch.ones((), dtype=acc, device=hidden.device)
+    need = [reduction != "none" and n for n in need_grads]
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, *grads = _chunk_loop(_step_for(impl, hidden.device), hidden, weight, bias, targets,
+                                   factor.expand(len(targets)), ignore_index, z_loss, softcap,
+                                   dtype, rows, *need)
+    loss = loss if reduction == "none" else loss.sum() * factor
+    return loss, *_like(grads, hidden, weight, bias)
+
+
+@torch.library.custom_op(
+    "minilm::linear_cross_entropy_backward", mutates_args=(),
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor grad_loss, "
+           f"{_ARGS}) -> (Tensor, Tensor, Tensor)")
+def _fused_backward_op(hidden, weight, bias, targets, grad_loss, ignore_index, z_loss, softcap,
+                       dtype, rows, impl, need_grads):
+    """The gradients of sum_i grad_loss[i] · loss_i, recomputed chunk by chunk."""
+    acc = torch.promote_types(dtype, torch.float32)
+    with torch.autocast(hidden.device.type, enabled=False):
+        _, *grads = _chunk_loop(_step_for(impl, hidden.device), hidden, weight, bias, targets,
+                                grad_loss.to(acc), ignore_index, z_loss, softcap, dtype, rows,
+                                *need_grads)
+    return _like(grads, hidden, weight, bias)
+
+
+def _like(grads, hidden, weight, bias):
+    """Each gradient in its input's dtype; an empty [0] tensor for one not computed."""
+    return tuple(hidden.new_empty(0) if g is None else g.to(x.dtype)
+                 for g, x in zip(grads, (hidden, weight, bias)))
+
+
+@_fused_op.register_fake
+def _(hidden, weight, bias, targets, reduction, ignore_index, z_loss, softcap, dtype, rows, impl,
+      need_grads):
+    acc = torch.promote_types(dtype, torch.float32)
+    loss = hidden.new_empty(hidden.shape[:1] if reduction == "none" else (), dtype=acc)
+    need = [reduction != "none" and n for n in need_grads]
+    return loss, *_fake_grads(hidden, weight, bias, need)
+
+
+@_fused_backward_op.register_fake
+def _(hidden, weight, bias, targets, grad_loss, ignore_index, z_loss, softcap, dtype, rows, impl,
+      need_grads):
+    return _fake_grads(hidden, weight, bias, need_grads)
+
+
+def _fake_grads(hidden, weight, bias, need):
+    return tuple(x.new_empty(x.shape) if n else hidden.new_empty(0)
+                 for x, n in zip((hidden, weight, bias), need))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, reduction, *args = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.reduction, ctx.args = reduction, args[:-1]  # need_grads comes from ctx in backward
+    if reduction == "none":  # recomputed in backward: keep the inputs (no copies)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+    else:  # computed already: keep the gradients
+        ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_):
+    need = list(ctx.needs_input_grad[:3])
+    if ctx.reduction == "none":
+        grads = torch.ops.minilm.linear_cross_entropy_backward(*ctx.saved_tensors, grad_loss,
+                                                               *ctx.args, need)
+    else:  # out of place: a second backward through a retained graph scales them again
+        grads = [g * grad_loss if n else None for g, n in zip(ctx.saved_tensors, need)]
+    return *(g if n else None for g, n in zip(grads, need)), *(None,) * 9
+
+
+_fused_op.register_autograd(_backward, setup_context=_setup_context)

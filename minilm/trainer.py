@@ -60,6 +60,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """auto: torch.compile on CUDA (where it pays, as nanoGPT does), eager elsewhere."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 def configure_optimizer(model: torch.nn.Module, t: TrainConfig,
                         device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D weights (matrices, embeddings) only, not biases or norms."""
@@ -166,14 +171,16 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
         tracker.info(f"resuming from {ckpt} at step {step}")
 
     counts = model.param_counts()
+    compile_model = resolve_compile(cfg.train.compile, device)
     tracker.info(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts}), "
                  f"device {device}, dtype {str(dtype).removeprefix('torch.')}"
+                 + (", compiled" if compile_model else "")
                  + (f", {ddp.world_size} processes" if ddp.world_size > 1 else ""))
     if ddp.is_main:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     raw_model = model
-    if cfg.train.compile:
+    if compile_model:
         model = torch.compile(model)
     if ddp.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(

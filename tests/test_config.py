@@ -27,6 +27,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     (["--train.dtype=fp8"], "train.dtype: invalid choice 'fp8' \\(allowed: auto, float32"),
     (["--loss.impl=fast"], "loss.impl: invalid choice 'fast'"),
     (["--train.device=tpu"], "train.device: invalid choice 'tpu'"),
+    (["--train.compile=sometimes"], "train.compile: invalid choice 'sometimes' \\(allowed: auto"),
     (["--model.n_embd=30", "--model.n_head=4"], "divisible"),
     (["--data.val_fraction=1.5"], "data.val_fraction must be in"),
     (["train.max_iters=5"], "expected --section.key=value"),

@@ -12,7 +12,7 @@ from conftest import ROOT, tiny_overrides
 from minilm.checkpoint import CheckpointError, load_model
 from minilm.config import ConfigError, load_config
 from minilm.tracking import read_metrics as read_records
-from minilm.trainer import batch_generator, lr_at
+from minilm.trainer import batch_generator, lr_at, resolve_compile
 from minilm.trainer import train as train_run
 
 
@@ -82,6 +82,14 @@ def test_missing_and_corrupt_checkpoints_are_one_line_errors(corpus_file, tmp_pa
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt checkpoint .*model.safetensors"):
         load_model(tmp_path / "out" / "last")
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    assert load_config(None, []).train.compile == "auto"
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_compile("auto", cuda) and not resolve_compile("auto", cpu)
+    assert resolve_compile(True, cpu) and not resolve_compile(False, cuda)
+    assert load_config(None, ["--train.compile=false"]).train.compile is False
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
