@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from minilm.cli import run_cli, split_config_args
-from minilm.config import Config, ConfigError, build, load_config, merge_overrides, validate
+from minilm.config import (Config, ConfigError, build, flatten, load_config, merge_overrides,
+                           validate)
 from minilm.data import prepare
 from minilm.report import write_report
 from minilm.trainer import train
@@ -69,17 +70,6 @@ def seed_list(seeds: Any, base_seed: int) -> list[int]:
                       f"seeds, got {seeds!r}")
 
 
-def _flatten(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"bias": False}, "train.seed": 1} -> {"model.bias": False, "train.seed": 1}."""
-    flat = {}
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def arm_overrides(arms: Any) -> dict[str, dict[str, Any]]:
     """ablation.arms, checked, each arm's overrides flattened to dotted keys."""
     if not isinstance(arms, dict) or not arms:
@@ -92,7 +82,7 @@ def arm_overrides(arms: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(overrides, dict | None):
             raise ConfigError(f"ablation.arms.{arm}: expected a mapping of overrides, "
                               f"got {overrides!r}")
-        out[str(arm)] = _flatten(overrides or {})
+        out[str(arm)] = flatten(overrides or {})
     return out
 
 

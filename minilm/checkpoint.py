@@ -3,12 +3,14 @@
 A folder holds model.safetensors (weights; a tied matrix is one tensor), optimizer.pt, rng.pt and
 state.json (resolved config, model config, tokenizer, step, best val loss). It is written as
 <name>.tmp and renamed into place, so a crash never leaves a half checkpoint under a real name.
+load_model also reads Hugging Face GPT-2 folders and hub ids (through minilm.hf).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -81,7 +83,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (candidate / "state.json").is_file():
             return candidate
     raise CheckpointError(f"no checkpoint found at {path} (expected state.json there or in "
-                          f"{path}/best or {path}/last)")
+                          f"{path}/best or {path}/last, or a Hugging Face config.json)")
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -111,10 +113,37 @@ def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return optimizer, rng
 
 
-def load_model(ckpt: str | Path, device: str | torch.device = "cpu"
+def looks_like_hub_id(source: str) -> bool:
+    """'gpt2' or 'owner/name', and not a path: no leading . / ~, no file suffix, no local first
+    folder (so a mistyped out/run is reported as a missing path, not looked up on the hub)."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", source):
+        return False
+    if Path(source).suffix in (".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml", ".ckpt"):
+        return False
+    return "/" not in source or not Path(source.split("/")[0]).is_dir()
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu"
                ) -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    """Model (eval mode), tokenizer and state of a checkpoint, for generation."""
-    path = resolve_checkpoint(ckpt)
+    """Model (eval mode), tokenizer and state, for generation, evaluation or fine-tuning.
+
+    source: a minilm checkpoint folder or a run's out_dir; a Hugging Face GPT-2 folder (config.json
+    + model.safetensors or pytorch_model.bin); or a hub id ('gpt2', 'openai-community/gpt2-medium').
+    state: a minilm checkpoint's state.json (config, tokenizer, step, ...); for Hugging Face models
+    {source, format: 'huggingface', path, hf_config, model_config, tokenizer, logit_softcap}.
+    """
+    from minilm import hf  # hf imports CheckpointError from here
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        if isinstance(source, str) and looks_like_hub_id(source):
+            model, tokenizer, state = hf.load_hub_model(source)
+            return model.to(device), tokenizer, state
+        raise CheckpointError(f"no checkpoint found at {path}: no such file or folder")
+    if hf.is_hf_folder(path) and not (path / "state.json").is_file():
+        model, tokenizer, state = hf.load_folder(path)
+        return model.to(device), tokenizer, state
+    path = resolve_checkpoint(path)
     state = read_state(path)
     try:
         model = GPT(GPTConfig(**state["model_config"]))

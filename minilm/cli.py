@@ -52,8 +52,9 @@ def train_main(argv: list[str]) -> None:
     if argv[:1] in (["-h"], ["--help"]):
         print(TRAIN_USAGE)
         return
-    path, overrides = split_config_args(argv, DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    train(load_config(path, overrides))
+    default = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+    path, overrides = split_config_args(argv, default)
+    train(load_config(path, overrides, default_file=path is default))
 
 
 def train_entry() -> None:
@@ -64,6 +65,13 @@ def train_entry() -> None:
 def generate_entry() -> None:
     """Console script `minilm-generate`."""
     from minilm.generate_cli import main
+
+    sys.exit(run_cli(main))
+
+
+def export_entry() -> None:
+    """Console script `minilm-export`."""
+    from minilm.export import main
 
     sys.exit(run_cli(main))
 

@@ -36,6 +36,7 @@ class ModelConfig:
     bias: bool = True
     tie_embeddings: bool = True
     lm_head_bias: bool = False
+    layer_norm_eps: float = 1e-5
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, **dataclasses.asdict(self))
@@ -74,6 +75,7 @@ class TrainConfig:
     compile: Literal["auto", True, False] = "auto"  # auto: on for CUDA, off elsewhere
     seed: int = 1337
     resume: bool = False
+    init_from: str = "scratch"  # scratch | a minilm checkpoint | an HF GPT-2 folder | a hub id
 
 
 @dataclass
@@ -217,12 +219,38 @@ def merge_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> Any:
-    """The resolved config: defaults <- YAML file <- command-line overrides, validated."""
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"bias": False}, "train.seed": 1} -> {"model.bias": False, "train.seed": 1}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config,
+                default_file: bool = False) -> Any:
+    """The resolved config: defaults <- YAML file <- command-line overrides, validated.
+    default_file: the file is the CLI's default, not the user's choice (see given_keys)."""
     values = load_yaml(path) if path else {}
-    cfg = build(cls, merge_overrides(values, list(overrides)))
+    given = {} if default_file else values
+    values = merge_overrides(values, list(overrides))
+    cfg = build(cls, values)
     validate(cfg)
+    cfg._given = frozenset(flatten(merge_overrides(given, list(overrides))))  # see given_keys
     return cfg
+
+
+def given_keys(cfg: Config) -> frozenset[str]:
+    """Dotted keys the user set (their YAML file or overrides), as opposed to defaults: train.init_from
+    takes the model's shape from its source unless the user set a key. For a Config built in code,
+    the keys whose value differs from the default."""
+    if hasattr(cfg, "_given"):
+        return cfg._given
+    defaults = flatten(type(cfg)().to_dict())
+    return frozenset(k for k, v in flatten(cfg.to_dict()).items() if defaults.get(k) != v)
 
 
 def validate(cfg: Config) -> None:
@@ -254,5 +282,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.chunk_size must be > 0, got {cfg.loss.chunk_size}")
     if cfg.loss.z_loss < 0:
         raise ConfigError(f"loss.z_loss must be >= 0, got {cfg.loss.z_loss}")
+    if not t.init_from:
+        raise ConfigError("train.init_from must be 'scratch', a checkpoint, an HF folder or a hub id")
     if cfg.loss.softcap is not None and cfg.loss.softcap <= 0:
         raise ConfigError(f"loss.softcap must be > 0, got {cfg.loss.softcap}")

@@ -3,6 +3,7 @@
     python generate.py --ckpt out --prompt "ROMEO:" --max_new_tokens 200 --temperature 0.8
     python generate.py --ckpt out --prompt "ROMEO:" --json --logprobs 5 --num_samples 3
     python generate.py --ckpt out --prompt "ROMEO:" --top_p 0.9 --show_distribution
+    python generate.py --ckpt gpt2 --prompt "The meaning of life is"       # Hugging Face GPT-2
 
 Defaults follow nanoGPT's sample.py (temperature 0.8, top-k 200, seed 1337, prompt "\\n",
 500 new tokens) except one sample instead of ten. Sample i uses seed + i, so a sample does not
@@ -39,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="generate.py", description="Sample text from a minilm checkpoint.")
-    p.add_argument("--ckpt", required=True, help="checkpoint folder, or a run's out_dir")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint folder, a run's out_dir, a Hugging Face GPT-2 folder or a hub "
+                        "id such as gpt2 or distilbert/distilgpt2")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     src.add_argument("--prompt_file", help="read the prompt from this file")

@@ -24,6 +24,7 @@ from minilm.checkpoint import (copy_checkpoint, load_training_state, load_weight
 from minilm.config import Config, ConfigError, TrainConfig
 from minilm.data import PreparedData, get_batch, prepare
 from minilm.device import resolve_device
+from minilm.finetune import initial_model, resolve_init_from
 from minilm.model import GPT
 from minilm.tracking import Timer, Tracker, make_tracker
 
@@ -140,6 +141,7 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     ckpt = out_dir / "last"
     if cfg.train.resume and not (ckpt / "state.json").is_file():
         raise ConfigError(f"train.resume: no checkpoint to resume from in {ckpt}")
+    source = resolve_init_from(cfg)  # train.init_from: the source's shape and tokenizer enter cfg
     tracker = tracker or make_tracker(cfg, enabled=ddp.is_main)
 
     # Data: rank 0 prepares, the others wait and then read the cached files.
@@ -152,8 +154,10 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
         data = prepare(**data_args, log=lambda *_: None)
 
     torch.manual_seed(cfg.train.seed + ddp.rank)
-    model = GPT(cfg.model.gpt_config(data.vocab_size))
-    model.logit_softcap = cfg.loss.softcap
+    model = initial_model(cfg, data, source)
+    if source is not None and source.model is not None:
+        tracker.info(f"initialised from {source.label}")
+    del source  # the source's own copy of the weights
     model.to(device)
     optimizer = configure_optimizer(model, cfg.train, device)
     step, best_val = 0, float("inf")

@@ -1,0 +1,105 @@
+"""train.init_from: start training from a pretrained model, as nanoGPT's init_from.
+
+The source (a minilm checkpoint or out_dir, a Hugging Face GPT-2 folder, a hub id) decides the
+model's shape, its tokenizer and its logit soft-cap. Those enter the run's config, so config.yaml
+and every checkpoint describe the model truthfully. A model.* key, data.tokenizer or loss.softcap
+that the user set and that contradicts the source is a one-line ConfigError naming both values;
+model.dropout is free (it only acts in training), and model.block_size may be set smaller (the
+position table is cropped, as nanoGPT's crop_block_size). The optimizer starts fresh.
+
+When the run resumes (train.resume), the source is the out_dir's own last checkpoint: its config
+gives the shape, and the trainer's resume loads its weights and optimizer state as for any run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from minilm.checkpoint import CheckpointError, load_model, read_state
+from minilm.config import Config, ConfigError, ModelConfig, given_keys
+from minilm.data import PreparedData
+from minilm.model import GPT
+
+# What the source decides: every model key but dropout, the tokenizer and the soft-cap.
+SHAPE_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name != "dropout")
+
+
+@dataclass
+class Source:
+    label: str  # for messages: "train.init_from 'gpt2'"
+    tokenizer: dict[str, Any]  # the source's Tokenizer.to_dict()
+    model: GPT | None  # None when resuming: out_dir/last supplies the weights
+
+
+def tokenizer_name(description: dict[str, Any]) -> str:
+    """data.tokenizer's value for a Tokenizer.to_dict() description."""
+    return "char" if description.get("type") == "char" else str(description.get("name"))
+
+
+def resolve_init_from(cfg: Config) -> Source | None:
+    """Load train.init_from's source and write its shape, tokenizer and soft-cap into cfg (the
+    user's contradicting keys are errors). None for train.init_from: scratch."""
+    if cfg.train.init_from == "scratch":
+        return None
+    if cfg.train.resume:
+        ckpt = Path(cfg.out_dir) / "last"
+        state = read_state(ckpt)
+        try:
+            saved = state["config"]
+            values = {key: saved["model"][key.split(".")[1]] for key in SHAPE_KEYS
+                      if key.split(".")[1] in saved["model"]}
+            values["loss.softcap"] = saved["loss"]["softcap"]
+            source = Source(f"the checkpoint {ckpt}", state["tokenizer"], None)
+        except (KeyError, TypeError):
+            raise CheckpointError(f"corrupt checkpoint {ckpt}: state.json has no run "
+                                  "config") from None
+    else:
+        model, tokenizer, _ = load_model(cfg.train.init_from, "cpu")
+        values = {key: getattr(model.config, key.split(".")[1]) for key in SHAPE_KEYS}
+        values["loss.softcap"] = model.logit_softcap
+        source = Source(f"train.init_from {cfg.train.init_from!r}", tokenizer.to_dict(), model)
+    values["data.tokenizer"] = tokenizer_name(source.tokenizer)
+    _adopt(cfg, values, source.label)
+    return source
+
+
+def _adopt(cfg: Config, values: dict[str, Any], label: str) -> None:
+    """cfg.<section>.<key> = value for each dotted key, unless the user set it: then it must agree
+    (a smaller model.block_size is allowed: the positions are cropped)."""
+    given = given_keys(cfg)
+    for key, value in values.items():
+        section, name = key.split(".")
+        mine = getattr(getattr(cfg, section), name)
+        if key not in given:
+            setattr(getattr(cfg, section), name, value)
+        elif key == "model.block_size" and mine > value:
+            raise ConfigError(f"{key} is {mine!r} but {label} has {value!r} (it has no position "
+                              f"embeddings beyond: leave {key} out or set it to at most {value!r})")
+        elif mine != value and key != "model.block_size":
+            raise ConfigError(f"{key} is {mine!r} but {label} has {value!r} (the source decides "
+                              f"it: leave {key} out or set it to {value!r})")
+
+
+def initial_model(cfg: Config, data: PreparedData, source: Source | None) -> GPT:
+    """The model training starts from: new weights (scratch, or a resume, whose weights the trainer
+    loads next) or the source's, once the data's tokenizer is checked to be the source's."""
+    model = GPT(cfg.model.gpt_config(data.vocab_size))
+    model.logit_softcap = cfg.loss.softcap
+    if source is None or source.model is None:
+        return model
+    ours, theirs = data.meta["tokenizer"], source.tokenizer
+    if ours != theirs:  # same name (checked by _adopt), so two char vocabularies
+        a, b = ours.get("chars", ""), theirs.get("chars", "")
+        odd = sorted(set(a) ^ set(b))
+        raise ConfigError(f"data.source {cfg.data.source!r} has a char vocabulary of {len(a)} "
+                          f"characters but {source.label} has {len(b)}"
+                          + (f" ({odd[0]!r} is in only one)" if odd else "")
+                          + ": the same ids would mean different characters")
+    weights = source.model.state_dict()
+    wpe = "transformer.wpe.weight"
+    weights[wpe] = weights[wpe][:cfg.model.block_size]  # crop to a smaller block_size
+    model.load_state_dict(weights)
+    return model
