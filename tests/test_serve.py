@@ -433,3 +433,31 @@ def test_bad_arguments_exit_2(tmp_path, capsys, args, message):
     assert run_cli(serve_main, ["--ckpt", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.splitlines()) == 1
+
+
+def test_serves_a_hugging_face_gpt2_folder(tmp_path):
+    """Any source load_model reads: a transformers GPT-2 folder, served in-process (the app with
+    its engine thread); greedy tokens equal transformers' own generate."""
+    from fastapi.testclient import TestClient
+
+    from hf_models import gpt2_bpe, hf_gpt2
+    from minilm.generation import prepare_for_decoding
+    from minilm.serve.app import create_app
+
+    bpe = gpt2_bpe()
+    hf = hf_gpt2(tmp_path, vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    model, tokenizer, _ = load_model(tmp_path)
+    prompt = bpe.encode("The meaning of life is")
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+    with TestClient(create_app(prepare_for_decoding(model), tokenizer, "tiny-gpt2")) as http:
+        r = http.post("/v1/completions", json=dict(prompt="The meaning of life is", max_tokens=8,
+                                                   temperature=0, return_token_ids=True))
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        if bpe.eot_token in expected:  # the model stops at end-of-text
+            expected = expected[:expected.index(bpe.eot_token) + 1]
+        assert choice["token_ids"] == expected
+        assert choice["text"] == bpe.decode([t for t in expected if t != bpe.eot_token])
+        assert http.get("/v1/models").json()["data"][0]["id"] == "tiny-gpt2"
