@@ -317,7 +317,7 @@ async function showAlternatives(run, span) {
     const alt = document.createElement("div");
     alt.className = "alt" + (t.id === run.ids[pos] ? " chosen" : "") + (t.kept[last] ? "" : " removed");
     alt.innerHTML = `<span class="tok"></span><div class="bar"><i style="width:${t.probs[last] * 100}%"></i></div>` +
-      `<span>${fmt(t.probs[last])}</span><span class="muted">raw ${fmt(t.probs[0])}</span>`;
+      `<span>${t.kept[last] ? fmt(t.probs[last]) : "—"}</span><span class="muted">raw ${fmt(t.probs[0])}</span>`;
     alt.querySelector(".tok").textContent = visible(t.text);
     alt.addEventListener("click", () => continueFrom(run, pos, t.id));
     tip.append(alt);
