@@ -230,30 +230,58 @@ class RunningBatch:
         """The Requests with rows in the batch, in slot order."""
         return list(dict.fromkeys(request for request, _ in self.slots))
 
-    @torch.inference_mode()
     def admit(self, request: Request) -> Step | None:
         """Prefill the request's prompts into free slots and draw their first tokens: its first
         Step. Its unfinished rows decode with the others from the next step() on. Returns None
         when it asks for no token, and raises what sampling raised (the batch is left as it was).
         """
-        n = len(request.prompts)
+        (outcome,) = self.admit_many([request])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    @torch.inference_mode()
+    def admit_many(self, requests: Sequence[Request]) -> list[Step | Exception | None]:
+        """admit() for several requests with one prefill (a burst of arrivals costs one forward,
+        not one each): per request its first Step, None when it asks for no token, or the
+        exception its first draw raised (then it is not in the batch; the others are)."""
+        n = sum(len(r.prompts) for r in requests if r.max_new_tokens)
         if n > self.free_rows:
             raise ValueError(f"{n} rows do not fit in the {self.free_rows} free rows of the batch")
-        if request.max_new_tokens == 0:
-            return None
-        windows = [p[-self.block_size:] for p in request.prompts]
+        todo = [r for r in requests if r.max_new_tokens]
+        windows = [p[-self.block_size:] for r in todo for p in r.prompts]
+        if not windows:
+            return [None] * len(requests)
         if max(map(len, windows)) > self.cache.max_len:
             raise ValueError(f"a prompt of {max(map(len, windows))} tokens does not fit in the "
                              f"cache's {self.cache.max_len} columns")
         first = len(self.slots)
         logits = _prefill(self.model, windows, self.cache.rows(first, first + n))  # [n, V]
-        request._start()
-        step = request._sample(logits)
-        self.slots += [(request, row) for row in range(n)]
-        self.lengths += [len(w) for w in windows]
-        self.last = torch.cat([self.last, step.tokens])
+        outcomes: dict[int, Step | Exception] = {}
+        start = 0  # the request's rows in logits; its slots follow the requests admitted before
+        for request in todo:
+            end = start + len(request.prompts)
+            try:
+                request._start()
+                step = request._sample(logits[start:end])
+            except (ValueError, RuntimeError) as e:
+                request.error = e
+                request._keep([])
+                outcomes[id(request)] = e
+            else:
+                outcomes[id(request)] = step
+                slot = len(self.slots)
+                if slot != first + start:  # a request before it failed: move its rows down
+                    width = max(map(len, windows[start:end]))
+                    for t in (self.cache.k, self.cache.v):  # [n_layer, rows, n_head, cols, hd]
+                        t[:, slot:slot + end - start, :, :width] = \
+                            t[:, first + start:first + end, :, :width].clone()
+                self.slots += [(request, row) for row in range(end - start)]
+                self.lengths += [len(w) for w in windows[start:end]]
+                self.last = torch.cat([self.last, step.tokens])
+            start = end
         self._compact()
-        return step
+        return [outcomes.get(id(r)) for r in requests]
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, Step | Exception]]:

@@ -358,3 +358,24 @@ def test_next_token_table_against_float64_softmax(model):
         assert table.probs[i] == pytest.approx([float(q[t]) for q in probs], abs=1e-9)
         assert table.kept[i] == [bool(z[t] > float("-inf")) for z in stages]
     assert sum(k[-1] for k in table.kept[:6]) == min(6, kept)
+
+
+def test_admitting_several_requests_with_one_prefill():
+    """admit_many: one prefill for a burst; a request whose first draw fails is left out and the
+    rows of the ones after it move down; each admitted one decodes as alone."""
+    model = tiny_model(block_size=32, seed=4)
+    stack = SamplerStack.from_settings(temperature=1.3, top_k=12)
+    ban_all = SamplerStack.from_settings(logit_bias={t: float("-inf") for t in range(V)})
+    a = Request(model, [PROMPTS[1], PROMPTS[2]], 15, sampler=stack, seed=[1, 2])
+    bad = Request(model, [PROMPTS[0]], 15, sampler=ban_all, seed=[3])
+    none = Request(model, [PROMPTS[0]], 0)
+    c = Request(model, [PROMPTS[3]], 9, sampler=stack, seed=[4])
+    batch = RunningBatch(model, max_rows=4)
+    outcomes = batch.admit_many([a, bad, none, c])
+    assert outcomes[2] is None and isinstance(outcomes[1], ValueError) and bad.error is outcomes[1]
+    assert [r for r, _ in batch.slots] == [a, a, c]
+    while batch.slots:
+        batch.step()
+    assert a.generated == tokens_of(complete(model, [PROMPTS[1], PROMPTS[2]], 15, sampler=stack,
+                                             seed=[1, 2]))
+    assert c.generated == tokens_of(complete(model, [PROMPTS[3]], 9, sampler=stack, seed=4))

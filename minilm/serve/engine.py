@@ -6,8 +6,9 @@
     table = await engine.call(fn)            # fn() on the engine thread, between two steps
 
 The thread loops: take what the event loop sent, drop cancelled requests, admit waiting ones while
-their rows fit (each one's prefill, then its first tokens), then one decode step of every running
-row. So a newcomer waits at most one step before its prefill and joins the next step after it.
+their rows fit (one prefill for those that came together, then their first tokens), then one
+decode step of every running row. So a newcomer waits at most one step before its prefill and
+joins the next step after it.
 Sampling errors end their own request only; an error of the shared forward pass ends every
 running request, and the engine goes on with a fresh batch. Torch releases the GIL inside its
 kernels, so the event loop stays responsive while the thread computes.
@@ -156,17 +157,41 @@ class Engine:
                 self._finish(stream, None)
 
     def _admit(self) -> None:
-        """Admit waiting requests in arrival order while the first one's rows fit."""
-        while self._waiting and self._waiting[0].rows <= self.batch.free_rows:
-            stream = self._waiting.popleft()
-            try:
-                step = self.batch.admit(stream.request)
-            except Exception as e:  # its own prompts or settings: only this request fails
-                log.warning("request failed at admission: %s", e)
-                stream._put(e)
-                continue
-            self._streams[stream.request] = stream
-            self._deliver(stream, step)
+        while self._waiting and self._admit_group():
+            pass
+
+    def _admit_group(self) -> bool:
+        """Admit waiting requests in arrival order while their rows fit, with one prefill for
+        all (unless right-padding them to the longest prompt would more than double its work).
+        Whether any was admitted."""
+        group: list[Stream] = []
+        rows = tokens = longest = 0
+        for stream in self._waiting:
+            prompts = stream.request.prompts
+            window = min(max(map(len, prompts)), self.batch.block_size)
+            new_rows, new_longest = rows + len(prompts), max(longest, window)
+            new_tokens = tokens + sum(min(len(p), self.batch.block_size) for p in prompts)
+            if new_rows > self.batch.free_rows or (group and new_rows * new_longest > 2 * new_tokens):
+                break
+            group.append(stream)
+            rows, tokens, longest = new_rows, new_tokens, new_longest
+        if not group:
+            return False
+        for _ in group:
+            self._waiting.popleft()
+        try:
+            outcomes = self.batch.admit_many([s.request for s in group])
+        except Exception as e:  # the prefill itself: these requests fail, the batch goes on
+            log.exception("prefill failed for %d requests", len(group))
+            outcomes = [e] * len(group)
+        for stream, outcome in zip(group, outcomes):
+            if isinstance(outcome, Exception):
+                log.warning("request failed at admission: %s", outcome)
+                stream._put(outcome)
+            else:
+                self._streams[stream.request] = stream
+                self._deliver(stream, outcome)
+        return True
 
     def _step(self) -> None:
         try:
