@@ -11,5 +11,6 @@ config_packages = sorted({".".join(("minilm", *p.parent.parts))
 setup(
     packages=find_namespace_packages(include=["minilm", "minilm.*"]) + config_packages,
     package_dir={"minilm.configs": "configs"},
-    package_data={package: ["*.yaml"] for package in config_packages},
+    package_data={**{package: ["*.yaml"] for package in config_packages},
+                  "minilm.serve": ["static/*"]},  # the explorer page
 )

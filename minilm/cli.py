@@ -123,3 +123,10 @@ def eval_entry() -> None:
     from minilm.eval_cli import main
 
     sys.exit(run_cli(main))
+
+
+def serve_entry() -> None:
+    """Console script `minilm-serve`."""
+    from minilm.serve.cli import main
+
+    sys.exit(run_cli(main))

@@ -23,13 +23,12 @@ import torch
 from minilm.checkpoint import load_model
 from minilm.cli import ArgumentParser
 from minilm.device import DEVICE_NAMES, resolve_device
-from minilm.generation import Completion, complete, generate, next_token_stages
-from minilm.sampling import DEFAULT_ORDER, ORDERS, SamplerStack
-from minilm.tokenizer import Tokenizer, read_text
+from minilm.generation import Completion, NextTokenTable, complete, generate, next_token_table
+from minilm.sampling import DEFAULT_ORDER, ORDERS, SamplerStack, user_logit_bias
+from minilm.tokenizer import TextStream, Tokenizer, read_text
 
-BAN = -100.0  # a --logit_bias of -100 bans the token (OpenAI)
-SHOWN = 10  # tokens per stage in --show_distribution
-BAR = 40  # characters of a probability-1 bar
+SHOWN = 10  # tokens in --show_distribution's table
+BAR = 20  # characters of a probability-1 bar
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,14 +81,14 @@ def main(argv: list[str]) -> int | None:
     model, tokenizer, _ = load_model(args.ckpt, resolve_device(args.device, key="--device"))
     ids = tokenizer.encode(prompt)
     order = args.order if args.order in ORDERS else [s.strip() for s in args.order.split(",")]
+    logit_bias = parse_logit_bias(args.logit_bias, tokenizer)
     sampler = SamplerStack.from_settings(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        logit_bias=parse_logit_bias(args.logit_bias, tokenizer), order=order,
-        vocab_size=model.config.vocab_size)
+        logit_bias=logit_bias, order=order, vocab_size=model.config.vocab_size)
     if args.show_distribution:
-        show_distribution(model, tokenizer, ids, sampler)
+        show_distribution(model, tokenizer, ids, sampler, include=list(logit_bias))
         return 0
     options = dict(sampler=sampler, eos_id=tokenizer.eot_token, stop=args.stop,
                    decode=tokenizer.decode)
@@ -125,8 +124,8 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def parse_logit_bias(text: str | None, tokenizer: Tokenizer) -> dict[int, float]:
-    """--logit_bias JSON → {token id: bias}. A key of digits is a token id, any other key a string
-    that must encode to one token; -100 becomes -inf (a ban), other values in [-100, 100] add."""
+    """--logit_bias JSON → {token id: bias} (sampling.user_logit_bias: a key of digits is a token
+    id, any other key a string that must encode to one token; -100 bans)."""
     if not text:
         return {}
     try:
@@ -135,22 +134,7 @@ def parse_logit_bias(text: str | None, tokenizer: Tokenizer) -> dict[int, float]
         raise ValueError(f"--logit_bias is not valid JSON ({e.msg} at character {e.pos})") from None
     if not isinstance(raw, dict):
         raise ValueError("--logit_bias must be a JSON object such as '{\"1234\": -100}'")
-    bias = {}
-    for key, value in raw.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not -100 <= value <= 100:
-            raise ValueError(f"--logit_bias value for {key!r} must be a number in [-100, 100], "
-                             f"got {value!r}")
-        if key.isdigit():
-            token = int(key)
-        else:
-            ids = tokenizer.encode(key)
-            if len(ids) != 1:
-                raise ValueError(f"--logit_bias key {key!r} is {len(ids)} tokens {ids}, not one; "
-                                 "use a single-token string or a token id")
-            token = ids[0]
-        bias[token] = float("-inf") if value <= BAN else float(value)
-    return bias
+    return user_logit_bias(raw, tokenizer.encode, name="--logit_bias")
 
 
 def visible_tokens(tokens: list[int], tokenizer: Tokenizer) -> list[int]:
@@ -171,34 +155,38 @@ def to_json(r: Completion, tokenizer: Tokenizer) -> dict:
 
 
 def stream_text(steps, tokenizer: Tokenizer, out: TextIO = sys.stdout) -> None:
-    """Write one row's text as its tokens arrive. The whole text is decoded each time and the new
-    part written, holding back trailing U+FFFD: with byte-level BPE a character can span tokens,
-    and its first bytes alone decode to the replacement character."""
+    """Write one row's text as its tokens arrive (TextStream: never half a character)."""
     tokens: list[int] = []
-    written = 0
+    text = TextStream(tokenizer.decode)
     for step in steps:
         tokens.append(step.tokens.item())
-        text = tokenizer.decode(visible_tokens(tokens, tokenizer))
-        if step.finish_reasons[0] is None:
-            text = text.rstrip("\ufffd")
-        out.write(text[written:])
+        out.write(text.update(visible_tokens(tokens, tokenizer), step.finish_reasons[0] is not None))
         out.flush()
-        written = max(written, len(text))
     out.write("\n")
     out.flush()
 
 
 def show_distribution(model, tokenizer: Tokenizer, ids: list[int], sampler: SamplerStack,
-                      out: TextIO = sys.stdout) -> None:
-    """The SHOWN most likely next tokens, with probability bars, after each stage of the stack."""
-    V = model.config.vocab_size
-    for name, logits in next_token_stages(model, [ids], sampler):
-        z = logits[0].float()  # [V]
-        probs = torch.softmax(z, dim=-1)
-        kept = int((z > float("-inf")).sum())
-        title = "raw model distribution" if name == "raw" else f"after {name}"
-        print(f"{title} ({kept} of {V} tokens kept)", file=out)
-        top = probs.topk(min(SHOWN, kept))
-        for p, i in zip(top.values.tolist(), top.indices.tolist()):
-            print(f"  {i:>6} {tokenizer.decode([i])!r:<14} {p:6.3f} {'█' * round(p * BAR)}",
-                  file=out)
+                      include: list[int] = (), out: TextIO = sys.stdout) -> None:
+    """Print the next-token table: per stage how many tokens it keeps and its entropy, then the
+    SHOWN most likely tokens (and the logit-biased ones) with their probability after each stage
+    ("-" once removed) and a bar of the last one."""
+    print(render_table(next_token_table(model, ids, sampler, SHOWN, include), tokenizer), file=out)
+
+
+def render_table(table: NextTokenTable, tokenizer: Tokenizer) -> str:
+    names = ["raw (T = 1)" if s == "raw" else s for s in table.stages]
+    width = max(12, *map(len, names))
+    lines = [f"{'stage':<{width}}  {'kept':>13}  entropy"]
+    for name, kept, h in zip(names, table.n_kept, table.entropy):
+        lines.append(f"{name:<{width}}  {f'{kept} of {table.vocab_size}':>13}  {h:.3f} nats")
+    cols = [max(6, len(s)) for s in names]
+    lines.append("")
+    lines.append(f"{'id':>6}  {'token':<14}{'logit':>8}  " +
+                 "  ".join(f"{s:>{w}}" for s, w in zip(names, cols)))
+    for token, logit, probs, kept in zip(table.tokens, table.logits, table.probs, table.kept):
+        cells = "  ".join(f"{p:>{w}.3f}" if k else f"{'-':>{w}}"
+                          for p, k, w in zip(probs, kept, cols))
+        bar = "█" * round(probs[-1] * BAR) if kept[-1] else ""
+        lines.append(f"{token:>6}  {tokenizer.decode([token])!r:<14}{logit:>8.3f}  {cells}  {bar}")
+    return "\n".join(lines)

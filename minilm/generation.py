@@ -6,30 +6,43 @@
         step.rows, step.tokens, step.info.logprobs   # the rows still running and what each drew
     results = complete(model, prompts, 50, ...)      # the same, collected: a Completion per prompt
 
+Continuous batching (the server): a RunningBatch decodes the rows of any number of Requests
+together. A Request joins between two steps (`admit`: its own prefill, then its first tokens) and
+decodes with the others from the next step on; each row leaves when it finishes. generate() is one
+Request alone in a batch of its size.
+
+    batch = RunningBatch(model, max_rows=16)
+    first = batch.admit(Request(model, prompts, 50, sampler=stack, seed=[1, 2]))
+    while batch.requests:
+        for request, step in batch.step(): ...       # a Step, or the exception that ended it
+
 Whatever the caller did to the model before, generation runs it in eval mode (no dropout) and
-without autograd, and leaves its mode as it found it (a generator when it finishes or is closed);
-on CPU it switches the model to the weight layout that decodes fastest there
-(GPT.set_decode_layout) itself.
+without autograd, and leaves its mode as it found it: each prefill and step switches the mode for
+its own forward, never across a yield into the caller's code. On CPU it switches the model to the
+weight layout that decodes fastest there (GPT.set_decode_layout) itself.
 
 Choices where there were several:
 - `sampler=None` is greedy decoding (HF's default, do_sample=False): SamplerStack([Temperature(0)]).
-- Prompts of different lengths are left-padded; a key-padding mask hides the padding and each row's
-  position ids count its real tokens only, so a row computes what it would compute alone.
+- The KV cache is laid out per slot (vLLM's idea without the paging): the row in slot s holds its
+  window's keys and values at columns [0, length[s]), right-padded, and a decode step writes each
+  row's new token at its own column with its own position. So a row computes what it would compute
+  alone, and a newcomer is prefilled straight into a free slot, whatever the others' lengths.
 - `seed` is per request: an int gives *every* row a torch.Generator seeded with it, a list gives row
   i seed[i]. A row's tokens then depend only on its prompt and seed, never on the rest of the batch
   (so N samples of one prompt need N seeds, e.g. [s, s + 1, ...]). None uses torch's global RNG.
 - The returned tokens include the token that ended a row: the EOS token, or the last token of a stop
   sequence (as HF's generate and its stop_strings; strip them for display if wanted).
 - Past block_size the window slides as llama.cpp's context shift does: when a row's context would
-  exceed block_size, it is cropped to its last block_size // 2 tokens and the cache is re-filled, so
-  re-prefills are rare (one per block_size // 2 tokens). The penalties still see the whole history.
-- A row that finishes leaves the batch: its KV cache, history and generator are dropped, so later
-  steps cost what the remaining rows cost.
+  exceed block_size, it is cropped to its last block_size // 2 tokens and that row's slot is
+  re-filled, so re-prefills are rare (one per block_size // 2 tokens). The penalties still see the
+  whole history.
+- A row that finishes leaves the batch: the rows after it move down a slot, and its history and
+  generator are dropped, so later steps cost what the remaining rows cost.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -55,6 +68,17 @@ def greedy() -> SamplerStack:
 
 
 @dataclass
+class RowToken:
+    """One row's token of a Step, as plain Python values."""
+    row: int
+    token: int
+    logprob: float
+    processed_logprob: float
+    top: list[tuple[int, float]]  # (token, log-prob) of the top_ids; [] when logprobs=0
+    finish_reason: str | None
+
+
+@dataclass
 class Step:
     """One decoding step: the token each running row drew.
 
@@ -69,6 +93,15 @@ class Step:
     info: SampleInfo
     finish_reasons: list[str | None]
 
+    def row_tokens(self) -> list[RowToken]:
+        """The step row by row, in Python values (one host transfer per tensor)."""
+        info = self.info
+        tops = [[] for _ in self.rows] if info.top_ids is None else \
+            [list(zip(i, lp)) for i, lp in zip(info.top_ids.tolist(), info.top_logprobs.tolist())]
+        return [RowToken(*values) for values in zip(
+            self.rows, self.tokens.tolist(), info.logprobs.tolist(),
+            info.processed_logprobs.tolist(), tops, self.finish_reasons)]
+
 
 @dataclass
 class Completion:
@@ -80,53 +113,290 @@ class Completion:
     finish_reason: str = "length"
 
 
+class Request:
+    """Prompts that decode together with one sampler: a generate() call, or one prompt of a server
+    request with its n choices. The arguments are checked here (ValueError), before any step.
+
+    It holds what each row generated, the History of its running rows (what the penalties read)
+    and their generators; a RunningBatch decodes it. `error` is the exception that ended it early
+    (a row with no token left to sample), `cancelled` says that its caller went away.
+    """
+
+    def __init__(self, model: GPT, prompt_ids: Prompts, max_new_tokens: int,
+                 sampler: SamplerStack | None = None, eos_id: int | None = None,
+                 stop: Stop | None = None, seed: int | Sequence[int] | None = None,
+                 logprobs: int = 0, decode: Callable[[list[int]], str] | None = None,
+                 logprobs_mode: str = "raw"):
+        vocab_size = model.config.vocab_size
+        self.prompts = prompt_lists(prompt_ids, vocab_size)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {logprobs}")
+        if eos_id is not None and not 0 <= eos_id < vocab_size:
+            raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab_size - 1}]")
+        self.stopper = _StopMatcher(stop or (), decode)
+        if sampler is None:
+            sampler, seed = greedy(), None  # nothing to draw: no generators needed
+        self.device = next(model.parameters()).device
+        self.generators = _generators(seed, len(self.prompts), self.device)
+        self.max_new_tokens, self.sampler, self.eos_id = max_new_tokens, sampler, eos_id
+        self.logprobs, self.logprobs_mode = logprobs, logprobs_mode
+        self.generated: list[list[int]] = [[] for _ in self.prompts]
+        self.running: list[int] = []  # rows in the batch, in slot order
+        self.history: History | None = None
+        self.error: Exception | None = None
+        self.cancelled = False
+
+    def __repr__(self) -> str:
+        return f"Request({len(self.prompts)} rows, {len(self.running)} running)"
+
+    def _start(self) -> None:
+        """Join a batch: every row runs; the History holds the whole prompts (left-padded)."""
+        tokens, mask = _left_pad([torch.tensor(p, device=self.device) for p in self.prompts])
+        lens = torch.tensor([len(p) for p in self.prompts], device=self.device)
+        self.history = History(tokens, prompt_lens=lens, attention_mask=mask)
+        self.running = list(range(len(self.prompts)))
+
+    def _sample(self, logits: Tensor) -> Step:
+        """Draw each running row's next token from its logits [n, V]; record it; drop the rows
+        that finished (EOS, stop sequence, max_new_tokens)."""
+        tokens, info = self.sampler.sample(logits, self.history, generator=self.generators,
+                                           top_logprobs=self.logprobs,
+                                           logprobs_mode=self.logprobs_mode)
+        self.history.append(tokens)
+        reasons: list[str | None] = []
+        for row, token in zip(self.running, tokens.tolist()):
+            out = self.generated[row]
+            out.append(token)
+            reasons.append("stop" if token == self.eos_id or self.stopper(out) else
+                           "length" if len(out) == self.max_new_tokens else None)
+        step = Step(list(self.running), tokens, info, reasons)
+        keep = [i for i, r in enumerate(reasons) if r is None]
+        if len(keep) < len(reasons):
+            self._keep(keep)
+        return step
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only these running rows (indices into `running`)."""
+        self.history = self.history.select(keep) if keep else None
+        self.running = [self.running[i] for i in keep]
+        if self.generators is not None:
+            self.generators = [self.generators[i] for i in keep]
+
+    def _context(self, row: int) -> list[int]:
+        return self.prompts[row] + self.generated[row]
+
+
+class RunningBatch:
+    """The rows decoding together, from any number of Requests: continuous batching.
+
+    The KV cache has `max_rows` slots of `max_len` columns (default block_size). Running rows fill
+    slots [0, n) in the order they were admitted, a Request's rows side by side; slot s holds the
+    keys and values of its row's context window at columns [0, lengths[s]), and `last[s]` is the
+    token it drew last, which the next step feeds.
+    """
+
+    def __init__(self, model: GPT, max_rows: int, max_len: int | None = None,
+                 decode_layout: bool = True):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        param = next(model.parameters())
+        if decode_layout and param.device.type == "cpu":  # on CUDA it gains nothing (fp32, batch
+            model.set_decode_layout(True)                 # 32: 18% slower)
+        self.model = model
+        self.block_size = model.config.block_size
+        self.keep = max(1, self.block_size // 2)  # tokens a row keeps when its window slides
+        self.cache = KVCache(model.config, max_rows, max_len or self.block_size, param.device,
+                             param.dtype)
+        self.slots: list[tuple[Request, int]] = []  # (request, row) of each running slot
+        self.lengths: list[int] = []  # columns each slot holds
+        self.last = torch.zeros(0, dtype=torch.long, device=param.device)  # [n]
+
+    @property
+    def max_rows(self) -> int:
+        return self.cache.k.size(1)
+
+    @property
+    def free_rows(self) -> int:
+        return self.max_rows - len(self.slots)
+
+    @property
+    def requests(self) -> list[Request]:
+        """The Requests with rows in the batch, in slot order."""
+        return list(dict.fromkeys(request for request, _ in self.slots))
+
+    def admit(self, request: Request) -> Step | None:
+        """Prefill the request's prompts into free slots and draw their first tokens: its first
+        Step. Its unfinished rows decode with the others from the next step() on. Returns None
+        when it asks for no token, and raises what sampling raised (the batch is left as it was).
+        """
+        (outcome,) = self.admit_many([request])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    @torch.inference_mode()
+    def admit_many(self, requests: Sequence[Request]) -> list[Step | Exception | None]:
+        """admit() for several requests with one prefill (a burst of arrivals costs one forward,
+        not one each): per request its first Step, None when it asks for no token, or the
+        exception its first draw raised (then it is not in the batch; the others are)."""
+        n = sum(len(r.prompts) for r in requests if r.max_new_tokens)
+        if n > self.free_rows:
+            raise ValueError(f"{n} rows do not fit in the {self.free_rows} free rows of the batch")
+        todo = [r for r in requests if r.max_new_tokens]
+        windows = [p[-self.block_size:] for r in todo for p in r.prompts]
+        if not windows:
+            return [None] * len(requests)
+        if max(map(len, windows)) > self.cache.max_len:
+            raise ValueError(f"a prompt of {max(map(len, windows))} tokens does not fit in the "
+                             f"cache's {self.cache.max_len} columns")
+        first = len(self.slots)
+        with self.model.evaluating():
+            logits = _prefill(self.model, windows, self.cache.rows(first, first + n))  # [n, V]
+        outcomes: dict[int, Step | Exception] = {}
+        start = 0  # the request's rows in logits; its slots follow the requests admitted before
+        for request in todo:
+            end = start + len(request.prompts)
+            try:
+                request._start()
+                step = request._sample(logits[start:end])
+            except (ValueError, RuntimeError) as e:
+                request.error = e
+                request._keep([])
+                outcomes[id(request)] = e
+            else:
+                outcomes[id(request)] = step
+                slot = len(self.slots)
+                if slot != first + start:  # a request before it failed: move its rows down
+                    width = max(map(len, windows[start:end]))
+                    for t in (self.cache.k, self.cache.v):  # [n_layer, rows, n_head, cols, hd]
+                        t[:, slot:slot + end - start, :, :width] = \
+                            t[:, first + start:first + end, :, :width].clone()
+                self.slots += [(request, row) for row in range(end - start)]
+                self.lengths += [len(w) for w in windows[start:end]]
+                self.last = torch.cat([self.last, step.tokens])
+            start = end
+        self._compact()
+        return [outcomes.get(id(r)) for r in requests]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, Step | Exception]]:
+        """Feed every running row the token it drew last and draw its next one: per Request in
+        the batch, its Step, or the exception that ended it (its rows are gone then, the others
+        go on). Rows that finish leave the batch."""
+        if not self.slots:
+            return []
+        with self.model.evaluating():
+            for s, length in enumerate(self.lengths):
+                if length == self.block_size:
+                    self._slide(s)
+            n = len(self.slots)
+            cache = self.cache.rows(0, n)
+            if len(set(self.lengths)) == 1:  # all rows alike: the shared-length path, no mask
+                cache.length = self.lengths[0]
+            else:
+                cache.lengths = torch.tensor(self.lengths, device=self.last.device)
+            logits = self.model.logits(self.last[:, None], cache)[:, -1]  # [n, V]
+        self.lengths = [length + 1 for length in self.lengths]
+        out: list[tuple[Request, Step | Exception]] = []
+        tokens = []
+        start = 0
+        for request in self.requests:  # a request's rows are side by side: slots [start, end)
+            end = start + len(request.running)
+            try:
+                step = request._sample(logits[start:end])
+                tokens.append(step.tokens)
+                out.append((request, step))
+            except (ValueError, RuntimeError) as e:  # this request's draw; the batch is fine
+                request.error = e
+                request._keep([])
+                tokens.append(self.last[start:end])
+                out.append((request, e))
+            start = end
+        self.last = torch.cat(tokens)
+        self._compact()
+        return out
+
+    def remove(self, request: Request) -> None:
+        """Drop a request's rows now (its caller went away); their slots are free at once."""
+        request.cancelled = True
+        request._keep([])
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop the slots whose row no longer runs; move the rows after them down, in order."""
+        keep = [s for s, (request, row) in enumerate(self.slots) if row in request.running]
+        if len(keep) == len(self.slots):
+            return
+        moved = next((i for i, s in enumerate(keep) if s != i), len(keep))  # first slot to move
+        if moved < len(keep):
+            src = torch.tensor(keep[moved:], device=self.last.device)
+            width = max(self.lengths[s] for s in keep[moved:])
+            for t in (self.cache.k, self.cache.v):  # [n_layer, rows, n_head, columns, head_dim]
+                t[:, moved:len(keep), :, :width] = t[:, src, :, :width]
+        self.slots = [self.slots[s] for s in keep]
+        self.lengths = [self.lengths[s] for s in keep]
+        self.last = self.last[torch.tensor(keep, dtype=torch.long, device=self.last.device)]
+
+    def _slide(self, s: int) -> None:
+        """Crop slot s's context to its last `keep` tokens: re-fill the slot with all of them
+        but the last, which the step feeds as usual."""
+        request, row = self.slots[s]
+        context = request._context(row)[-self.keep:-1]
+        if context:
+            self.model.hidden_states(torch.tensor([context], device=self.last.device),
+                                     self.cache.rows(s, s + 1))
+        self.lengths[s] = len(context)
+
+
 def generate(model: GPT, prompt_ids: Prompts, max_new_tokens: int,
              sampler: SamplerStack | None = None, eos_id: int | None = None,
              stop: Stop | None = None, seed: int | Sequence[int] | None = None, logprobs: int = 0,
-             decode: Callable[[list[int]], str] | None = None) -> Iterator[Step]:
+             decode: Callable[[list[int]], str] | None = None,
+             logprobs_mode: str = "raw") -> Iterator[Step]:
     """Stream the generation of up to `max_new_tokens` tokens per prompt, one Step per token.
 
     prompt_ids: a list of token-id lists (lengths may differ), one list of ids, or a LongTensor [T]
     or [B, T]. A row stops at `eos_id`, at a `stop` sequence (token-id lists, or strings, which
     need `decode` (a tokenizer's decode) and match anywhere in the row's decoded new text), or after
-    max_new_tokens. logprobs = N > 0 also returns the N most likely raw tokens at each step.
+    max_new_tokens. logprobs = N > 0 also returns the N most likely tokens at each step, of the raw
+    distribution or of the processed one (logprobs_mode="processed").
     The arguments are checked here, before the first step.
     """
-    vocab_size = model.config.vocab_size
-    prompts = prompt_lists(prompt_ids, vocab_size)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if logprobs < 0:
-        raise ValueError(f"logprobs must be >= 0, got {logprobs}")
-    if eos_id is not None and not 0 <= eos_id < vocab_size:
-        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab_size - 1}]")
-    stopper = _StopMatcher(stop or (), decode)
-    if sampler is None:
-        sampler, seed = greedy(), None  # nothing to draw: no generators needed
-    device = next(model.parameters()).device
-    generators = _generators(seed, len(prompts), device)
-    return _steps(model, prompts, max_new_tokens, sampler, eos_id, stopper, generators, logprobs)
+    request = Request(model, prompt_ids, max_new_tokens, sampler=sampler, eos_id=eos_id,
+                      stop=stop, seed=seed, logprobs=logprobs, decode=decode,
+                      logprobs_mode=logprobs_mode)
+    return _run_alone(model, request)
+
+
+def _run_alone(model: GPT, request: Request) -> Iterator[Step]:
+    """generate()'s loop: the request alone in a batch sized for it."""
+    if request.max_new_tokens == 0:
+        return
+    windows = [min(len(p), model.config.block_size) for p in request.prompts]
+    batch = RunningBatch(model, len(request.prompts),
+                         min(model.config.block_size, max(windows) + request.max_new_tokens - 1),
+                         decode_layout=request.max_new_tokens > 1)  # not worth a copy for 1 token
+    yield batch.admit(request)
+    while batch.slots:
+        for _, step in batch.step():
+            if isinstance(step, Exception):
+                raise step
+            yield step
 
 
 def complete(model: GPT, prompt_ids: Prompts, max_new_tokens: int, **kwargs) -> list[Completion]:
     """Run generate() to the end and collect each prompt's tokens, log-probs and finish reason."""
     results = [Completion() for _ in prompt_lists(prompt_ids, model.config.vocab_size)]
-    # closing: the model's mode is restored at once, even when an exception ends the loop
-    with contextlib.closing(generate(model, prompt_ids, max_new_tokens, **kwargs)) as steps:
-        for step in steps:
-            info = step.info
-            tops = [[] for _ in step.rows] if info.top_ids is None else \
-                [list(zip(i, lp)) for i, lp in zip(info.top_ids.tolist(),
-                                                    info.top_logprobs.tolist())]
-            for row, token, lp, plp, top, reason in zip(
-                    step.rows, step.tokens.tolist(), info.logprobs.tolist(),
-                    info.processed_logprobs.tolist(), tops, step.finish_reasons):
-                r = results[row]
-                r.tokens.append(token)
-                r.logprobs.append(lp)
-                r.processed_logprobs.append(plp)
-                r.top_logprobs.append(top)
-                r.finish_reason = reason or r.finish_reason
+    for step in generate(model, prompt_ids, max_new_tokens, **kwargs):
+        for t in step.row_tokens():
+            r = results[t.row]
+            r.tokens.append(t.token)
+            r.logprobs.append(t.logprob)
+            r.processed_logprobs.append(t.processed_logprob)
+            r.top_logprobs.append(t.top)
+            r.finish_reason = t.finish_reason or r.finish_reason
     return results
 
 
@@ -135,11 +405,61 @@ def next_token_stages(model: GPT, prompt_ids: Prompts, sampler: SamplerStack
     """The logits [B, V] of each prompt's next token after each stage of `sampler`, starting with
     ("raw", logits): what each setting does to the model's distribution (generate.py's
     --show_distribution)."""
-    batch = _Batch(model, prompt_lists(prompt_ids, model.config.vocab_size), 1, None)
-    with model.evaluating():
-        logits = batch.prefill()
-    with torch.inference_mode():
-        return sampler.stages(logits, batch.history)
+    prompts = prompt_lists(prompt_ids, model.config.vocab_size)
+    device = next(model.parameters()).device
+    with model.inference():
+        logits = _prefill(model, [p[-model.config.block_size:] for p in prompts])
+        tokens, mask = _left_pad([torch.tensor(p, device=device) for p in prompts])
+        history = History(tokens, prompt_lens=torch.tensor([len(p) for p in prompts]),
+                          attention_mask=mask)
+        return sampler.stages(logits, history)
+
+
+@dataclass
+class NextTokenTable:
+    """One prompt's next-token distribution after each stage of a sampler stack: what generate.py
+    --show_distribution prints and the server's /v1/distribution returns.
+
+    stages:  "raw" (the model, T = 1), then each processor's name, in the order they apply
+    n_kept:  how many tokens each stage leaves (of vocab_size)
+    entropy: of each stage's distribution, in nats
+    tokens:  the tokens shown (see next_token_table), and per token:
+    logits:  its raw logit
+    probs:   probs[i][s], its probability after stage s (probs[i][0]: at T = 1)
+    kept:    kept[i][s], whether it is still in the running after stage s
+    """
+    stages: list[str]
+    n_kept: list[int]
+    entropy: list[float]
+    vocab_size: int
+    tokens: list[int]
+    logits: list[float]
+    probs: list[list[float]]
+    kept: list[list[bool]]
+
+
+def next_token_table(model: GPT, prompt_ids: Sequence[int], sampler: SamplerStack,
+                     top_n: int = 20, include: Sequence[int] = ()) -> NextTokenTable:
+    """The table of one prompt's next token through the stages of `sampler`. Shown: the top_n
+    tokens of the last stage, most likely first (tokens it removed after the kept ones, by raw
+    logit), then any token of `include` (e.g. the logit-biased ones) not among them."""
+    if top_n < 1:
+        raise ValueError(f"top_n must be >= 1, got {top_n}")
+    stages = next_token_stages(model, [list(prompt_ids)], sampler)
+    z = torch.stack([logits[0] for _, logits in stages]).double()  # [S, V]
+    kept = z > -math.inf
+    logp = torch.log_softmax(z, dim=-1).nan_to_num(nan=-math.inf)  # a stage keeping none: all -inf
+    probs = logp.exp()
+    entropy = -torch.where(probs > 0, probs * logp, torch.zeros_like(probs)).sum(dim=-1)
+    order = torch.argsort(z[0], descending=True, stable=True)  # raw logit, then the last stage
+    order = order[torch.argsort(probs[-1][order], descending=True, stable=True)]
+    shown = order[:top_n].tolist()
+    shown += [int(t) for t in dict.fromkeys(include) if int(t) not in shown]
+    idx = torch.tensor(shown, dtype=torch.long)
+    return NextTokenTable(
+        stages=[name for name, _ in stages], n_kept=kept.sum(dim=-1).tolist(),
+        entropy=entropy.tolist(), vocab_size=z.size(-1), tokens=shown,
+        logits=z[0, idx].tolist(), probs=probs[:, idx].t().tolist(), kept=kept[:, idx].t().tolist())
 
 
 def prompt_lists(prompt_ids: Prompts, vocab_size: int) -> list[list[int]]:
@@ -161,6 +481,20 @@ def prompt_lists(prompt_ids: Prompts, vocab_size: int) -> list[list[int]]:
             raise ValueError(f"prompt {i} has token ids outside the vocabulary "
                              f"[0, {vocab_size - 1}]")
     return prompts
+
+
+def _prefill(model: GPT, windows: list[list[int]], cache: KVCache | None = None) -> Tensor:
+    """Run the windows (right-padded into one batch: causal attention never lets a position see
+    the padding after it) and return each one's next-token logits [B, V]. With a cache (of B rows),
+    row b's keys and values land in its columns [0, len(windows[b]))."""
+    device = next(model.parameters()).device
+    lens = torch.tensor([len(w) for w in windows], device=device)
+    idx = torch.zeros(len(windows), int(lens.max()), dtype=torch.long, device=device)  # [B, L]
+    for b, w in enumerate(windows):
+        idx[b, :len(w)] = torch.tensor(w, device=device)
+    h = model.hidden_states(idx, cache)  # [B, L, d]
+    h = h[torch.arange(len(windows), device=device), lens - 1]  # [B, d]: each row's last token
+    return model.logits_from_hidden(h)
 
 
 def _generators(seed: int | Sequence[int] | None, batch_size: int, device: torch.device
@@ -201,129 +535,6 @@ class _StopMatcher:
             text = self.decode(generated[-self.tail:])
             return any(s in text for s in self.strings)
         return False
-
-
-def _steps(model: GPT, prompts: list[list[int]], max_new_tokens: int, sampler: SamplerStack,
-           eos_id: int | None, stopper: _StopMatcher, generators: list[torch.Generator] | None,
-           logprobs: int) -> Iterator[Step]:
-    """generate()'s loop: draw, report, drop the rows that finished, feed the rest. The model is
-    in eval mode from the first step until the generator finishes or is closed; autograd is off
-    inside each step only (the _Batch methods), never across a yield into the caller's code."""
-    if max_new_tokens == 0:
-        return
-    if max_new_tokens > 1 and next(model.parameters()).device.type == "cpu":
-        model.set_decode_layout(True)  # on CUDA it gains nothing (fp32, batch 32: 18% slower)
-    batch = _Batch(model, prompts, max_new_tokens, generators)
-    generated: list[list[int]] = [[] for _ in prompts]
-    with model.evaluating():
-        logits = batch.prefill()  # [B, V]
-        while True:
-            tokens, info = batch.sample(logits, sampler, logprobs)
-            reasons: list[str | None] = []
-            for row, token in zip(batch.rows, tokens.tolist()):
-                out = generated[row]
-                out.append(token)
-                reasons.append("stop" if token == eos_id or stopper(out) else
-                               "length" if len(out) == max_new_tokens else None)
-            yield Step(list(batch.rows), tokens, info, reasons)
-            running = [i for i, r in enumerate(reasons) if r is None]
-            if not running:
-                return
-            if len(running) < len(reasons):
-                batch.select(running)
-                tokens = tokens[running]
-            logits = batch.forward(tokens)
-
-
-class _Batch:
-    """The running rows of a generation: their KV cache, token history and per-row positions.
-
-    Row b's context window is its real tokens from index ctx_start[b] on, left-padded to the
-    longest row. Without padding the model's own positions and causal attention apply (the fast
-    path); with it, key_padding [B, max_len] (True = real token) and next_pos [B] are kept.
-    """
-
-    def __init__(self, model: GPT, prompts: list[list[int]], max_new_tokens: int,
-                 generators: list[torch.Generator] | None):
-        self.model = model
-        self.block_size = model.config.block_size
-        self.keep = max(1, self.block_size // 2)  # tokens a row keeps when its window slides
-        self.rows = list(range(len(prompts)))
-        self.generators = generators
-        param = next(model.parameters())
-        tokens, mask = _left_pad([torch.tensor(p, device=param.device) for p in prompts])
-        lens = torch.tensor([len(p) for p in prompts], device=param.device)
-        self.history = History(tokens, prompt_lens=lens, attention_mask=mask)
-        self.ctx_start = (lens - self.block_size).clamp(min=0)  # [B]
-        # prefill + (max_new_tokens - 1) steps; the window slides only when this exceeds block_size
-        first = int((lens - self.ctx_start).max())
-        max_len = min(self.block_size, first + max_new_tokens - 1)
-        self.cache = KVCache(model.config, len(prompts), max_len, param.device, param.dtype)
-        self.key_padding: Tensor | None = None
-        self.next_pos: Tensor | None = None
-
-    @torch.inference_mode()
-    def prefill(self) -> Tensor:
-        """(Re)fill the cache with every row's context window; the next-token logits [B, V]."""
-        h = self.history
-        real = [h.tokens[b] if h.attention_mask is None else h.tokens[b][h.attention_mask[b]]
-                for b in range(h.batch_size)]
-        idx, mask = _left_pad([r[s:] for r, s in zip(real, self.ctx_start.tolist())])  # [B, L]
-        self.cache.reset()
-        if mask is None:
-            self.key_padding = self.next_pos = None
-            return self.model.logits(idx, self.cache)[:, -1]
-        L = idx.size(1)
-        self.key_padding = torch.ones(idx.size(0), self.cache.max_len, dtype=torch.bool,
-                                      device=idx.device)
-        self.key_padding[:, :L] = mask
-        positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # [B, L] real tokens from 0
-        self.next_pos = positions[:, -1:] + 1  # [B, 1]
-        return self.model.logits(idx, self.cache, positions, self.key_padding[:, :L])[:, -1]
-
-    @torch.inference_mode()
-    def sample(self, logits: Tensor, sampler: SamplerStack, logprobs: int
-               ) -> tuple[Tensor, SampleInfo]:
-        tokens, info = sampler.sample(logits, self.history, generator=self.generators,
-                                      top_logprobs=logprobs)
-        self.history.append(tokens)
-        return tokens, info
-
-    @torch.inference_mode()
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Feed the tokens just drawn [B]; the next-token logits [B, V]."""
-        if self.cache.length == self.cache.max_len:  # full: only possible at block_size
-            return self._slide()
-        if self.key_padding is None:
-            return self.model.logits(tokens[:, None], self.cache)[:, -1]
-        S = self.cache.length + 1
-        logits = self.model.logits(tokens[:, None], self.cache, self.next_pos,
-                                   self.key_padding[:, :S])[:, -1]
-        self.next_pos += 1
-        return logits
-
-    def _slide(self) -> Tensor:
-        """Crop each row whose window would pass block_size to its last `keep` tokens, then
-        re-prefill."""
-        h = self.history
-        n_real = h.attention_mask.sum(1) if h.attention_mask is not None else \
-            torch.full_like(self.ctx_start, h.tokens.size(1))  # [B], the token just drawn included
-        too_long = n_real - self.ctx_start > self.block_size
-        self.ctx_start = torch.where(too_long, n_real - self.keep, self.ctx_start)
-        return self.prefill()
-
-    @torch.inference_mode()
-    def select(self, keep: list[int]) -> None:
-        """Keep only these rows (indices into the current batch)."""
-        idx = torch.tensor(keep, device=self.ctx_start.device)
-        self.cache.select(idx)
-        self.history = self.history.select(idx)
-        self.ctx_start = self.ctx_start[idx]
-        if self.key_padding is not None:
-            self.key_padding, self.next_pos = self.key_padding[idx], self.next_pos[idx]
-        self.rows = [self.rows[i] for i in keep]
-        if self.generators is not None:
-            self.generators = [self.generators[i] for i in keep]
 
 
 def _left_pad(seqs: list[Tensor]) -> tuple[Tensor, Tensor | None]:

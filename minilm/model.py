@@ -8,6 +8,7 @@ transpose of HF's Conv1D matrices, not a rewrite.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -58,6 +59,11 @@ class KVCache:
 
     A forward over T new tokens writes positions [length, length + T) of each layer and then
     advances `length`, so a decode step costs one token's work instead of the whole prefix.
+
+    Rows that started at different times (continuous batching) hold different numbers of
+    positions: set `lengths` (LongTensor [B]) instead. A forward of one token per row then writes
+    row b's at column lengths[b], at position lengths[b], attends to columns [0, lengths[b]] and
+    advances lengths; columns past a row's length are never read (right padding).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
@@ -65,9 +71,12 @@ class KVCache:
         max_len = max_len or config.block_size
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)  # only [:length] is ever read
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # zeros, not empty: attention multiplies a masked column's value by a weight of 0, and
+        # 0 * the NaN that uninitialized memory may hold would be NaN
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.lengths: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
@@ -80,6 +89,14 @@ class KVCache:
         """Keep only these batch rows (rows that finished generating leave the batch)."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache of rows [start, stop) that shares this one's memory (a forward on it writes
+        here), empty (length 0) and with shared length until its caller says otherwise."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.length, view.lengths = 0, None
+        return view
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -91,18 +108,25 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                start: int | torch.Tensor = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # q, k, v: (B, nh, T, hs)
         if cache is not None:  # write the new keys/values, attend over everything cached so far
             k_cache, v_cache = cache
-            k_cache[:, :, start:start + T] = k
-            v_cache[:, :, start:start + T] = v
-            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, nh, S, hs)
+            if isinstance(start, int):
+                k_cache[:, :, start:start + T] = k
+                v_cache[:, :, start:start + T] = v
+                end = start + T
+            else:  # per-row lengths (T = 1): row b's token goes to column start[b]
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, :, start] = k[:, :, 0]
+                v_cache[rows, :, start] = v[:, :, 0]
+                end = mask.size(-1)
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, nh, S, hs)
         # Without an explicit mask, a fresh sequence is plain causal and a one-token step sees all.
-        is_causal = mask is None and start == 0 and T > 1
+        is_causal = mask is None and isinstance(start, int) and start == 0 and T > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.attn_dropout if self.training else 0.0)
@@ -201,26 +225,41 @@ class GPT(nn.Module):
                       key_padding: torch.Tensor | None = None) -> torch.Tensor:
         """Final (post ln_f) hidden states [B, T, d] for tokens idx [B, T].
 
-        kv_cache: continue from the cached prefix and append these tokens to it.
+        kv_cache: continue from the cached prefix and append these tokens to it (with per-row
+            `lengths`, one token per row: see KVCache).
         positions: [T] or [B, T] position ids (default: cache length + arange(T)).
         key_padding: [B, S] bool, True for real tokens, S = cache length + T (left-padded batches).
         """
         if self.decode_layout and torch.is_grad_enabled():
             self.set_decode_layout(False)  # training: gradients and optimizer state keep theirs
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size "
+        if kv_cache is not None and kv_cache.lengths is not None:
+            if T != 1 or key_padding is not None:
+                raise ValueError("a cache with per-row lengths takes one token per row and no "
+                                 "key_padding")
+            start = kv_cache.lengths  # [B]
+            end = int(start.max()) + 1
+            mask = (torch.arange(end, device=idx.device) <= start[:, None])[:, None, None]
+            # mask: (B, 1, 1, S), each row sees its own columns [0, lengths[b]]
+        else:
+            start = kv_cache.length if kv_cache is not None else 0
+            end = start + T
+            mask = self._attention_mask(T, start, key_padding, idx.device)
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size "
                              f"{self.config.block_size}")
         if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device)
+            positions = start[:, None] if isinstance(start, torch.Tensor) else \
+                torch.arange(start, end, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        mask = self._attention_mask(T, start, key_padding, idx.device)
         for i, block in enumerate(self.transformer.h):
             cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
             x = block(x, cache, start, mask)
         if kv_cache is not None:
-            kv_cache.length = start + T
+            if kv_cache.lengths is not None:
+                kv_cache.lengths = kv_cache.lengths + 1
+            else:
+                kv_cache.length = end
         return self.transformer.ln_f(x)
 
     @staticmethod

@@ -16,13 +16,23 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 NEG_INF = float("-inf")
+BAN = -100.0  # a logit bias of -100 (or less) bans the token, as in the OpenAI API
+
+
+class SettingError(ValueError):
+    """A bad sampler setting; ``param`` names it (``temperature``, ``logit_bias``, ``order``...), so
+    that a CLI can say which flag and a server which request field was wrong."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -233,7 +243,7 @@ def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = 
         v = math.nan
     if not ((lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
         interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+        raise SettingError(name, f"{name} must be in {interval}, got {value!r}")
     return v
 
 
@@ -253,11 +263,12 @@ class LogitBias:
         top = "vocab_size - 1" if vocab_size is None else vocab_size - 1
         for key, value in bias.items():
             if not _is_int(key):
-                raise ValueError(f"logit_bias keys must be integer token ids, got {key!r}")
+                raise SettingError(self.name, f"logit_bias keys must be integer token ids, got {key!r}")
             if key < 0 or (vocab_size is not None and key >= vocab_size):
-                raise ValueError(f"logit_bias key {key} is outside the vocabulary [0, {top}]")
+                raise SettingError(self.name, f"logit_bias key {key} is outside the vocabulary [0, {top}]")
             if not _is_bias(value):
-                raise ValueError(f"logit_bias value for token {key} must be finite or -inf, got {value!r}")
+                raise SettingError(self.name, f"logit_bias value for token {key} must be finite or -inf, "
+                                              f"got {value!r}")
         self.bias = {int(k): float(v) for k, v in bias.items()}
         self._max_id = max(self.bias, default=-1)
         self._ids = torch.tensor(list(self.bias), dtype=torch.long)
@@ -354,7 +365,7 @@ class TopK:
 
     def __init__(self, k: int):
         if not _is_int(k) or k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
+            raise SettingError(self.name, f"top_k must be an integer >= 0 (0 = off), got {k!r}")
         self.k = int(k)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
@@ -456,8 +467,10 @@ class SampleInfo:
     logprobs:           FloatTensor[B], the token's log-prob under the raw model distribution (T = 1,
                         before any processor): what the OpenAI API returns as ``logprobs``.
     processed_logprobs: FloatTensor[B], its log-prob under the final processed distribution.
-    top_ids:            LongTensor[B, N], the N most likely raw tokens (None unless top_logprobs=N > 0).
-    top_logprobs:       FloatTensor[B, N], their raw log-probs (None unless top_logprobs=N > 0).
+    top_ids:            LongTensor[B, N], the N most likely tokens of the raw distribution, or of the
+                        processed one with logprobs_mode="processed" (None unless top_logprobs=N > 0).
+    top_logprobs:       FloatTensor[B, N], their log-probs under that distribution (-inf for a token
+                        the processors removed).
     """
     logprobs: Tensor
     processed_logprobs: Tensor
@@ -480,6 +493,7 @@ DEFAULT_ORDER = tuple(STAGES)
 LLAMA_CPP_ORDER = ("logit_bias", "repetition_penalty", "presence_penalty", "frequency_penalty",
                    "top_k", "typical_p", "top_p", "min_p", "temperature")
 ORDERS = {"default": DEFAULT_ORDER, "llama.cpp": LLAMA_CPP_ORDER}
+LOGPROBS_MODES = ("raw", "processed")
 # The processors that read nothing but each row's logit values (not token ids, V or the History), so
 # give the same values on a row's candidate tokens as on the whole row with the rest at -inf: after a
 # TopK, sample() runs them on its kept tokens only. Not MinP: its softmax over the whole row rounds
@@ -536,18 +550,23 @@ class SamplerStack:
 
     def sample(self, logits: Tensor, history: History | None = None,
                generator: torch.Generator | Sequence[torch.Generator] | None = None,
-               top_logprobs: int = 0) -> tuple[Tensor, SampleInfo]:
+               top_logprobs: int = 0, logprobs_mode: str = "raw") -> tuple[Tensor, SampleInfo]:
         """Draw one token per row from softmax(apply(logits)): tokens [B] and their ``SampleInfo``.
 
         ``generator``: None (torch's global RNG), one torch.Generator for the batch, or a list of B
         generators, one per row, so that a row's tokens depend only on its own seed and logits,
-        whatever else is in the batch. ``top_logprobs`` = N > 0 also returns the N most likely raw
-        tokens. A row with no token left (all -inf) or with a NaN/+inf logit raises ValueError.
+        whatever else is in the batch. ``top_logprobs`` = N > 0 also returns the N most likely tokens
+        of the raw distribution (``logprobs_mode="raw"``, what the OpenAI API reports) or of the
+        processed one (``"processed"``, vLLM's processed_logprobs). A row with no token left (all
+        -inf) or with a NaN/+inf logit raises ValueError.
         """
         if logits.dim() != 2:
             raise ValueError(f"logits must be a FloatTensor[B, V], got shape {tuple(logits.shape)}")
         if top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise SettingError("logprobs_mode", f"logprobs_mode must be one of {list(LOGPROBS_MODES)}, "
+                                                f"got {logprobs_mode!r}")
         processed, ids = self._candidates(logits, history)      # (B, n), ids (B, n) or None if n = V
         bad = ~torch.isfinite(processed.amax(dim=-1))           # (B,); amax propagates NaN
         if bad.any():
@@ -561,9 +580,13 @@ class SamplerStack:
         raw_lse = torch.logsumexp(raw, dim=-1, keepdim=True)    # (B, 1): log_softmax(raw) = raw - lse
         info = SampleInfo(logprobs=(raw.gather(-1, tokens[:, None]) - raw_lse)[:, 0],
                           processed_logprobs=probs.gather(-1, picked)[:, 0].log())
-        if top_logprobs:
+        if top_logprobs and logprobs_mode == "raw":
             top = raw.topk(min(top_logprobs, raw.size(-1)), dim=-1)
             info.top_ids, info.top_logprobs = top.indices, top.values - raw_lse
+        elif top_logprobs:  # the processed distribution over the candidates: the rest is removed
+            top = probs.log().topk(min(top_logprobs, probs.size(-1)), dim=-1)
+            info.top_ids = top.indices if ids is None else ids.gather(-1, top.indices)
+            info.top_logprobs = top.values
         return tokens, info
 
     def _candidates(self, logits: Tensor, history: History | None) -> tuple[Tensor, Tensor | None]:
@@ -589,22 +612,52 @@ class SamplerStack:
         return x, ids
 
 
+def user_logit_bias(bias: Mapping[str, object], encode: Callable[[str], list[int]] | None = None,
+                    name: str = "logit_bias") -> dict[int, float]:
+    """A user's logit bias (a JSON object: the CLI's --logit_bias, the API's ``logit_bias``) as
+    {token id: bias} for ``from_settings``. A key of digits is a token id; any other key is a string
+    that must ``encode`` to one token. Values are numbers in [-100, 100], added to the logit; -100
+    bans the token (-inf), as in the OpenAI API. Errors name the setting as ``name``."""
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not -100 <= value <= 100:
+            raise SettingError("logit_bias", f"{name} value for {key!r} must be a number in "
+                                             f"[-100, 100], got {value!r}")
+        if isinstance(key, str) and key.isdigit():
+            token = int(key)
+        elif isinstance(key, str) and encode is not None:
+            try:
+                ids = encode(key)
+            except ValueError as e:
+                raise SettingError("logit_bias", f"{name} key {key!r}: {e}") from None
+            if len(ids) != 1:
+                raise SettingError("logit_bias", f"{name} key {key!r} is {len(ids)} tokens {ids}, not "
+                                                 "one; use a single-token string or a token id")
+            token = ids[0]
+        else:
+            raise SettingError("logit_bias", f"{name} keys must be token ids (strings of digits), got "
+                                             f"{key!r}")
+        out[token] = NEG_INF if value <= BAN else float(value)
+    return out
+
+
 def _resolve_order(order: str | Sequence[str], used: list[str]) -> Sequence[str]:
     """The stage names of ``order`` (a preset name or a list), checked against the stages in use."""
     if isinstance(order, str):
         if order not in ORDERS:
-            raise ValueError(f"order must be one of {list(ORDERS)} or a list of stage names, got {order!r}")
+            raise SettingError("order", f"order must be one of {list(ORDERS)} or a list of stage names, "
+                                        f"got {order!r}")
         return ORDERS[order]
     names = list(order)
     unknown = [n for n in names if n not in STAGES]
     if unknown:
-        raise ValueError(f"unknown stage name(s) {unknown} in order; allowed: {list(STAGES)}")
+        raise SettingError("order", f"unknown stage name(s) {unknown} in order; allowed: {list(STAGES)}")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"stage name(s) {repeated} appear more than once in order")
+        raise SettingError("order", f"stage name(s) {repeated} appear more than once in order")
     missing = [n for n in used if n not in names]
     if missing:
-        raise ValueError(f"order leaves out the stage(s) in use {missing}")
+        raise SettingError("order", f"order leaves out the stage(s) in use {missing}")
     return names
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import codecs
 import os
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 EOT_TEXT = "<|endoftext|>"
 
@@ -87,6 +87,44 @@ class TiktokenTokenizer:
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "tiktoken", "name": self.name}
+
+
+class TextStream:
+    """The text of a growing token list, handed out piece by piece as tokens arrive (streaming).
+
+    Each update decodes the whole list and returns what is new since the last one. Until the final
+    update it holds back a trailing U+FFFD (with byte-level BPE a character can span tokens, and
+    its first bytes alone decode to the replacement character) and a tail that could be the start
+    of a `stop` string. The text ends before the first stop string; `stopped` then says so. So the
+    pieces always add up to the text a non-streamed call returns.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
+        self.decode = decode
+        self.stop = [s for s in stop if s]
+        self.longest = max(map(len, self.stop), default=0)
+        self.emitted = 0  # characters handed out so far
+        self.stopped = False
+
+    def update(self, tokens: list[int], final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        text = self.decode(tokens)
+        start = max(0, self.emitted - self.longest)  # earlier text held no stop string
+        found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        if found:
+            text, final, self.stopped = text[:min(found)], True, True
+        if not final:
+            text = text.rstrip("\ufffd")
+            text = text[:len(text) - self._stop_start(text)]
+        new = text[self.emitted:]
+        self.emitted = max(self.emitted, len(text))
+        return new
+
+    def _stop_start(self, text: str) -> int:
+        """The length of the longest tail of `text` that a stop string starts with."""
+        return max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
 
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:

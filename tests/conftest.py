@@ -40,3 +40,50 @@ def tiny_overrides(tmp_path: Path, source: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"--{k}={v}" for k, v in values.items()]
+
+
+# ------------------------------------------------------------------------------------------------
+# minilm-serve, started once per test session on a free loopback port (test_serve, test_explorer)
+
+SERVE_CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint(tmp_path_factory) -> Path:
+    """A tiny char model with random weights; the token embedding is scaled up so that the
+    logits are spread (std ~ 2): greedy choices are clear and sampled texts differ by seed."""
+    import torch
+
+    from minilm.checkpoint import save_checkpoint
+    from minilm.model import GPT, GPTConfig
+    from minilm.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer(SERVE_CHARS)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          block_size=32))
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(10)
+    out = tmp_path_factory.mktemp("serve") / "tiny_char"
+    save_checkpoint(out / "best", model, None, dict(config={}, tokenizer=tokenizer.to_dict(),
+                                                    step=0, best_val_loss=None))
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(serve_checkpoint, tmp_path_factory):
+    """minilm-serve in a subprocess (python -m minilm.serve): its URL and log file."""
+    from types import SimpleNamespace
+
+    from minilm.serve.launch import ServerProcess
+
+    log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
+    with open(log_path, "w") as log:
+        try:
+            server = ServerProcess(serve_checkpoint, "--max_batch", "16", env=env, log=log)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}:\n{log_path.read_text()}") from None
+    yield SimpleNamespace(url=server.url, log=log_path, checkpoint=serve_checkpoint,
+                          name="tiny_char")
+    server.close()

@@ -64,17 +64,21 @@ def test_json_and_streamed_text_agree(ckpt):
 
 def test_show_distribution(ckpt):
     done = run("--ckpt", str(ckpt), "--prompt", "ROMEO:", "--show_distribution",
-               "--repetition_penalty", "1.3", "--temperature", "0.7", "--top_k", "3")
+               "--repetition_penalty", "1.3", "--temperature", "0.7", "--top_k", "3",
+               "--logit_bias", '{"x": -100}')
     assert done.returncode == 0, done.stderr
-    titles = [line for line in done.stdout.splitlines() if not line.startswith(" ")]
-    assert titles == [f"raw model distribution ({TOKENIZER.vocab_size} of {TOKENIZER.vocab_size} "
-                      "tokens kept)",
-                      f"after repetition_penalty ({TOKENIZER.vocab_size} of "
-                      f"{TOKENIZER.vocab_size} tokens kept)",
-                      f"after temperature ({TOKENIZER.vocab_size} of {TOKENIZER.vocab_size} "
-                      "tokens kept)",
-                      f"after top_k (3 of {TOKENIZER.vocab_size} tokens kept)"]
-    assert "█" in done.stdout
+    lines = done.stdout.splitlines()
+    V = TOKENIZER.vocab_size
+    assert lines[0].split() == ["stage", "kept", "entropy"]
+    stages = [line.split("  ")[0].strip() for line in lines[1:6]]
+    assert stages == ["raw (T = 1)", "logit_bias", "repetition_penalty", "temperature", "top_k"]
+    assert [line.split()[-5:-2] for line in lines[1:6]] == \
+        [[str(V), "of", str(V)]] + [[str(V - 1), "of", str(V)]] * 3 + [["3", "of", str(V)]]
+    rows = lines[8:]
+    assert len(rows) == 11  # the 10 most likely, then the banned 'x'
+    assert sum("█" in row for row in rows) == 3  # the 3 tokens top-k keeps have bars
+    assert rows[-1].split()[:2] == [str(TOKENIZER.encode("x")[0]), "'x'"]
+    assert rows[-1].split()[-4:] == ["-"] * 4  # removed by the bias: no probability after it
 
 
 @pytest.mark.parametrize("args, message", [

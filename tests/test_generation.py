@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 
-from minilm.generation import complete, generate, greedy, next_token_stages, prepare_for_decoding
+from minilm.generation import (Request, RunningBatch, complete, generate, greedy, next_token_stages,
+                               next_token_table, prepare_for_decoding)
 from minilm.model import GPT, GPTConfig
 from minilm.sampling import History, SamplerStack
 from minilm.tokenizer import CharTokenizer
@@ -287,3 +288,154 @@ def test_bad_arguments_raise_value_error(model, kwargs, message):
     args = dict(prompt_ids=[[1, 2]], max_new_tokens=3, sampler=SamplerStack()) | kwargs
     with pytest.raises(ValueError, match=message):
         generate(model, **args)
+
+
+def run_batch(batch, plan):
+    """Drive a RunningBatch: plan maps a step number to the Requests admitted before it.
+    Returns every request's tokens (by the Steps it produced) once all are done."""
+    tokens = {}
+
+    def record(request, step):
+        for t in step.row_tokens():
+            tokens.setdefault(id(request), {}).setdefault(t.row, []).append(t.token)
+
+    step_no = 0
+    while batch.slots or any(k >= step_no for k in plan):
+        for request in plan.get(step_no, []):
+            record(request, batch.admit(request))
+        for request, step in batch.step():
+            assert not isinstance(step, Exception), step
+            record(request, step)
+        step_no += 1
+    return tokens
+
+
+def test_requests_joining_a_running_batch_decode_as_alone():
+    """Continuous batching: requests admitted while others decode (different prompts, lengths,
+    samplers, seeds; one past block_size, so its window slides) each produce exactly the tokens
+    they produce alone, and rows leave as they finish."""
+    model = tiny_model(block_size=16, seed=2)
+    stack = SamplerStack.from_settings(**STACK)
+    hot = SamplerStack.from_settings(temperature=1.8, min_p=0.05)
+    specs = [  # (admitted before step, prompts, max_new_tokens, sampler, seeds)
+        (0, [PROMPTS[0], PROMPTS[1]], 30, stack, [1, 2]),
+        (3, [PROMPTS[2]], 12, hot, [3]),
+        (4, [[(5 * i) % V for i in range(20)]], 25, None, None),  # longer than block_size
+        (9, [PROMPTS[3], PROMPTS[0], PROMPTS[1]], 6, stack, [4, 5, 6]),
+    ]
+    requests = {}
+    for at, prompts, n, sampler, seeds in specs:
+        requests.setdefault(at, []).append(
+            Request(model, prompts, n, sampler=sampler, seed=seeds, eos_id=None))
+    batch = RunningBatch(model, max_rows=8)
+    got = run_batch(batch, requests)
+    assert not batch.slots and batch.free_rows == 8
+    for (at, prompts, n, sampler, seeds), request in zip(specs, [r for k in sorted(requests)
+                                                                 for r in requests[k]]):
+        alone = tokens_of(complete(model, prompts, n, sampler=sampler, seed=seeds))
+        assert [got[id(request)][row] for row in range(len(prompts))] == alone
+        assert request.generated == alone
+
+
+def test_removed_and_failing_requests_leave_the_others_alone():
+    model = tiny_model(block_size=32, seed=3)
+    stack = SamplerStack.from_settings(temperature=1.2, top_k=10)
+    calls = []
+
+    def fail_on_third_call(logits, history=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("boom")
+        return logits
+
+    keeper = Request(model, [PROMPTS[1]], 20, sampler=stack, seed=[7])
+    leaver = Request(model, [PROMPTS[0], PROMPTS[2]], 20, sampler=stack, seed=[8, 9])
+    failer = Request(model, [PROMPTS[3]], 20, sampler=SamplerStack([fail_on_third_call]),
+                     seed=[1])
+    batch = RunningBatch(model, max_rows=4)
+    for request in (leaver, keeper, failer):
+        batch.admit(request)
+    outcomes = batch.step()
+    assert [r for r, _ in outcomes] == [leaver, keeper, failer]
+    batch.remove(leaver)  # its caller went away: its two slots are free at once
+    assert leaver.cancelled and batch.free_rows == 2 and batch.requests == [keeper, failer]
+    (_, error), = [o for o in batch.step() if o[0] is failer]
+    assert isinstance(error, ValueError) and failer.error is error
+    assert batch.requests == [keeper]
+    while batch.slots:
+        batch.step()
+    assert keeper.generated == tokens_of(complete(model, [PROMPTS[1]], 20, sampler=stack, seed=7))
+    with pytest.raises(ValueError, match="no token left"):  # fails at its first draw: not admitted
+        batch.admit(Request(model, [PROMPTS[0]], 5, sampler=SamplerStack.from_settings(
+            logit_bias={t: float("-inf") for t in range(V)}), seed=[0]))
+    assert not batch.slots
+
+
+def test_processed_top_logprobs_are_of_the_processed_distribution(model):
+    stack = SamplerStack.from_settings(temperature=0.8, top_k=5)
+    (r,) = complete(model, [PROMPTS[1]], 6, sampler=stack, seed=3, logprobs=5,
+                    logprobs_mode="processed")
+    seq = torch.tensor([PROMPTS[1] + r.tokens])
+    with torch.no_grad():
+        z = model(seq)[0, len(PROMPTS[1]) - 1:-1] / 0.8  # [6, V]
+    kth = z.topk(5).values[:, -1:]
+    logp = torch.log_softmax(z.masked_fill(z < kth, float("-inf")), dim=-1)
+    for pos, top in enumerate(r.top_logprobs):
+        ref = logp[pos].topk(5)
+        assert [i for i, _ in top] == ref.indices.tolist()
+        torch.testing.assert_close(torch.tensor([lp for _, lp in top], dtype=torch.double),
+                                   ref.values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(r.processed_logprobs, dtype=torch.double),
+                               logp.gather(1, torch.tensor(r.tokens)[:, None])[:, 0],
+                               atol=1e-5, rtol=0)
+
+
+def test_next_token_table_against_float64_softmax(model):
+    stack = SamplerStack.from_settings(logit_bias={7: float("-inf")}, temperature=0.6, top_p=0.8)
+    table = next_token_table(model, PROMPTS[1], stack, top_n=6, include=[7, 3])
+    assert table.stages == ["raw", "logit_bias", "temperature", "top_p"]
+    with torch.no_grad():
+        raw = model(torch.tensor([PROMPTS[1]]))[0, -1].double()
+    biased = raw.clone()
+    biased[7] = float("-inf")
+    hot = biased / 0.6
+    p = torch.softmax(hot, -1)
+    order = p.argsort(descending=True)
+    mass_above = p[order].cumsum(0) - p[order]
+    nucleus = hot.clone()
+    nucleus[order[mass_above >= 0.8]] = float("-inf")
+    stages = [raw, biased, hot, nucleus]
+    probs = [torch.softmax(z, -1) for z in stages]
+    assert table.n_kept == [int((z > float("-inf")).sum()) for z in stages]
+    for h, q in zip(table.entropy, probs):
+        assert abs(h - float(-(q[q > 0] * q[q > 0].log()).sum())) < 1e-9
+    kept = table.n_kept[-1]
+    final_rank = sorted(range(V), key=lambda t: (-float(probs[-1][t]), -float(raw[t])))
+    assert table.tokens[:6] == final_rank[:6]  # kept first (by final probability), then by raw
+    assert table.tokens[6:] == [t for t in (7, 3) if t not in final_rank[:6]]
+    for i, t in enumerate(table.tokens):
+        assert abs(table.logits[i] - float(raw[t])) < 1e-9
+        assert table.probs[i] == pytest.approx([float(q[t]) for q in probs], abs=1e-9)
+        assert table.kept[i] == [bool(z[t] > float("-inf")) for z in stages]
+    assert sum(k[-1] for k in table.kept[:6]) == min(6, kept)
+
+
+def test_admitting_several_requests_with_one_prefill():
+    """admit_many: one prefill for a burst; a request whose first draw fails is left out and the
+    rows of the ones after it move down; each admitted one decodes as alone."""
+    model = tiny_model(block_size=32, seed=4)
+    stack = SamplerStack.from_settings(temperature=1.3, top_k=12)
+    ban_all = SamplerStack.from_settings(logit_bias={t: float("-inf") for t in range(V)})
+    a = Request(model, [PROMPTS[1], PROMPTS[2]], 15, sampler=stack, seed=[1, 2])
+    bad = Request(model, [PROMPTS[0]], 15, sampler=ban_all, seed=[3])
+    none = Request(model, [PROMPTS[0]], 0)
+    c = Request(model, [PROMPTS[3]], 9, sampler=stack, seed=[4])
+    batch = RunningBatch(model, max_rows=4)
+    outcomes = batch.admit_many([a, bad, none, c])
+    assert outcomes[2] is None and isinstance(outcomes[1], ValueError) and bad.error is outcomes[1]
+    assert [r for r, _ in batch.slots] == [a, a, c]
+    while batch.slots:
+        batch.step()
+    assert a.generated == tokens_of(complete(model, [PROMPTS[1], PROMPTS[2]], 15, sampler=stack,
+                                             seed=[1, 2]))
+    assert c.generated == tokens_of(complete(model, [PROMPTS[3]], 9, sampler=stack, seed=4))

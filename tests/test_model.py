@@ -122,6 +122,29 @@ def test_left_padding_with_key_padding_equals_unpadded():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_per_row_cache_lengths_equal_each_row_alone():
+    """Rows of different lengths in one cache (continuous batching): each row's next logits are
+    those of a full forward over its own tokens."""
+    model = tiny()
+    lens = [3, 11, 7]
+    x = torch.randint(0, V, (3, 14))
+    with torch.no_grad():
+        cache = KVCache(model.config, batch_size=3, max_len=16)
+        for b, n in enumerate(lens):  # each row prefilled into its own slot
+            model.hidden_states(x[b:b + 1, :n], cache.rows(b, b + 1))
+        cache.lengths = torch.tensor(lens)
+        for step in range(2):  # two decode steps of one token per row, at per-row positions
+            tokens = x[torch.arange(3), cache.lengths]
+            out = model.logits(tokens[:, None], cache)[:, -1]
+            for b in range(3):
+                n = lens[b] + step + 1
+                torch.testing.assert_close(out[b], model(x[b:b + 1, :n])[0, -1], atol=1e-5,
+                                           rtol=0)
+    assert cache.lengths.tolist() == [n + 2 for n in lens]
+    with pytest.raises(ValueError, match="one token per row"):
+        model.logits(x[:, :2], cache)
+
+
 def test_sequence_longer_than_block_size_is_an_error():
     model = tiny()
     with pytest.raises(ValueError, match="block_size"):

@@ -1,6 +1,7 @@
 import pytest
 
-from minilm.tokenizer import EOT_TEXT, CharTokenizer, TiktokenTokenizer, tokenizer_from_dict
+from minilm.tokenizer import (EOT_TEXT, CharTokenizer, TextStream, TiktokenTokenizer,
+                              tokenizer_from_dict)
 
 
 def test_char_round_trip_and_eot():
@@ -32,3 +33,16 @@ def test_gpt2_round_trip():
 def test_unknown_tiktoken_name():
     with pytest.raises(ValueError, match="unknown tokenizer 'nope'"):
         TiktokenTokenizer("nope")
+
+
+def test_text_stream_holds_back_what_may_start_a_stop_string():
+    tok = CharTokenizer("abcdefghijrt ")
+    stream = TextStream(tok.decode, stop=["ccd", "jj"])
+    text = "ab ccb ccd after"
+    ids = tok.encode(text)
+    pieces = [stream.update(ids[:i + 1]) for i in range(len(ids))]
+    assert "".join(pieces) == "ab ccb " and stream.stopped
+    assert pieces[3] == "" and pieces[4] == ""  # "c", "cc": perhaps the start of "ccd"
+    assert pieces[5] == "ccb"  # not a stop after all: handed out at once
+    rest = TextStream(tok.decode, stop=["jj"])
+    assert rest.update(tok.encode("abj")) == "ab" and rest.update(tok.encode("abj"), True) == "j"

@@ -1,0 +1,124 @@
+"""The FastAPI app: the OpenAI-compatible routes, /v1/distribution, /health and the explorer page.
+
+    GET  /                    the explorer page (static/: HTML, JS, CSS; no CDN, no build step)
+    GET  /health              {"status": "ok", running rows, waiting requests}
+    GET  /v1/models           the served model
+    POST /v1/completions      OpenAI's completions (completions.py), streamed or whole
+    POST /v1/distribution     the next-token table through the sampler's stages (the page's data)
+
+Every error is in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad
+field (named in `param`), 404 for an unknown model or path, 500 for a failure of the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from minilm.generation import next_token_table
+from minilm.model import GPT
+from minilm.serve import completions
+from minilm.serve.engine import Engine
+from minilm.serve.protocol import (MAX_TOP_N, APIError, CompletionRequest, DistributionRequest,
+                                   bad_request, validation_error)
+from minilm.serve.served import Served
+from minilm.tokenizer import Tokenizer
+
+STATIC = Path(__file__).resolve().parent / "static"
+log = logging.getLogger("minilm.serve")
+
+
+def create_app(model: GPT, tokenizer: Tokenizer, name: str, max_batch: int = 16) -> FastAPI:
+    """The app serving `model` as `name`; its engine thread runs while the app does."""
+    served = Served(model, tokenizer, name, Engine(model, max_batch))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        served.engine.start()
+        yield
+        served.engine.stop()
+
+    app = FastAPI(title="minilm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.served = served
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
+        error = validation_error(list(e.errors()))
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        message = f"{e.detail}: {request.method} {request.url.path}"
+        code = "not_found" if e.status_code == 404 else None
+        return JSONResponse(APIError(e.status_code, message, code=code).body(),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        error = APIError(500, f"internal error: {type(e).__name__}: {e}")
+        return JSONResponse(error.body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return dict(status="ok", model=served.name, **served.engine.stats())
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return dict(object="list", data=[dict(
+            id=served.name, object="model", created=0, owned_by="minilm",
+            max_model_len=served.block_size, vocab_size=served.vocab_size)])
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, request: Request):
+        if body.stream:
+            return StreamingResponse(await completions.stream(body, served),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await completions.complete(body, served, request.is_disconnected)
+
+    @app.post("/v1/distribution")
+    async def distribution(body: DistributionRequest) -> dict[str, Any]:
+        return await next_token_distribution(body, served)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+async def next_token_distribution(body: DistributionRequest, served: Served) -> dict[str, Any]:
+    """The next-token table (generation.next_token_table, as generate.py --show_distribution)."""
+    served.check_model(body.model)
+    top_n = 20 if body.top_n is None else body.top_n
+    if not 1 <= top_n <= MAX_TOP_N:
+        raise bad_request(f"top_n must be in [1, {MAX_TOP_N}], got {top_n}", "top_n")
+    if isinstance(body.prompt, list) and not body.prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    (ids,), (text,) = served.read_prompts(body.prompt)
+    sampler = body.sampler(served.vocab_size, served.tokenizer.encode)
+    include = sorted(body.bias(served.tokenizer.encode))
+    table = await served.engine.call(
+        lambda: next_token_table(served.model, ids, sampler, top_n, include))
+    return dict(
+        object="distribution", model=served.name, prompt=text, prompt_token_ids=ids,
+        vocab_size=table.vocab_size,
+        stages=[dict(name=s, kept=k, entropy=h)
+                for s, k, h in zip(table.stages, table.n_kept, table.entropy)],
+        tokens=[dict(id=t, text=served.token_text(t), logit=z, probs=p, kept=k)
+                for t, z, p, k in zip(table.tokens, table.logits, table.probs, table.kept)])
+

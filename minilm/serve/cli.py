@@ -1,0 +1,69 @@
+"""minilm-serve: load a model, start the engine and serve the app with uvicorn.
+
+    minilm-serve --ckpt SRC [--host 127.0.0.1] [--port 8000] [--max_batch 16] [--device auto]
+                 [--model_name NAME] [--log_level info]
+
+SRC is anything checkpoint.load_model accepts. The model is served under NAME (default: the last
+part of SRC, or of its run folder for .../best and .../last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from minilm.cli import ArgumentParser
+from minilm.device import DEVICE_NAMES, resolve_device
+
+INSTALL_HINT = "minilm-serve needs FastAPI and uvicorn: pip install 'minilm[serve]'"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="minilm-serve", description="Serve a minilm model: an OpenAI-compatible "
+                "completions API and the next-token explorer page.")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, a run's out_dir, or any "
+                   "source load_model accepts")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max_batch", type=int, default=16,
+                   help="rows decoded together (continuous batching); more requests wait")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (as train.device)")
+    p.add_argument("--model_name", help="the name clients use (default: from --ckpt)")
+    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def model_name(source: str) -> str:
+    """The last part of the source path or hub id; a run's folder for .../best and .../last."""
+    path = Path(source.rstrip("/\\") or source)
+    if path.name in ("best", "last") and path.parent.name:
+        return path.parent.name
+    return path.name or source
+
+
+def main(argv: list[str]) -> int | None:
+    try:  # before anything slow: without the extra, say so and stop
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise ValueError(INSTALL_HINT) from None
+    args = build_parser().parse_args(argv)
+    if args.max_batch < 1:
+        raise ValueError(f"--max_batch must be >= 1, got {args.max_batch}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+
+    from minilm.checkpoint import load_model
+    from minilm.serve.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    model, tokenizer, _ = load_model(args.ckpt, resolve_device(args.device, key="--device"))
+    name = args.model_name or model_name(args.ckpt)
+    app = create_app(model, tokenizer, name, args.max_batch)
+    logging.getLogger("minilm.serve").info(
+        "serving %s (%s parameters, context %d) at http://%s:%d/ with up to %d rows per batch",
+        name, f"{model.param_counts()['total']:,}", model.config.block_size, args.host, args.port,
+        args.max_batch)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,165 @@
+"""The request bodies (pydantic: types are checked before any handler runs) and the OpenAI error
+shape every failure is reported in: {"error": {"message", "type", "param", "code"}}.
+
+Fields follow the OpenAI completions API as vLLM serves it, with vLLM's sampling extras (top_k,
+min_p, typical_p, repetition_penalty, ignore_eos, logprobs_mode, return_token_ids) and minilm's
+`order` (the sampler stage order: "default", "llama.cpp" or a list of stage names). A field sent
+as null takes its default, as in vLLM. Unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Callable, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from minilm.sampling import SamplerStack, SettingError, user_logit_bias
+
+MAX_LOGPROBS = 20  # OpenAI's and vLLM's default limit for `logprobs`
+MAX_TOP_N = 100  # tokens a /v1/distribution table may show
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
+JSON_FLOOR = -9999.0  # a log-probability of -inf is reported as this (as vLLM: JSON has no -inf)
+
+# How a field's type is described when a value of the wrong type comes in.
+TYPE_NAMES = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "logit_bias": "an object mapping token ids (strings of digits) to numbers in [-100, 100]",
+    "order": '"default", "llama.cpp" or a list of stage names',
+}
+
+
+def _not_bool(value: Any) -> Any:
+    """JSON true/false is not a number (pydantic's lax mode would take it as 1/0)."""
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param)
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """pydantic's errors (FastAPI's RequestValidationError) as one 400 naming the first field."""
+    err = errors[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    if err.get("type") == "json_invalid":
+        return bad_request(f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
+    if not loc:
+        return bad_request(f"the request body must be a JSON object ({err['msg']})")
+    param = loc[0]
+    if err.get("type") == "missing":
+        return bad_request(f"{param} is required", param)
+    if param in TYPE_NAMES and len(errors) > 1:  # a union: one error per alternative
+        return bad_request(f"{param} must be {TYPE_NAMES[param]}, got {_short(err.get('input'))}",
+                           param)
+    message = err["msg"].removeprefix("Value error, ")
+    return bad_request(f"{'.'.join(loc)}: {message}, got {_short(err.get('input'))}", param)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class SamplerSettings(_Body):
+    """What the sampler stack is built from: shared by /v1/completions and /v1/distribution."""
+    temperature: Float | None = 1.0
+    top_p: Float | None = 1.0
+    top_k: Int | None = 0  # 0 or -1 (vLLM's off) keep every token
+    min_p: Float | None = 0.0
+    typical_p: Float | None = 1.0
+    repetition_penalty: Float | None = 1.0
+    presence_penalty: Float | None = 0.0
+    frequency_penalty: Float | None = 0.0
+    logit_bias: dict[str, Float] | None = None
+    order: str | list[str] | None = "default"
+
+    def sampler(self, vocab_size: int, encode: Callable[[str], list[int]]) -> SamplerStack:
+        """The stack, through SamplerStack.from_settings (the CLI's path too); a bad setting is a
+        400 naming it."""
+        def value(name: str) -> Any:
+            v = getattr(self, name)
+            return type(self).model_fields[name].default if v is None else v
+
+        top_k = value("top_k")
+        logit_bias = self.bias(encode)
+        try:
+            if top_k < -1:
+                raise SettingError("top_k", f"top_k must be -1 or 0 (off) or a positive integer, "
+                                            f"got {top_k}")
+            return SamplerStack.from_settings(
+                temperature=value("temperature"), top_k=max(top_k, 0), top_p=value("top_p"),
+                min_p=value("min_p"), typical_p=value("typical_p"),
+                repetition_penalty=value("repetition_penalty"),
+                presence_penalty=value("presence_penalty"),
+                frequency_penalty=value("frequency_penalty"),
+                logit_bias=logit_bias, order=value("order"),
+                vocab_size=vocab_size)
+        except SettingError as e:
+            raise bad_request(str(e), e.param) from None
+
+
+    def bias(self, encode: Callable[[str], list[int]]) -> dict[int, float]:
+        """logit_bias as {token id: bias} (sampling.user_logit_bias: -100 bans)."""
+        try:
+            return user_logit_bias(self.logit_bias or {}, encode)
+        except SettingError as e:
+            raise bad_request(str(e), e.param) from None
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = False
+
+
+class CompletionRequest(SamplerSettings):
+    model: str | None = None
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    max_tokens: Int | None = 16
+    n: Int | None = 1
+    stop: str | list[str] | None = None
+    seed: Int | None = None
+    logprobs: Int | None = None
+    echo: bool | None = False
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    best_of: Int | None = None
+    user: str | None = None
+    ignore_eos: bool | None = False  # vLLM: keep going past the end-of-text token
+    logprobs_mode: Literal["raw", "processed", "raw_logprobs", "processed_logprobs"] | None = "raw"
+    return_token_ids: bool | None = False  # vLLM: token ids beside the text
+
+
+class DistributionRequest(SamplerSettings):
+    model: str | None = None
+    prompt: str | list[Int]
+    top_n: Int | None = 20
+
+
+def finite(logprob: float) -> float:
+    """A log-probability fit for JSON: -inf (a removed token) becomes JSON_FLOOR."""
+    return logprob if logprob >= JSON_FLOOR else JSON_FLOOR  # NaN too: comparisons are False
