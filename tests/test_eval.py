@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from browser import chromium
 from conftest import CORPUS, ROOT, tiny_overrides
 from minilm.calibration import ReliabilityBins, fit_temperature
 from minilm.checkpoint import save_checkpoint
@@ -467,15 +468,8 @@ def test_tokens_jsonl_and_html(tmp_path, capsys):
 def browser_hover(path):
     """Open the page in Chromium with every network request refused; hover a token: the
     tooltip lists its alternatives."""
-    if not os.path.exists("/usr/bin/chromium"):
-        pytest.skip("no /usr/bin/chromium to render the page")
-    from playwright.sync_api import sync_playwright
-
     requests = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run"])
+    with chromium() as browser:
         page = browser.new_page()
         page.on("request", lambda r: requests.append(r.url))
         page.goto(path.as_uri())
@@ -487,7 +481,6 @@ def browser_hover(path):
         rows = tip.locator("tr")
         assert rows.count() == 5 and "%" in rows.nth(0).inner_text()
         assert "rank" in tip.inner_text()
-        browser.close()
     assert requests == [path.as_uri()]
 
 

@@ -1,39 +1,16 @@
 """The explorer page in a real headless Chromium, driven by playwright, against the test server:
 load /, type a prompt, move the temperature slider and watch the bars change, click a token,
 Generate, and continue from an alternative of a generated token."""
-import os
-import shutil
-from pathlib import Path
-
 import httpx
 import pytest
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
-
-
-def find_chromium() -> str | None:
-    """A Chromium to drive: $MINILM_CHROMIUM, Debian's chromium, or one on PATH; None means
-    playwright's own download, if it has one."""
-    for path in (os.environ.get("MINILM_CHROMIUM"), "/usr/bin/chromium",
-                 shutil.which("chromium"), shutil.which("chromium-browser"),
-                 shutil.which("google-chrome")):
-        if path and Path(path).is_file():
-            return path
-    return None
+from browser import chromium
 
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        path = find_chromium()
-        if path is None and not Path(p.chromium.executable_path).is_file():
-            pytest.skip("no Chromium found (install Debian's chromium, or set MINILM_CHROMIUM)")
-        browser = p.chromium.launch(executable_path=path, args=ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 def final_probs(page) -> list[float]:

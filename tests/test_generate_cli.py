@@ -10,10 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hf_models import gpt2_bpe
 from minilm.checkpoint import save_checkpoint
 from minilm.generate_cli import stream_text
 from minilm.model import GPT, GPTConfig
-from minilm.tokenizer import CharTokenizer, TiktokenTokenizer
+from minilm.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -101,10 +102,7 @@ def test_user_errors_exit_2_with_one_line(ckpt, tmp_path, args, message):
 
 
 def test_stream_text_holds_back_partial_utf8():
-    try:
-        bpe = TiktokenTokenizer("gpt2")
-    except ValueError:
-        pytest.skip("gpt2 BPE not available offline")
+    bpe = gpt2_bpe()
     byte_tokens = [bpe.enc.encode_single_token(bytes([b])) for b in "é€!".encode()]  # 6 bytes
     steps = [SimpleNamespace(tokens=torch.tensor([t]), finish_reasons=[None]) for t in byte_tokens]
     steps[-1].finish_reasons = ["length"]
