@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from minilm.model import GPT, KVCache
-from minilm.sampling import History, SampleInfo, SamplerStack, Temperature
+from minilm.sampling import History, SampleInfo, SamplerStack, Temperature, check_logprobs_mode
 
 Prompts = Sequence[Sequence[int]] | Sequence[int] | Tensor
 Stop = Sequence[str | Sequence[int]]
@@ -135,6 +135,7 @@ class Request:
             raise ValueError(f"logprobs must be >= 0, got {logprobs}")
         if eos_id is not None and not 0 <= eos_id < vocab_size:
             raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab_size - 1}]")
+        check_logprobs_mode(logprobs_mode)
         self.stopper = _StopMatcher(stop or (), decode)
         if sampler is None:
             sampler, seed = greedy(), None  # nothing to draw: no generators needed
@@ -153,9 +154,7 @@ class Request:
 
     def _start(self) -> None:
         """Join a batch: every row runs; the History holds the whole prompts (left-padded)."""
-        tokens, mask = _left_pad([torch.tensor(p, device=self.device) for p in self.prompts])
-        lens = torch.tensor([len(p) for p in self.prompts], device=self.device)
-        self.history = History(tokens, prompt_lens=lens, attention_mask=mask)
+        self.history = _prompt_history(self.prompts, self.device)
         self.running = list(range(len(self.prompts)))
 
     def _sample(self, logits: Tensor) -> Step:
@@ -406,13 +405,9 @@ def next_token_stages(model: GPT, prompt_ids: Prompts, sampler: SamplerStack
     ("raw", logits): what each setting does to the model's distribution (generate.py's
     --show_distribution)."""
     prompts = prompt_lists(prompt_ids, model.config.vocab_size)
-    device = next(model.parameters()).device
     with model.inference():
         logits = _prefill(model, [p[-model.config.block_size:] for p in prompts])
-        tokens, mask = _left_pad([torch.tensor(p, device=device) for p in prompts])
-        history = History(tokens, prompt_lens=torch.tensor([len(p) for p in prompts]),
-                          attention_mask=mask)
-        return sampler.stages(logits, history)
+        return sampler.stages(logits, _prompt_history(prompts, logits.device))
 
 
 @dataclass
@@ -535,6 +530,13 @@ class _StopMatcher:
             text = self.decode(generated[-self.tail:])
             return any(s in text for s in self.strings)
         return False
+
+
+def _prompt_history(prompts: list[list[int]], device: torch.device) -> History:
+    """The History of prompts before any token is drawn (left-padded: what the penalties read)."""
+    tokens, mask = _left_pad([torch.tensor(p, device=device) for p in prompts])
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    return History(tokens, prompt_lens=lens, attention_mask=mask)
 
 
 def _left_pad(seqs: list[Tensor]) -> tuple[Tensor, Tensor | None]:

@@ -82,13 +82,6 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.size(3)
 
-    def reset(self) -> None:
-        self.length = 0
-
-    def select(self, rows: torch.Tensor | list[int]) -> None:
-        """Keep only these batch rows (rows that finished generating leave the batch)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache of rows [start, stop) that shares this one's memory (a forward on it writes
         here), empty (length 0) and with shared length until its caller says otherwise."""

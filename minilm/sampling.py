@@ -494,6 +494,14 @@ LLAMA_CPP_ORDER = ("logit_bias", "repetition_penalty", "presence_penalty", "freq
                    "top_k", "typical_p", "top_p", "min_p", "temperature")
 ORDERS = {"default": DEFAULT_ORDER, "llama.cpp": LLAMA_CPP_ORDER}
 LOGPROBS_MODES = ("raw", "processed")
+
+
+def check_logprobs_mode(mode: str) -> None:
+    """A SettingError unless `mode` is one of LOGPROBS_MODES."""
+    if mode not in LOGPROBS_MODES:
+        raise SettingError("logprobs_mode", f"logprobs_mode must be one of {list(LOGPROBS_MODES)}, "
+                                            f"got {mode!r}")
+
 # The processors that read nothing but each row's logit values (not token ids, V or the History), so
 # give the same values on a row's candidate tokens as on the whole row with the rest at -inf: after a
 # TopK, sample() runs them on its kept tokens only. Not MinP: its softmax over the whole row rounds
@@ -564,9 +572,7 @@ class SamplerStack:
             raise ValueError(f"logits must be a FloatTensor[B, V], got shape {tuple(logits.shape)}")
         if top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
-        if logprobs_mode not in LOGPROBS_MODES:
-            raise SettingError("logprobs_mode", f"logprobs_mode must be one of {list(LOGPROBS_MODES)}, "
-                                                f"got {logprobs_mode!r}")
+        check_logprobs_mode(logprobs_mode)
         processed, ids = self._candidates(logits, history)      # (B, n), ids (B, n) or None if n = V
         bad = ~torch.isfinite(processed.amax(dim=-1))           # (B,); amax propagates NaN
         if bad.any():

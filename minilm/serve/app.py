@@ -107,8 +107,6 @@ async def next_token_distribution(body: DistributionRequest, served: Served) -> 
     top_n = 20 if body.top_n is None else body.top_n
     if not 1 <= top_n <= MAX_TOP_N:
         raise bad_request(f"top_n must be in [1, {MAX_TOP_N}], got {top_n}", "top_n")
-    if isinstance(body.prompt, list) and not body.prompt:
-        raise bad_request("prompt must not be empty", "prompt")
     (ids,), (text,) = served.read_prompts(body.prompt)
     sampler = body.sampler(served.vocab_size, served.tokenizer.encode)
     include = sorted(body.bias(served.tokenizer.encode))
