@@ -242,16 +242,32 @@ def _write_tokens(path: Path, ds, dtype: np.dtype) -> int:
     return n
 
 
+def cache_folder(source: str, tokenizer: str, text_field: str, name: str | None, split: str,
+                 val_fraction: float, cache_dir: str | Path) -> Path:
+    """Where prepare() keeps the tokens of these data settings."""
+    key = cache_key(source, tokenizer, text_field, name, split, val_fraction)
+    return Path(cache_dir).expanduser() / key
+
+
+def cached_data(source: str, tokenizer: str, text_field: str, name: str | None, split: str,
+                val_fraction: float, cache_dir: str | Path) -> PreparedData | None:
+    """The data prepare() wrote for these settings, or None when it has not (yet)."""
+    folder = cache_folder(source, tokenizer, text_field, name, split, val_fraction, cache_dir)
+    if not (folder / "meta.json").is_file():
+        return None
+    return PreparedData(folder, json.loads((folder / "meta.json").read_text()))
+
+
 def prepare(source: str = "shakespeare", tokenizer: str = "char", text_field: str = "text",
             name: str | None = None, split: str = "train", val_fraction: float = 0.1,
             num_proc: int = 1, cache_dir: str | Path = "data_cache",
             log=print) -> PreparedData:
     """Tokenize a source into cache_dir/<key>/{train,val}.bin + meta.json (reused when present)."""
-    key = cache_key(source, tokenizer, text_field, name, split, val_fraction)
-    out = Path(cache_dir).expanduser() / key
+    cached = cached_data(source, tokenizer, text_field, name, split, val_fraction, cache_dir)
+    if cached is not None:
+        return cached
+    out = cache_folder(source, tokenizer, text_field, name, split, val_fraction, cache_dir)
     meta_path = out / "meta.json"
-    if meta_path.exists():
-        return PreparedData(out, json.loads(meta_path.read_text()))
 
     docs = load_documents(source, text_field, name, split)
     tok: Tokenizer = (CharTokenizer.from_texts(docs["text"]) if tokenizer == "char"

@@ -300,7 +300,7 @@ def evaluate(model: GPT, documents: Sequence[Document], eot: int, stride: int | 
             stats = token_stats(chunk.logits, chunk.targets, TOP_N if on_tokens else 0)
             total.add(stats)
             for t, tally in sweeps.items():
-                tally.add(token_stats(chunk.logits / t, chunk.targets))
+                tally.add(stats if t == 1 else token_stats(chunk.logits / t, chunk.targets))
             if fitting:
                 kept.append((chunk.hidden, chunk.targets))
             if reporting:

@@ -27,7 +27,7 @@ import numpy as np
 from minilm.atomic import open_atomic, write_atomic
 from minilm.checkpoint import CheckpointError, load_model, resolve_checkpoint
 from minilm.cli import ArgumentParser
-from minilm.data import PreparedData, cache_key
+from minilm.data import PreparedData, cache_folder, cached_data
 from minilm.device import DEVICE_NAMES, resolve_device
 from minilm.eval import Document, evaluate, score
 from minilm.eval_report import log_wandb, summary_text, write_report
@@ -178,12 +178,13 @@ def find_data_cache(state: dict[str, Any], ckpt_dir: Path | None, ckpt: str) -> 
         source = data["source"]
         if source != "shakespeare" and (root / source).exists():
             source = str(root / source)  # the same files give the same key from anywhere
-        key = cache_key(source, data["tokenizer"], data.get("text_field", "text"),
-                        data.get("name"), data.get("split", "train"), data["val_fraction"])
-        folder = root / data.get("cache_dir", "data_cache") / key
-        if (folder / "meta.json").is_file():
-            return PreparedData(folder, json.loads((folder / "meta.json").read_text()))
-        tried.append(str(folder))
+        settings = (source, data["tokenizer"], data.get("text_field", "text"), data.get("name"),
+                    data.get("split", "train"), data["val_fraction"],
+                    root / Path(data.get("cache_dir", "data_cache")).expanduser())
+        found = cached_data(*settings)
+        if found is not None:
+            return found
+        tried.append(str(cache_folder(*settings)))
     raise ValueError(f"the data cache {ckpt} was trained on is missing (looked for "
                      f"{' and '.join(dict.fromkeys(tried))}; data.source {data['source']!r}): "
                      "prepare it again with the same data settings, or evaluate on --text FILE")
@@ -268,8 +269,7 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "val", texts: list[str] |
     with contextlib.ExitStack() as outputs:  # per-token files appear whole or not at all
         sinks: list = []
         if tokens_file:
-            sinks.append(TokenRecords(outputs.enter_context(open_atomic(tokens_file)),
-                                      tokenizer, documents))
+            sinks.append(TokenRecords(outputs.enter_context(open_atomic(tokens_file)), tokenizer))
         if html_file:
             html = TokenHtml(outputs.enter_context(open_atomic(html_file)), tokenizer,
                              documents, title=f"minilm-eval: {ckpt}")

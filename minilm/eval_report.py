@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from minilm.atomic import open_atomic, write_atomic
+from minilm.tracking import warn
 
 
 def _data_label(results: dict[str, Any]) -> str:
@@ -254,7 +254,6 @@ def log_wandb(results: dict[str, Any], report_dir: Path | None) -> None:
             run.log(record)
         run.finish()
     except Exception as e:  # the figures are printed and written anyway
-        reason = (str(e).strip().splitlines() or [""])[0]
-        print(f"warning: wandb logging failed ({type(e).__name__}: {reason})", file=sys.stderr)
+        warn("wandb logging failed", e)
         with contextlib.suppress(Exception):  # do not leave the run open in this process
             run.finish(exit_code=1)

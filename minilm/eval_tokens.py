@@ -37,7 +37,7 @@ class TokenRecords:
     "top": [{"token", "text", "logprob"}, ...]} per line; index counts the document's tokens
     from 0, text is the token decoded alone."""
 
-    def __init__(self, out: TextIO, tokenizer: Tokenizer, documents: Sequence[Document]):
+    def __init__(self, out: TextIO, tokenizer: Tokenizer):
         self.out = out
         self.text = functools.lru_cache(maxsize=None)(lambda t: tokenizer.decode([t]))
 

@@ -18,8 +18,6 @@ import json
 import sys
 from typing import TextIO
 
-import torch
-
 from minilm.checkpoint import load_model
 from minilm.cli import ArgumentParser
 from minilm.device import DEVICE_NAMES, resolve_device

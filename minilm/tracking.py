@@ -56,7 +56,7 @@ def _duration(seconds: float) -> str:
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
 
 
-def _warn(message: str, error: BaseException) -> None:
+def warn(message: str, error: BaseException) -> None:
     """One line on stderr, however long the error's message."""
     reason = (str(error).strip().splitlines() or [""])[0]
     print(f"warning: {message} ({type(error).__name__}: {reason})", file=sys.stderr, flush=True)
@@ -165,7 +165,7 @@ class Tracker:
                 run.log_artifact(artifact)
             run.finish(exit_code=exit_code)
         except Exception as e:  # an upload that fails must not turn a finished run into an error
-            _warn("wandb did not finish the run", e)
+            warn("wandb did not finish the run", e)
 
 
 def start_wandb(cfg) -> Any:
@@ -186,7 +186,7 @@ def start_wandb(cfg) -> Any:
                           name=w.name, tags=w.tags, config=cfg.to_dict(),
                           dir=os.environ.get("WANDB_DIR") or cfg.out_dir)
     except Exception as e:  # missing, not logged in, offline server...: not worth a lost run
-        _warn("wandb did not start; training goes on without it", e)
+        warn("wandb did not start; training goes on without it", e)
         return None
 
 

@@ -17,7 +17,7 @@ from minilm.calibration import ReliabilityBins, fit_temperature
 from minilm.checkpoint import save_checkpoint
 from minilm.cli import run_cli
 from minilm.config import load_config
-from minilm.eval import Document, encode_pair, evaluate, score
+from minilm.eval import Document, encode_pair, score
 from minilm.eval_cli import main
 from minilm.model import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer, TiktokenTokenizer
