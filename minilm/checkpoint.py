@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minilm.atomic import write_atomic
-from minilm.data import looks_like_hub_id as is_hub_id
+from minilm.data import looks_like_hub_id
 from minilm.model import GPT, GPTConfig
 from minilm.tokenizer import Tokenizer, tokenizer_from_dict
 from minilm.tracking import strict_json
@@ -163,11 +163,6 @@ def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml", ".ckpt")
 
 
-def looks_like_hub_id(source: str) -> bool:
-    """'gpt2' or 'owner/name', and not a path (minilm.data's rule, with model file suffixes)."""
-    return is_hub_id(source, MODEL_FILE_SUFFIXES)
-
-
 def load_model(source: str | Path, device: str | torch.device = "cpu"
                ) -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """Model (eval mode), tokenizer and state, for generation, evaluation or fine-tuning.
@@ -181,7 +176,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"
 
     path = Path(source).expanduser()
     if not path.exists() and complete_checkpoint(path) is None:  # (an interrupted swap: found)
-        if isinstance(source, str) and looks_like_hub_id(source):
+        if isinstance(source, str) and looks_like_hub_id(source, MODEL_FILE_SUFFIXES):
             model, tokenizer, state = hf.load_hub_model(source)
             return model.to(device), tokenizer, state
         raise CheckpointError(f"no checkpoint found at {path}: no such file or folder")
