@@ -252,7 +252,12 @@ def cache_folder(source: str, tokenizer: str, text_field: str, name: str | None,
 def cached_data(source: str, tokenizer: str, text_field: str, name: str | None, split: str,
                 val_fraction: float, cache_dir: str | Path) -> PreparedData | None:
     """The data prepare() wrote for these settings, or None when it has not (yet)."""
-    folder = cache_folder(source, tokenizer, text_field, name, split, val_fraction, cache_dir)
+    return _read_prepared(cache_folder(source, tokenizer, text_field, name, split, val_fraction,
+                                       cache_dir))
+
+
+def _read_prepared(folder: Path) -> PreparedData | None:
+    """The data in a cache folder, or None when prepare() has not finished it (no meta.json)."""
     if not (folder / "meta.json").is_file():
         return None
     return PreparedData(folder, json.loads((folder / "meta.json").read_text()))
@@ -263,10 +268,11 @@ def prepare(source: str = "shakespeare", tokenizer: str = "char", text_field: st
             num_proc: int = 1, cache_dir: str | Path = "data_cache",
             log=print) -> PreparedData:
     """Tokenize a source into cache_dir/<key>/{train,val}.bin + meta.json (reused when present)."""
-    cached = cached_data(source, tokenizer, text_field, name, split, val_fraction, cache_dir)
+    # one cache key: it fingerprints every file of a local source
+    out = cache_folder(source, tokenizer, text_field, name, split, val_fraction, cache_dir)
+    cached = _read_prepared(out)
     if cached is not None:
         return cached
-    out = cache_folder(source, tokenizer, text_field, name, split, val_fraction, cache_dir)
     meta_path = out / "meta.json"
 
     docs = load_documents(source, text_field, name, split)
