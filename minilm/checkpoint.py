@@ -11,12 +11,13 @@ load_model also reads Hugging Face GPT-2 folders and hub ids (through minilm.hf)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,6 +52,21 @@ def _sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
+def _versions(path: Path) -> tuple[Path, Path, Path]:
+    """`path` and what a swap leaves beside it: <name>.tmp (newer), <name>.old (older)."""
+    return path, _sibling(path, ".tmp"), _sibling(path, ".old")
+
+
+@contextlib.contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """An empty <name>.tmp to fill (state.json last), swapped in for `path` when the block ends."""
+    tmp = _sibling(path, ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    _swap_in(tmp, path)
+
+
 def _swap_in(tmp: Path, path: Path) -> None:
     """Replace folder `path` by the complete folder `tmp` with renames only."""
     old = _sibling(path, ".old")
@@ -71,35 +87,26 @@ def save_checkpoint(path: str | Path, model: GPT, optimizer: torch.optim.Optimiz
                     state: dict[str, Any]) -> None:
     """Write a checkpoint folder atomically. `state` must be JSON-serialisable (NaN and
     infinities are stored as null)."""
-    path = Path(path)
-    tmp = _sibling(path, ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-    torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
-    torch.save(rng_states(), tmp / "rng.pt")
-    _write_state(tmp, dict(state, model_config=asdict(model.config),
-                           logit_softcap=model.logit_softcap))
-    _swap_in(tmp, path)
+    with _staged(Path(path)) as tmp:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
+        torch.save(rng_states(), tmp / "rng.pt")
+        _write_state(tmp, dict(state, model_config=asdict(model.config),
+                               logit_softcap=model.logit_softcap))
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
     """Copy a checkpoint folder atomically, state.json last."""
-    dst = Path(dst)
-    tmp = _sibling(dst, ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for file in sorted(Path(src).iterdir(), key=lambda f: f.name == "state.json"):
-        shutil.copy2(file, tmp / file.name)  # state.json last
-    _swap_in(tmp, dst)
+    with _staged(Path(dst)) as tmp:
+        for file in sorted(Path(src).iterdir(), key=lambda f: f.name == "state.json"):
+            shutil.copy2(file, tmp / file.name)  # state.json last
 
 
 def complete_checkpoint(path: str | Path) -> Path | None:
     """The complete checkpoint among `path`, `path.tmp` (a newer one not yet swapped in) and
     `path.old` (the one it replaces), in that order; None if none is. Reads only."""
-    path = Path(path)
-    for candidate in (path, _sibling(path, ".tmp"), _sibling(path, ".old")):
+    for candidate in _versions(Path(path)):
         if (candidate / "state.json").is_file():
             return candidate
     return None
@@ -116,9 +123,15 @@ def recover_checkpoint(path: str | Path) -> Path | None:
     if found != path:
         shutil.rmtree(path, ignore_errors=True)  # an incomplete folder, if any
         os.replace(found, path)
-    for leftover in (_sibling(path, ".tmp"), _sibling(path, ".old")):
+    for leftover in _versions(path)[1:]:
         shutil.rmtree(leftover, ignore_errors=True)
     return path
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint folder and whatever an interrupted swap left beside it."""
+    for version in _versions(Path(path)):
+        shutil.rmtree(version, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import shutil
 import signal
 import threading
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ import torch.distributed as dist
 import yaml
 
 from minilm.checkpoint import (complete_checkpoint, copy_checkpoint, load_training_state,
-                               load_weights, read_state, recover_checkpoint, save_checkpoint,
-                               set_rng_states)
+                               load_weights, read_state, recover_checkpoint, remove_checkpoint,
+                               save_checkpoint, set_rng_states)
 from minilm.config import Config, ConfigError, TrainConfig, validate
 from minilm.data import PreparedData, get_batch, prepare
 from minilm.device import resolve_device
@@ -236,9 +235,9 @@ def claim_out_dir(cfg: Config, is_main: bool) -> Path | None:
     out_dir = Path(cfg.out_dir)
     last = out_dir / "last"
     if cfg.train.resume:
-        if complete_checkpoint(last) is None:
+        if (recover_checkpoint(last) if is_main else complete_checkpoint(last)) is None:
             raise ConfigError(f"train.resume: no checkpoint to resume from in {last}")
-        return recover_checkpoint(last) if is_main else last
+        return last
     found = _holds_run(out_dir)
     if found and not cfg.train.overwrite:
         raise ConfigError(f"out_dir {out_dir} already holds a run ({', '.join(found)}): continue "
@@ -246,8 +245,7 @@ def claim_out_dir(cfg: Config, is_main: bool) -> Path | None:
                           "with --train.overwrite=true")
     if found and is_main:
         for name in CHECKPOINTS:
-            for suffix in ("", ".tmp", ".old"):
-                shutil.rmtree(out_dir / f"{name}{suffix}", ignore_errors=True)
+            remove_checkpoint(out_dir / name)
         for name in RUN_FILES:
             (out_dir / name).unlink(missing_ok=True)
     return None
