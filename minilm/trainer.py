@@ -5,8 +5,9 @@ Batches are a pure function of (seed, rank, step, micro-step), so a resumed run,
 DDP run, draws exactly the windows an uninterrupted run would have drawn.
 
 A run stops early in two ways, each one line and an exit code (TrainingStopped): SIGINT (Ctrl-C)
-or SIGTERM (a preempted job) finish the current step, save out_dir/last and exit 130 / 143, ready
-for --train.resume=true; a loss that is no longer finite stops the run at once, before any
+or SIGTERM (a preempted job) finish the current step (under DDP the next one: the ranks' vote on
+it travels while a step computes), save out_dir/last and exit 130 / 143, ready for
+--train.resume=true; a loss that is no longer finite stops the run at once, before any
 checkpoint of the diverged weights is written, naming the step and the last good checkpoint.
 """
 
@@ -20,7 +21,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -59,15 +60,28 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def agree(self, value: float, op: str = "max") -> float:
-        """The max (or sum) of a number over all ranks, on the CPU: a rank's signal becomes every
-        rank's decision at the same step without syncing the GPU."""
+    def sum(self, value: float) -> float:
+        """The sum of a number over all ranks, on the CPU: every rank decides on the same figure
+        at the same step without syncing the GPU."""
         if self.world_size == 1:
             return value
         t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
-                        group=self.control)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.control)
         return t.item()
+
+    def max_later(self, read: Callable[[], float]) -> Callable[[], float]:
+        """The max of read() over all ranks, on the CPU, sent now and waited for when the function
+        returned is called: the collective travels while this rank works on, so a per-step vote
+        costs no rank a wait. One process: read() itself, read when called."""
+        if self.world_size == 1:
+            return read
+        t = torch.tensor([float(read())], dtype=torch.float64)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
+
+        def result() -> float:
+            work.wait()
+            return t.item()
+        return result
 
 
 def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
@@ -169,7 +183,7 @@ def evaluate(model: GPT, data: PreparedData, cfg: Config, device: torch.device,
              autocast) -> dict[str, float]:
     """Mean loss over eval_iters fixed batches of each split; the same batches every eval."""
     model.eval()
-    losses = {}
+    losses, loss_kwargs = {}, loss_options(cfg)
     for split in eval_splits(cfg):
         tokens = data.tokens(split)
         g = torch.Generator().manual_seed(cfg.train.seed + 1)
@@ -177,7 +191,7 @@ def evaluate(model: GPT, data: PreparedData, cfg: Config, device: torch.device,
         for _ in range(cfg.train.eval_iters):
             x, y = get_batch(tokens, cfg.train.batch_size, cfg.model.block_size, g, device)
             with autocast:
-                total += model(x, y, **loss_options(cfg)).float()
+                total += model(x, y, **loss_kwargs).float()
         losses[split] = (total / cfg.train.eval_iters).item()
     model.train()
     if "val" not in losses:
@@ -360,6 +374,7 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
     tokens_per_micro = t.batch_size * cfg.model.block_size
     tokens_per_step = tokens_per_micro * t.grad_accum_steps * ddp.world_size
     train_tokens = data.tokens("train")
+    loss_kwargs = loss_options(cfg)
     state_base = dict(config=cfg.to_dict(), tokenizer=data.meta["tokenizer"])
     tracker.set_summary(params_total=counts["total"], params_embedding=counts["embedding"],
                         params_head=counts["head"], params_non_embedding=counts["non_embedding"])
@@ -394,6 +409,9 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
             timer.restart(step)
             model.train()
             while step < t.max_iters:
+                # every rank's signal, voted on while the step computes: all ranks stop after the
+                # same step (under torchrun the one after the signal, one process this one)
+                stop_vote = ddp.max_later(lambda: stop.received or 0)
                 lr = lr_at(step, t)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -409,7 +427,7 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
                             # "sum" over the micro-batch, one divisor for the whole step: the step's
                             # loss is the mean over all its tokens, however they are split into
                             # micro-batches.
-                            loss = model(x, y, reduction="sum", **loss_options(cfg)) / (
+                            loss = model(x, y, reduction="sum", **loss_kwargs) / (
                                 tokens_per_micro * t.grad_accum_steps)
                         scaler.scale(loss).backward()
                     step_loss += loss.detach()
@@ -425,7 +443,7 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
                 if evaluating or step % t.log_interval == 0 or step == 1:
                     sec = timer.seconds_per_step(step)  # .item() below syncs: an honest time
                     # every rank checks the same (all-rank mean) loss, so all stop together
-                    loss_value = ddp.agree(step_loss.item(), "sum") / ddp.world_size
+                    loss_value = ddp.sum(step_loss.item()) / ddp.world_size
                     if ddp.is_main:
                         tracker.log_step(step, loss=loss_value, lr=lr,
                                          tokens_per_sec=tokens_per_step / sec,
@@ -436,7 +454,7 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
                 if ddp.is_main and evaluating:
                     eval_and_checkpoint(step)
                     timer.restart(step)
-                signum = int(ddp.agree(stop.received or 0))
+                signum = int(stop_vote())
                 if signum and step < t.max_iters:
                     if ddp.is_main and saved_step != step:
                         save_last(step)
