@@ -342,7 +342,7 @@ def test_a_split_too_short_is_named_before_the_model_is_built(corpus_file, tmp_p
     def no_model(*args):
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(trainer, "GPT", no_model)
+    monkeypatch.setattr(trainer, "initial_model", no_model)  # where the trainer builds it
     cfg = load_config(None, tiny_overrides(tmp_path, corpus_file, **{
         "data.val_fraction": 0.001, "model.block_size": 64}))
     with pytest.raises(DataError, match=r"the val split of \S+corpus.txt has \d+ tokens, fewer "
