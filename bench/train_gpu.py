@@ -38,6 +38,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +49,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from minilm.config import Config, load_config  # noqa: E402
-from minilm.data import cache_key, token_dtype  # noqa: E402
+from minilm.data import cache_folder, token_dtype  # noqa: E402
 from minilm.model import GPT  # noqa: E402
 from minilm.tracking import Tracker, read_metrics  # noqa: E402
 from minilm.trainer import (configure_optimizer, loss_options, resolve_compile,  # noqa: E402
@@ -64,7 +65,7 @@ def write_random_dataset(cache_dir: Path, vocab: int, tokens: int = 2 ** 22) -> 
     data.source name that prepare() resolves to it."""
     source = f"bench-random-{vocab}"
     tokenizer = TOKENIZERS.get(vocab, "gpt2")
-    out = cache_dir / cache_key(source, tokenizer, "text", None, "train", 0.1)
+    out = cache_folder(source, tokenizer, "text", None, "train", 0.1, cache_dir)
     if (out / "meta.json").exists():
         return source
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +123,9 @@ class PeakMemoryTracker(Tracker):
 
 
 def measure_training(cfg: Config, warmup: int) -> dict:
+    # out_dir is the bench's scratch: a run of an earlier bench there would make train() refuse
+    # a fresh one, and --train.overwrite would delete the metrics.jsonl this tracker already holds
+    shutil.rmtree(cfg.out_dir, ignore_errors=True)
     tracker = PeakMemoryTracker(cfg.out_dir, cfg.train.max_iters)
     train(cfg, tracker=tracker)
     logs = [r for r in read_metrics(cfg.out_dir) if "tokens_per_sec" in r]
