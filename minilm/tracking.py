@@ -152,7 +152,7 @@ class Tracker:
             return
         self._file.close()
         self._file = None
-        (self.out_dir / "summary.json").write_text(strict_json(self.summary, indent=2) + "\n")
+        write_atomic(self.out_dir / "summary.json", strict_json(self.summary, indent=2) + "\n")
         if self.run is None:
             return
         run, self.run = self.run, None
