@@ -25,8 +25,7 @@ from typing import Any
 from minilm.atomic import write_atomic
 from minilm.cli import config_usage, run_cli, split_config_args, wants_help
 from minilm.config import (Config, ConfigError, build, flatten, load_config, merge_overrides,
-                           setting,
-                           validate)
+                           setting, validate)
 from minilm.data import prepare
 from minilm.eval_cli import evaluate_checkpoint
 from minilm.report import EVAL_FILE, write_report
@@ -157,7 +156,6 @@ def evaluate_run(cfg: Config) -> None:
     into out_dir/eval.json for the report."""
     results = evaluate_checkpoint(Path(cfg.out_dir) / "last", device=cfg.train.device)
     write_atomic(Path(cfg.out_dir) / EVAL_FILE, json.dumps(results, indent=2) + "\n")
-
 
 
 def main(argv: list[str]) -> None:
