@@ -46,6 +46,12 @@ class Window:
     n_scored: int
 
 
+def default_stride(block_size: int) -> int:
+    """The stride when none is given: half a window, so every token past the first window is
+    predicted with at least block_size / 2 tokens of context."""
+    return max(1, block_size // 2)
+
+
 def rolling_windows(n_tokens: int, block_size: int, stride: int, seq: int = 0) -> list[Window]:
     """The windows that predict tokens 1 .. n_tokens - 1 of a sequence, each exactly once."""
     if not 0 < stride <= block_size:
@@ -81,7 +87,7 @@ def scored_logits(model: GPT, sequences: Sequence[Sequence[int]], stride: int | 
     attention: padding after a position never changes it); only the scored positions go through
     the head, so memory is bounded by the hidden states, not by positions x V."""
     block_size = model.config.block_size
-    stride = stride or max(1, block_size // 2)
+    stride = default_stride(block_size) if stride is None else stride
     windows = [w for i, s in enumerate(sequences) for w in rolling_windows(len(s), block_size,
                                                                            stride, i)]
     V = model.config.vocab_size
@@ -277,9 +283,6 @@ def evaluate(model: GPT, documents: Sequence[Document], eot: int, stride: int | 
     in the same pass that scores it at T = 1.
     sweep: temperatures at which NLL, ECE, entropy and top-1 probability are also measured.
     on_tokens: receives every chunk's per-token statistics (T = 1), in document order."""
-    if stride is not None and not 0 < stride <= model.config.block_size:
-        raise ValueError(f"stride must be in [1, block_size = {model.config.block_size}], "
-                         f"got {stride}")
     if sum(len(d.tokens) for d in documents) == 0:
         raise ValueError("nothing to score: the text is empty")
     n_fit = len(documents) // 2

@@ -29,7 +29,7 @@ from minilm.checkpoint import CheckpointError, load_model, resolve_checkpoint
 from minilm.cli import ArgumentParser
 from minilm.data import PreparedData, cache_folder, cached_data
 from minilm.device import DEVICE_NAMES, resolve_device
-from minilm.eval import Document, evaluate, score
+from minilm.eval import Document, default_stride, evaluate, score
 from minilm.eval_report import log_wandb, summary_text, write_report
 from minilm.eval_tokens import TokenHtml, TokenRecords
 from minilm.tokenizer import Tokenizer, read_text
@@ -251,6 +251,7 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "val", texts: list[str] |
     block_size = model.config.block_size
     if stride is not None and stride > block_size:
         raise ValueError(f"--stride must be <= block_size = {block_size}, got {stride}")
+    stride = default_stride(block_size) if stride is None else stride
     ckpt_dir = checkpoint_dir(ckpt)
     if raw_texts is not None:
         documents, source = encode_documents(raw_texts, tokenizer), dict(files=texts)
@@ -284,9 +285,8 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "val", texts: list[str] |
         seconds = time.perf_counter() - t0
         if html_file:
             html.close(results)
-    header = dict(checkpoint=ckpt, step=state.get("step"), data=source,
-                  stride=stride or max(1, block_size // 2), batch_size=batch_size,
-                  device=device_name)
+    header = dict(checkpoint=ckpt, step=state.get("step"), data=source, stride=stride,
+                  batch_size=batch_size, device=device_name)
     return dict(header, **results, seconds=seconds, tokens_per_sec=results["tokens"] / seconds)
 
 
