@@ -317,10 +317,9 @@ def main(argv: list[str]) -> int | None:
         ckpt_dir = checkpoint_dir(args.ckpt)
         results["calibration_file"] = (str(write_calibration(results, ckpt_dir))
                                        if ckpt_dir is not None else None)
-    if args.report:
-        write_report(results, Path(args.report))
+    plots = write_report(results, Path(args.report)) if args.report else None
     if args.wandb:
-        log_wandb(results, Path(args.report) if args.report else None)
+        log_wandb(results, Path(args.report) if args.report else None, plots)
     print(json.dumps(results) if args.json else summary_text(results), flush=True)
     return 0
 
