@@ -243,8 +243,8 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "val", texts: list[str] |
                         sweep: list[float] | None = None, tokens_file: str | None = None,
                         html_file: str | None = None) -> dict[str, Any]:
     """Load a checkpoint, find its documents (texts, else the split of its data cache), evaluate
-    them, write the per-token files; returns the results with what was evaluated, how and how
-    fast."""
+    them, write the per-token files and, after a temperature fit, calibration.json into the
+    checkpoint folder; returns the results with what was evaluated, how and how fast."""
     ckpt = str(ckpt)
     raw_texts = read_text_files(texts) if texts else None  # bad files fail before the model loads
     model, tokenizer, state = load_model(ckpt, resolve_device(device, key="--device"))
@@ -287,7 +287,11 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "val", texts: list[str] |
             html.close(results)
     header = dict(checkpoint=ckpt, step=state.get("step"), data=source, stride=stride,
                   batch_size=batch_size, device=device_name)
-    return dict(header, **results, seconds=seconds, tokens_per_sec=results["tokens"] / seconds)
+    results = dict(header, **results, seconds=seconds, tokens_per_sec=results["tokens"] / seconds)
+    if fit_temperature:  # the folder whose weights were evaluated, not a later best/ or last/
+        results["calibration_file"] = (str(write_calibration(results, ckpt_dir))
+                                       if ckpt_dir is not None else None)
+    return results
 
 
 def write_calibration(results: dict[str, Any], ckpt_dir: Path) -> Path:
@@ -313,10 +317,6 @@ def main(argv: list[str]) -> int | None:
         stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
         fit_temperature=args.fit_temperature, sweep=sweep, tokens_file=args.tokens,
         html_file=args.html)
-    if args.fit_temperature:
-        ckpt_dir = checkpoint_dir(args.ckpt)
-        results["calibration_file"] = (str(write_calibration(results, ckpt_dir))
-                                       if ckpt_dir is not None else None)
     plots = write_report(results, Path(args.report)) if args.report else None
     if args.wandb:
         log_wandb(results, Path(args.report) if args.report else None, plots)
