@@ -75,7 +75,7 @@ class ScoredChunk:
     positions: Tensor
     targets: Tensor
     logits: Tensor
-    hidden: Tensor | None = None
+    hidden: Tensor
 
 
 def scored_logits(model: GPT, sequences: Sequence[Sequence[int]], stride: int | None = None,
