@@ -127,14 +127,15 @@ class TemperatureFit:
     nll_at_1: float  # mean NLL of the fitted tokens at T = 1
     nll: float  # ... at T = temperature
     tokens: int
-    passes: int  # passes over the logits (Newton steps + 1)
+    passes: int  # evaluations of the NLL and its derivatives (Newton steps + 1)
     at_bound: bool  # the minimum lies at (or beyond) T_MIN or T_MAX
 
 
 def nll_and_derivatives(chunks: Iterable[tuple[Tensor, Tensor]], log_t: float
                         ) -> tuple[float, float, float, int]:
-    """Mean NLL of the logits divided by T = e^u, with its first and second derivatives in u,
-    in one pass over the chunks; and the token count.
+    """Summed NLL of the logits divided by T = e^u, with its first and second derivatives in u,
+    in one pass over the chunks; and the token count. Sums, so that passes over parts of the
+    tokens add up to the pass over all of them.
 
     With beta = 1/T: NLL = lse(beta z) - beta z_y, dNLL/dbeta = E[z] - z_y and
     d2NLL/dbeta2 = Var[z] (moments under softmax(beta z)); dbeta/du = -beta."""
@@ -154,13 +155,11 @@ def nll_and_derivatives(chunks: Iterable[tuple[Tensor, Tensor]], log_t: float
         g += (-beta * d_beta).sum().item()
         h += (beta * beta * var_z.double() + beta * d_beta).sum().item()
         n += y.numel()
-    if n == 0:
-        raise ValueError("no tokens to fit a temperature on")
-    return f / n, g / n, h / n, n
+    return f, g, h, n
 
 
-def fit_temperature(chunks: LogitChunks, tol: float = 1e-6, max_passes: int = 60
-                    ) -> TemperatureFit:
+def fit_temperature(chunks: LogitChunks, tol: float = 1e-6, max_passes: int = 60,
+                    at_1: tuple[float, float, float, int] | None = None) -> TemperatureFit:
     """T* = argmin mean NLL(logits / T) over T in [T_MIN, T_MAX]: Newton's method on u = log T
     for the zero of dNLL/du, safeguarded as Numerical Recipes' rtsafe. `chunks()` must give a
     fresh pass over the same (logits, targets) each call.
@@ -171,11 +170,17 @@ def fit_temperature(chunks: LogitChunks, tol: float = 1e-6, max_passes: int = 60
     minimum at T -> 0 or T -> inf), becomes a bisection; the first time a bisection heads for a
     search bound, the bound itself is tried, and a derivative of the same sign there ends the
     fit (the minimum lies beyond it, e.g. an untrained model's). Stops when a step moves u by
-    < tol."""
+    < tol.
+
+    at_1: nll_and_derivatives over all the chunks at T = 1, when the caller has it already
+    (minilm.eval sums it chunk by chunk in its scoring pass): it counts as the first pass."""
     u_min, u_max = math.log(T_MIN), math.log(T_MAX)
     lo, hi, tried_lo, tried_hi = u_min, u_max, False, False
     u = 0.0
-    f, g, h, n = nll_and_derivatives(chunks(), u)
+    f, g, h, n = at_1 if at_1 is not None else nll_and_derivatives(chunks(), u)
+    if n == 0:
+        raise ValueError("no tokens to fit a temperature on")
+    f, g, h = f / n, g / n, h / n  # means over the n tokens
     nll_at_1, passes = f, 1
     step, last_step = hi - lo, hi - lo
     while passes < max_passes and g != 0:
@@ -196,7 +201,7 @@ def fit_temperature(chunks: LogitChunks, tol: float = 1e-6, max_passes: int = 60
             new = (lo + hi) / 2
         last_step, step = step, new - u
         u = new
-        f, g, h, _ = nll_and_derivatives(chunks(), u)
+        f, g, h = (total / n for total in nll_and_derivatives(chunks(), u)[:3])
         passes += 1
         if abs(step) < tol:
             break

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from minilm.calibration import Tally, TemperatureFit
+from minilm.calibration import Tally, TemperatureFit, nll_and_derivatives
 from minilm.calibration import fit_temperature as fit_temperature_on
 from minilm.model import GPT
 from minilm.tokenizer import Tokenizer
@@ -44,6 +44,12 @@ class Window:
     start: int
     end: int
     n_scored: int
+
+
+def default_stride(block_size: int) -> int:
+    """The stride when none is given: half a window, so every token past the first window is
+    predicted with at least block_size / 2 tokens of context."""
+    return max(1, block_size // 2)
 
 
 def rolling_windows(n_tokens: int, block_size: int, stride: int, seq: int = 0) -> list[Window]:
@@ -69,7 +75,7 @@ class ScoredChunk:
     positions: Tensor
     targets: Tensor
     logits: Tensor
-    hidden: Tensor | None = None
+    hidden: Tensor
 
 
 def scored_logits(model: GPT, sequences: Sequence[Sequence[int]], stride: int | None = None,
@@ -81,7 +87,7 @@ def scored_logits(model: GPT, sequences: Sequence[Sequence[int]], stride: int | 
     attention: padding after a position never changes it); only the scored positions go through
     the head, so memory is bounded by the hidden states, not by positions x V."""
     block_size = model.config.block_size
-    stride = stride or max(1, block_size // 2)
+    stride = default_stride(block_size) if stride is None else stride
     windows = [w for i, s in enumerate(sequences) for w in rolling_windows(len(s), block_size,
                                                                            stride, i)]
     V = model.config.vocab_size
@@ -271,14 +277,12 @@ def evaluate(model: GPT, documents: Sequence[Document], eot: int, stride: int | 
     scored_logits (the rolling log-likelihood of each document after the end-of-text token).
 
     fit_temperature: fit T* on the first half of the documents (Guo et al. 2017) and report NLL
-    and ECE at T = 1 and at T* on the second half. The fit keeps the first half's hidden states
-    [tokens, d] and re-applies the head once per Newton step; the second half is scored after the
-    fit, at both temperatures, in the same pass that scores it at T = 1.
+    and ECE at T = 1 and at T* on the second half. The scoring pass measures the fit's first
+    step (T = 1) and keeps the first half's hidden states [tokens, d]; each later Newton step
+    re-applies the head to them. The second half is scored after the fit, at both temperatures,
+    in the same pass that scores it at T = 1.
     sweep: temperatures at which NLL, ECE, entropy and top-1 probability are also measured.
     on_tokens: receives every chunk's per-token statistics (T = 1), in document order."""
-    if stride is not None and not 0 < stride <= model.config.block_size:
-        raise ValueError(f"stride must be in [1, block_size = {model.config.block_size}], "
-                         f"got {stride}")
     if sum(len(d.tokens) for d in documents) == 0:
         raise ValueError("nothing to score: the text is empty")
     n_fit = len(documents) // 2
@@ -289,11 +293,12 @@ def evaluate(model: GPT, documents: Sequence[Document], eot: int, stride: int | 
     total = Tally()
     sweeps = {t: Tally() for t in sweep}
     kept: list[tuple[Tensor, Tensor]] = []  # the fit half's (hidden [n, d], targets [n])
+    at_1 = (0.0, 0.0, 0.0, 0)  # the fit half's nll_and_derivatives at T = 1, summed by chunk
     fit, held, held_t = None, Tally(), Tally()
     for part, (lo, hi) in enumerate(parts):
         fitting, reporting = fit_temperature and part == 0, fit_temperature and part == 1
         if reporting:
-            fit = _fit_on_hidden(model, kept)
+            fit = _fit_on_hidden(model, kept, at_1)
             kept.clear()
         sequences = [[eot] + d.tokens for d in documents[lo:hi]]
         for chunk in scored_logits(model, sequences, stride, batch_size):
@@ -303,6 +308,8 @@ def evaluate(model: GPT, documents: Sequence[Document], eot: int, stride: int | 
                 tally.add(stats if t == 1 else token_stats(chunk.logits / t, chunk.targets))
             if fitting:
                 kept.append((chunk.hidden, chunk.targets))
+                at_1 = tuple(a + b for a, b in zip(at_1, nll_and_derivatives(
+                    [(chunk.logits, chunk.targets)], 0.0)))
             if reporting:
                 held.add(stats)
                 held_t.add(token_stats(chunk.logits / fit.temperature, chunk.targets))
@@ -330,14 +337,16 @@ def evaluate(model: GPT, documents: Sequence[Document], eot: int, stride: int | 
     return results
 
 
-def _fit_on_hidden(model: GPT, kept: list[tuple[Tensor, Tensor]]) -> TemperatureFit:
-    """T* from the kept hidden states: each pass of the fit re-applies the head chunk by chunk."""
+def _fit_on_hidden(model: GPT, kept: list[tuple[Tensor, Tensor]],
+                   at_1: tuple[float, float, float, int]) -> TemperatureFit:
+    """T* from the kept hidden states, starting from at_1 (the scoring pass's T = 1 step): each
+    later pass of the fit re-applies the head chunk by chunk."""
     def chunks() -> Iterator[tuple[Tensor, Tensor]]:
         with model.inference():
             for hidden, targets in kept:
                 yield model.logits_from_hidden(hidden).float(), targets
 
-    return fit_temperature_on(chunks)
+    return fit_temperature_on(chunks, at_1=at_1)
 
 
 if __name__ == "__main__":  # python -m minilm.eval: the CLI lives in eval_cli

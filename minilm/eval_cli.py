@@ -29,7 +29,7 @@ from minilm.checkpoint import CheckpointError, load_model, resolve_checkpoint
 from minilm.cli import ArgumentParser
 from minilm.data import PreparedData, cache_folder, cached_data
 from minilm.device import DEVICE_NAMES, resolve_device
-from minilm.eval import Document, evaluate, score
+from minilm.eval import Document, default_stride, evaluate, score
 from minilm.eval_report import log_wandb, summary_text, write_report
 from minilm.eval_tokens import TokenHtml, TokenRecords
 from minilm.tokenizer import Tokenizer, read_text
@@ -243,14 +243,15 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "val", texts: list[str] |
                         sweep: list[float] | None = None, tokens_file: str | None = None,
                         html_file: str | None = None) -> dict[str, Any]:
     """Load a checkpoint, find its documents (texts, else the split of its data cache), evaluate
-    them, write the per-token files; returns the results with what was evaluated, how and how
-    fast."""
+    them, write the per-token files and, after a temperature fit, calibration.json into the
+    checkpoint folder; returns the results with what was evaluated, how and how fast."""
     ckpt = str(ckpt)
     raw_texts = read_text_files(texts) if texts else None  # bad files fail before the model loads
     model, tokenizer, state = load_model(ckpt, resolve_device(device, key="--device"))
     block_size = model.config.block_size
     if stride is not None and stride > block_size:
         raise ValueError(f"--stride must be <= block_size = {block_size}, got {stride}")
+    stride = default_stride(block_size) if stride is None else stride
     ckpt_dir = checkpoint_dir(ckpt)
     if raw_texts is not None:
         documents, source = encode_documents(raw_texts, tokenizer), dict(files=texts)
@@ -284,10 +285,13 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "val", texts: list[str] |
         seconds = time.perf_counter() - t0
         if html_file:
             html.close(results)
-    header = dict(checkpoint=ckpt, step=state.get("step"), data=source,
-                  stride=stride or max(1, block_size // 2), batch_size=batch_size,
-                  device=device_name)
-    return dict(header, **results, seconds=seconds, tokens_per_sec=results["tokens"] / seconds)
+    header = dict(checkpoint=ckpt, step=state.get("step"), data=source, stride=stride,
+                  batch_size=batch_size, device=device_name)
+    results = dict(header, **results, seconds=seconds, tokens_per_sec=results["tokens"] / seconds)
+    if fit_temperature:  # the folder whose weights were evaluated, not a later best/ or last/
+        results["calibration_file"] = (str(write_calibration(results, ckpt_dir))
+                                       if ckpt_dir is not None else None)
+    return results
 
 
 def write_calibration(results: dict[str, Any], ckpt_dir: Path) -> Path:
@@ -313,14 +317,9 @@ def main(argv: list[str]) -> int | None:
         stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
         fit_temperature=args.fit_temperature, sweep=sweep, tokens_file=args.tokens,
         html_file=args.html)
-    if args.fit_temperature:
-        ckpt_dir = checkpoint_dir(args.ckpt)
-        results["calibration_file"] = (str(write_calibration(results, ckpt_dir))
-                                       if ckpt_dir is not None else None)
-    if args.report:
-        write_report(results, Path(args.report))
+    plots = write_report(results, Path(args.report)) if args.report else None
     if args.wandb:
-        log_wandb(results, Path(args.report) if args.report else None)
+        log_wandb(results, Path(args.report) if args.report else None, plots)
     print(json.dumps(results) if args.json else summary_text(results), flush=True)
     return 0
 

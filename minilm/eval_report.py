@@ -195,14 +195,23 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-def write_report(results: dict[str, Any], out_dir: Path) -> None:
-    """results.json, report.md, reliability.png and, with a sweep, sweep.png in out_dir."""
+def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """reliability.png and, with a sweep, sweep.png in out_dir; their paths by wandb key."""
+    plots = {"eval/reliability": out_dir / "reliability.png"}
+    plot_reliability(results, plots["eval/reliability"])
+    if "sweep" in results:
+        plots["eval/sweep"] = out_dir / "sweep.png"
+        plot_sweep(results, plots["eval/sweep"])
+    return plots
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """results.json, report.md and the plots (write_plots) in out_dir; returns the plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    plot_reliability(results, out_dir / "reliability.png")
-    if "sweep" in results:
-        plot_sweep(results, out_dir / "sweep.png")
+    plots = write_plots(results, out_dir)
     write_atomic(out_dir / "report.md", markdown(results))
+    return plots
 
 
 def scalar_figures(results: dict[str, Any]) -> dict[str, float]:
@@ -219,10 +228,12 @@ def scalar_figures(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_wandb(results: dict[str, Any], report_dir: Path | None) -> None:
+def log_wandb(results: dict[str, Any], report_dir: Path | None,
+              plots: dict[str, Path] | None = None) -> None:
     """A wandb run (offline unless WANDB_MODE says otherwise, as training) with the figures in
     its summary, the reliability diagram and sweep as images and the sweep as a table. Files go
-    to report_dir/wandb, else ./wandb. A wandb that fails costs a warning, not the results."""
+    to report_dir/wandb, else ./wandb. plots: write_report's, when it ran (else they are drawn
+    here). A wandb that fails costs a warning, not the results."""
     from types import SimpleNamespace
 
     from minilm.config import WandbConfig
@@ -241,11 +252,7 @@ def log_wandb(results: dict[str, Any], report_dir: Path | None) -> None:
 
         run.summary.update(scalar_figures(results))
         with tempfile.TemporaryDirectory() as tmp:
-            images = {"eval/reliability": Path(tmp) / "reliability.png"}
-            plot_reliability(results, images["eval/reliability"])
-            if "sweep" in results:
-                images["eval/sweep"] = Path(tmp) / "sweep.png"
-                plot_sweep(results, images["eval/sweep"])
+            images = plots or write_plots(results, Path(tmp))
             record: dict[str, Any] = {k: wandb.Image(str(p)) for k, p in images.items()}
             if "sweep" in results:
                 columns = list(results["sweep"][0])
