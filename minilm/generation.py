@@ -290,12 +290,8 @@ class RunningBatch:
             for s, length in enumerate(self.lengths):
                 if length == self.block_size:
                     self._slide(s)
-            n = len(self.slots)
-            cache = self.cache.rows(0, n)
-            if len(set(self.lengths)) == 1:  # all rows alike: the shared-length path, no mask
-                cache.length = self.lengths[0]
-            else:
-                cache.lengths = torch.tensor(self.lengths, device=self.last.device)
+            cache = self.cache.rows(0, len(self.slots))
+            cache.set_lengths(self.lengths)
             logits = self.model.logits(self.last[:, None], cache)[:, -1]  # [n, V]
         self.lengths = [length + 1 for length in self.lengths]
         out: list[tuple[Request, Step | Exception]] = []

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -61,9 +61,10 @@ class KVCache:
     advances `length`, so a decode step costs one token's work instead of the whole prefix.
 
     Rows that started at different times (continuous batching) hold different numbers of
-    positions: set `lengths` (LongTensor [B]) instead. A forward of one token per row then writes
-    row b's at column lengths[b], at position lengths[b], attends to columns [0, lengths[b]] and
-    advances lengths; columns past a row's length are never read (right padding).
+    positions: give them with `set_lengths`. A forward of one token per row then writes row b's at
+    column lengths[b], at position lengths[b], attends to columns [0, lengths[b]] and advances
+    lengths; columns past a row's length are never read (right padding). `length` stays the
+    longest row's, so a step knows how many columns to read without asking the device.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
@@ -76,18 +77,29 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
-        self.lengths: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
         return self.k.size(3)
+
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        """LongTensor [B], the columns each row holds; None while all rows hold `length`."""
+        return self._lengths
+
+    def set_lengths(self, lengths: Sequence[int]) -> None:
+        """Row b holds columns [0, lengths[b]). Rows all alike take the shared length (no mask)."""
+        self.length = max(lengths)
+        self._lengths = None if min(lengths) == self.length else \
+            torch.tensor(list(lengths), device=self.k.device)
 
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache of rows [start, stop) that shares this one's memory (a forward on it writes
         here), empty (length 0) and with shared length until its caller says otherwise."""
         view = copy.copy(self)
         view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
-        view.length, view.lengths = 0, None
+        view.length, view._lengths = 0, None
         return view
 
 
@@ -231,7 +243,7 @@ class GPT(nn.Module):
                 raise ValueError("a cache with per-row lengths takes one token per row and no "
                                  "key_padding")
             start = kv_cache.lengths  # [B]
-            end = int(start.max()) + 1
+            end = kv_cache.length + 1  # the longest row's columns, known without a device sync
             mask = (torch.arange(end, device=idx.device) <= start[:, None])[:, None, None]
             # mask: (B, 1, 1, S), each row sees its own columns [0, lengths[b]]
         else:
@@ -249,10 +261,9 @@ class GPT(nn.Module):
             cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
             x = block(x, cache, start, mask)
         if kv_cache is not None:
+            kv_cache.length = end
             if kv_cache.lengths is not None:
-                kv_cache.lengths = kv_cache.lengths + 1
-            else:
-                kv_cache.length = end
+                kv_cache._lengths = kv_cache.lengths + 1
         return self.transformer.ln_f(x)
 
     @staticmethod

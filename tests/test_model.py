@@ -132,7 +132,7 @@ def test_per_row_cache_lengths_equal_each_row_alone():
         cache = KVCache(model.config, batch_size=3, max_len=16)
         for b, n in enumerate(lens):  # each row prefilled into its own slot
             model.hidden_states(x[b:b + 1, :n], cache.rows(b, b + 1))
-        cache.lengths = torch.tensor(lens)
+        cache.set_lengths(lens)
         for step in range(2):  # two decode steps of one token per row, at per-row positions
             tokens = x[torch.arange(3), cache.lengths]
             out = model.logits(tokens[:, None], cache)[:, -1]
