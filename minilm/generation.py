@@ -56,12 +56,6 @@ Prompts = Sequence[Sequence[int]] | Sequence[int] | Tensor
 Stop = Sequence[str | Sequence[int]]
 
 
-def prepare_for_decoding(model: GPT) -> GPT:
-    """The decode weight layout (GPT.set_decode_layout). Generation switches it on itself; this
-    remains for callers that want the copy done ahead of the first generation."""
-    return model.set_decode_layout(True)
-
-
 def greedy() -> SamplerStack:
     """The sampler used when none is given: temperature 0 keeps only the top logit."""
     return SamplerStack([Temperature(0.0)])
