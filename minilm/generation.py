@@ -234,11 +234,11 @@ class RunningBatch:
         """admit() for several requests with one prefill (a burst of arrivals costs one forward,
         not one each): per request its first Step, None when it asks for no token, or the
         exception its first draw raised (then it is not in the batch; the others are)."""
-        n = sum(len(r.prompts) for r in requests if r.max_new_tokens)
-        if n > self.free_rows:
-            raise ValueError(f"{n} rows do not fit in the {self.free_rows} free rows of the batch")
         todo = [r for r in requests if r.max_new_tokens]
         windows = [p[-self.block_size:] for r in todo for p in r.prompts]
+        n = len(windows)
+        if n > self.free_rows:
+            raise ValueError(f"{n} rows do not fit in the {self.free_rows} free rows of the batch")
         if not windows:
             return [None] * len(requests)
         if max(map(len, windows)) > self.cache.max_len:
@@ -377,8 +377,9 @@ def _run_alone(model: GPT, request: Request) -> Iterator[Step]:
 
 def complete(model: GPT, prompt_ids: Prompts, max_new_tokens: int, **kwargs) -> list[Completion]:
     """Run generate() to the end and collect each prompt's tokens, log-probs and finish reason."""
-    results = [Completion() for _ in prompt_lists(prompt_ids, model.config.vocab_size)]
-    for step in generate(model, prompt_ids, max_new_tokens, **kwargs):
+    request = Request(model, prompt_ids, max_new_tokens, **kwargs)
+    results = [Completion() for _ in request.prompts]
+    for step in _run_alone(model, request):
         for t in step.row_tokens():
             r = results[t.row]
             r.tokens.append(t.token)
