@@ -56,12 +56,6 @@ Prompts = Sequence[Sequence[int]] | Sequence[int] | Tensor
 Stop = Sequence[str | Sequence[int]]
 
 
-def prepare_for_decoding(model: GPT) -> GPT:
-    """The decode weight layout (GPT.set_decode_layout). Generation switches it on itself; this
-    remains for callers that want the copy done ahead of the first generation."""
-    return model.set_decode_layout(True)
-
-
 def greedy() -> SamplerStack:
     """The sampler used when none is given: temperature 0 keeps only the top logit."""
     return SamplerStack([Temperature(0.0)])
@@ -240,11 +234,11 @@ class RunningBatch:
         """admit() for several requests with one prefill (a burst of arrivals costs one forward,
         not one each): per request its first Step, None when it asks for no token, or the
         exception its first draw raised (then it is not in the batch; the others are)."""
-        n = sum(len(r.prompts) for r in requests if r.max_new_tokens)
-        if n > self.free_rows:
-            raise ValueError(f"{n} rows do not fit in the {self.free_rows} free rows of the batch")
         todo = [r for r in requests if r.max_new_tokens]
         windows = [p[-self.block_size:] for r in todo for p in r.prompts]
+        n = len(windows)
+        if n > self.free_rows:
+            raise ValueError(f"{n} rows do not fit in the {self.free_rows} free rows of the batch")
         if not windows:
             return [None] * len(requests)
         if max(map(len, windows)) > self.cache.max_len:
@@ -290,12 +284,8 @@ class RunningBatch:
             for s, length in enumerate(self.lengths):
                 if length == self.block_size:
                     self._slide(s)
-            n = len(self.slots)
-            cache = self.cache.rows(0, n)
-            if len(set(self.lengths)) == 1:  # all rows alike: the shared-length path, no mask
-                cache.length = self.lengths[0]
-            else:
-                cache.lengths = torch.tensor(self.lengths, device=self.last.device)
+            cache = self.cache.rows(0, len(self.slots))
+            cache.set_lengths(self.lengths)
             logits = self.model.logits(self.last[:, None], cache)[:, -1]  # [n, V]
         self.lengths = [length + 1 for length in self.lengths]
         out: list[tuple[Request, Step | Exception]] = []
@@ -387,8 +377,9 @@ def _run_alone(model: GPT, request: Request) -> Iterator[Step]:
 
 def complete(model: GPT, prompt_ids: Prompts, max_new_tokens: int, **kwargs) -> list[Completion]:
     """Run generate() to the end and collect each prompt's tokens, log-probs and finish reason."""
-    results = [Completion() for _ in prompt_lists(prompt_ids, model.config.vocab_size)]
-    for step in generate(model, prompt_ids, max_new_tokens, **kwargs):
+    request = Request(model, prompt_ids, max_new_tokens, **kwargs)
+    results = [Completion() for _ in request.prompts]
+    for step in _run_alone(model, request):
         for t in step.row_tokens():
             r = results[t.row]
             r.tokens.append(t.token)

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -61,9 +61,10 @@ class KVCache:
     advances `length`, so a decode step costs one token's work instead of the whole prefix.
 
     Rows that started at different times (continuous batching) hold different numbers of
-    positions: set `lengths` (LongTensor [B]) instead. A forward of one token per row then writes
-    row b's at column lengths[b], at position lengths[b], attends to columns [0, lengths[b]] and
-    advances lengths; columns past a row's length are never read (right padding).
+    positions: give them with `set_lengths`. A forward of one token per row then writes row b's at
+    column lengths[b], at position lengths[b], attends to columns [0, lengths[b]] and advances
+    lengths; columns past a row's length are never read (right padding). `length` stays the
+    longest row's, so a step knows how many columns to read without asking the device.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
@@ -76,18 +77,29 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
-        self.lengths: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
         return self.k.size(3)
+
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        """LongTensor [B], the columns each row holds; None while all rows hold `length`."""
+        return self._lengths
+
+    def set_lengths(self, lengths: Sequence[int]) -> None:
+        """Row b holds columns [0, lengths[b]). Rows all alike take the shared length (no mask)."""
+        self.length = max(lengths)
+        self._lengths = None if min(lengths) == self.length else \
+            torch.tensor(list(lengths), device=self.k.device)
 
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache of rows [start, stop) that shares this one's memory (a forward on it writes
         here), empty (length 0) and with shared length until its caller says otherwise."""
         view = copy.copy(self)
         view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
-        view.length, view.lengths = 0, None
+        view.length, view._lengths = 0, None
         return view
 
 
@@ -213,70 +225,57 @@ class GPT(nn.Module):
         return dict(total=total, embedding=embedding, head=head,
                     non_embedding=total - embedding - head)
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-                      positions: torch.Tensor | None = None,
-                      key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Final (post ln_f) hidden states [B, T, d] for tokens idx [B, T].
 
         kv_cache: continue from the cached prefix and append these tokens to it (with per-row
             `lengths`, one token per row: see KVCache).
-        positions: [T] or [B, T] position ids (default: cache length + arange(T)).
-        key_padding: [B, S] bool, True for real tokens, S = cache length + T (left-padded batches).
         """
         if self.decode_layout and torch.is_grad_enabled():
             self.set_decode_layout(False)  # training: gradients and optimizer state keep theirs
         B, T = idx.shape
         if kv_cache is not None and kv_cache.lengths is not None:
-            if T != 1 or key_padding is not None:
-                raise ValueError("a cache with per-row lengths takes one token per row and no "
-                                 "key_padding")
+            if T != 1:
+                raise ValueError("a cache with per-row lengths takes one token per row")
             start = kv_cache.lengths  # [B]
-            end = int(start.max()) + 1
+            end = kv_cache.length + 1  # the longest row's columns, known without a device sync
             mask = (torch.arange(end, device=idx.device) <= start[:, None])[:, None, None]
             # mask: (B, 1, 1, S), each row sees its own columns [0, lengths[b]]
         else:
             start = kv_cache.length if kv_cache is not None else 0
             end = start + T
-            mask = self._attention_mask(T, start, key_padding, idx.device)
+            mask = self._attention_mask(T, start, idx.device)
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size "
                              f"{self.config.block_size}")
-        if positions is None:
-            positions = start[:, None] if isinstance(start, torch.Tensor) else \
-                torch.arange(start, end, device=idx.device)
+        positions = start[:, None] if isinstance(start, torch.Tensor) else \
+            torch.arange(start, end, device=idx.device)  # [B, 1] or [T]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for i, block in enumerate(self.transformer.h):
             cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
             x = block(x, cache, start, mask)
         if kv_cache is not None:
+            kv_cache.length = end
             if kv_cache.lengths is not None:
-                kv_cache.lengths = kv_cache.lengths + 1
-            else:
-                kv_cache.length = end
+                kv_cache._lengths = kv_cache.lengths + 1
         return self.transformer.ln_f(x)
 
     @staticmethod
-    def _attention_mask(T: int, start: int, key_padding: torch.Tensor | None,
-                        device: torch.device) -> torch.Tensor | None:
-        """Boolean [B|1, 1, T, start+T] mask (True = may attend), or None where SDPA's own causal
-        handling suffices. Each query always sees itself, so a padding row never goes all-False."""
-        if key_padding is None and (start == 0 or T == 1):
+    def _attention_mask(T: int, start: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean [1, 1, T, start+T] causal mask (True = may attend) for T tokens after a cached
+        prefix of `start`, or None where SDPA's own causal handling suffices."""
+        if start == 0 or T == 1:
             return None
         q_pos = torch.arange(start, start + T, device=device)
         k_pos = torch.arange(start + T, device=device)
-        mask = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
-        if key_padding is not None:
-            mask = (mask & key_padding[:, None, :start + T]) | (k_pos[None, :] == q_pos[:, None])
-            return mask[:, None]  # (B, 1, T, S)
-        return mask[None, None]
+        return (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
 
     def logits(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-               positions: torch.Tensor | None = None, key_padding: torch.Tensor | None = None,
                last_n: int | None = 1) -> torch.Tensor:
         """Raw logits (T = 1) for the last `last_n` positions (all when None): [B, last_n, V].
 
         Only those positions go through the head, which is what generation needs."""
-        h = self.hidden_states(idx, kv_cache, positions, key_padding)
+        h = self.hidden_states(idx, kv_cache)
         if last_n is not None:
             h = h[:, -last_n:]
         return self.logits_from_hidden(h)
@@ -291,13 +290,17 @@ class GPT(nn.Module):
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[GPT]:
         """Eval mode (no dropout) for the block, whatever mode the caller left the model in (a
-        notebook's training loop, a fresh GPT(cfg)); the caller's mode is restored after."""
+        notebook's training loop, a fresh GPT(cfg)); the caller's mode is restored after.
+        A model already in eval mode is left alone: generation enters this once per decode step,
+        and eval() + train() walk every module (about 0.6 ms, a fifth of a char-model step)."""
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         try:
             yield self
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[GPT]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minilm.generation import (Request, RunningBatch, complete, generate, greedy, next_token_stages,
-                               next_token_table, prepare_for_decoding)
+                               next_token_table)
 from minilm.model import GPT, GPTConfig
 from minilm.sampling import History, SamplerStack
 from minilm.tokenizer import CharTokenizer
@@ -246,7 +246,7 @@ def test_generation_picks_the_decode_layout_and_training_puts_it_back():
     assert model.decode_layout and not model.transformer.h[0].attn.c_attn.weight.is_contiguous()
     assert not model.transformer.wte.weight.is_contiguous()  # the tied head: one matrix
     assert all(torch.equal(a, b) for a, b in zip(values, model.parameters()))
-    assert prepare_for_decoding(model) is model  # still there for callers, idempotent
+    assert model.set_decode_layout(True) is model  # idempotent
 
     # a notebook: train, generate, train again. Training never runs on the decode layout, and
     # it trains exactly as a model that never generated.
