@@ -225,18 +225,23 @@ class GPT(nn.Module):
         return dict(total=total, embedding=embedding, head=head,
                     non_embedding=total - embedding - head)
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None,
+                      key_padding: torch.Tensor | None = None) -> torch.Tensor:
         """Final (post ln_f) hidden states [B, T, d] for tokens idx [B, T].
 
         kv_cache: continue from the cached prefix and append these tokens to it (with per-row
             `lengths`, one token per row: see KVCache).
+        positions: [T] or [B, T] position ids (default: cache length + arange(T)).
+        key_padding: [B, S] bool, True for real tokens, S = cache length + T (left-padded batches).
         """
         if self.decode_layout and torch.is_grad_enabled():
             self.set_decode_layout(False)  # training: gradients and optimizer state keep theirs
         B, T = idx.shape
         if kv_cache is not None and kv_cache.lengths is not None:
-            if T != 1:
-                raise ValueError("a cache with per-row lengths takes one token per row")
+            if T != 1 or key_padding is not None:
+                raise ValueError("a cache with per-row lengths takes one token per row and no "
+                                 "key_padding")
             start = kv_cache.lengths  # [B]
             end = kv_cache.length + 1  # the longest row's columns, known without a device sync
             mask = (torch.arange(end, device=idx.device) <= start[:, None])[:, None, None]
@@ -244,12 +249,13 @@ class GPT(nn.Module):
         else:
             start = kv_cache.length if kv_cache is not None else 0
             end = start + T
-            mask = self._attention_mask(T, start, idx.device)
+            mask = self._attention_mask(T, start, key_padding, idx.device)
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size "
                              f"{self.config.block_size}")
-        positions = start[:, None] if isinstance(start, torch.Tensor) else \
-            torch.arange(start, end, device=idx.device)  # [B, 1] or [T]
+        if positions is None:
+            positions = start[:, None] if isinstance(start, torch.Tensor) else \
+                torch.arange(start, end, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for i, block in enumerate(self.transformer.h):
             cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
@@ -261,21 +267,27 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     @staticmethod
-    def _attention_mask(T: int, start: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean [1, 1, T, start+T] causal mask (True = may attend) for T tokens after a cached
-        prefix of `start`, or None where SDPA's own causal handling suffices."""
-        if start == 0 or T == 1:
+    def _attention_mask(T: int, start: int, key_padding: torch.Tensor | None,
+                        device: torch.device) -> torch.Tensor | None:
+        """Boolean [B|1, 1, T, start+T] mask (True = may attend), or None where SDPA's own causal
+        handling suffices. Each query always sees itself, so a padding row never goes all-False."""
+        if key_padding is None and (start == 0 or T == 1):
             return None
         q_pos = torch.arange(start, start + T, device=device)
         k_pos = torch.arange(start + T, device=device)
-        return (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+        mask = k_pos[None, :] <= q_pos[:, None]  # (T, S) causal
+        if key_padding is not None:
+            mask = (mask & key_padding[:, None, :start + T]) | (k_pos[None, :] == q_pos[:, None])
+            return mask[:, None]  # (B, 1, T, S)
+        return mask[None, None]
 
     def logits(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+               positions: torch.Tensor | None = None, key_padding: torch.Tensor | None = None,
                last_n: int | None = 1) -> torch.Tensor:
         """Raw logits (T = 1) for the last `last_n` positions (all when None): [B, last_n, V].
 
         Only those positions go through the head, which is what generation needs."""
-        h = self.hidden_states(idx, kv_cache)
+        h = self.hidden_states(idx, kv_cache, positions, key_padding)
         if last_n is not None:
             h = h[:, -last_n:]
         return self.logits_from_hidden(h)

@@ -109,6 +109,19 @@ def test_kv_cache_decode_equals_full_forward(tie):
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
+def test_left_padding_with_key_padding_equals_unpadded():
+    model = tiny()
+    prompt = torch.randint(0, V, (1, 7))
+    pad = 5
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), prompt], 1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, 7, dtype=torch.bool)], 1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model.logits(prompt)
+        out = model.logits(padded, KVCache(model.config, 1), positions=positions, key_padding=mask)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
 def test_per_row_cache_lengths_equal_each_row_alone():
     """Rows of different lengths in one cache (continuous batching): each row's next logits are
     those of a full forward over its own tokens."""
