@@ -92,8 +92,10 @@ class TiktokenTokenizer:
 class TextStream:
     """The text of a growing token list, handed out piece by piece as tokens arrive (streaming).
 
-    Each update decodes the whole list and returns what is new since the last one. Until the final
-    update it holds back a trailing U+FFFD (with byte-level BPE a character can span tokens, and
+    Each update decodes the tokens since the last clean boundary (a prefix whose text ends in a
+    whole character: decoding is additive there) and returns what is new since the last update, so
+    a long stream costs O(n), not a decode of the whole list per token. Until the final update it
+    holds back a trailing U+FFFD (with byte-level BPE a character can span tokens, and
     its first bytes alone decode to the replacement character) and a tail that could be the start
     of a `stop` string. The text ends before the first stop string; `stopped` then says so. So the
     pieces always add up to the text a non-streamed call returns.
@@ -105,11 +107,16 @@ class TextStream:
         self.longest = max(map(len, self.stop), default=0)
         self.emitted = 0  # characters handed out so far
         self.stopped = False
+        self.settled_tokens = 0  # decode(tokens[:settled_tokens]) == settled_text, a whole text
+        self.settled_text = ""
 
     def update(self, tokens: list[int], final: bool = False) -> str:
         if self.stopped:
             return ""
-        text = self.decode(tokens)
+        tail = self.decode(tokens[self.settled_tokens:])
+        text = self.settled_text + tail
+        if not tail.endswith("\ufffd"):  # no character cut in two: the next decode starts here
+            self.settled_tokens, self.settled_text = len(tokens), text
         start = max(0, self.emitted - self.longest)  # earlier text held no stop string
         found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         if found:

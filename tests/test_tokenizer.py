@@ -46,3 +46,24 @@ def test_text_stream_holds_back_what_may_start_a_stop_string():
     assert pieces[5] == "ccb"  # not a stop after all: handed out at once
     rest = TextStream(tok.decode, stop=["jj"])
     assert rest.update(tok.encode("abj")) == "ab" and rest.update(tok.encode("abj"), True) == "j"
+
+
+def test_text_stream_pieces_add_up_to_the_decode_and_decode_only_the_new_tokens():
+    """Byte-level BPE splits a character across tokens: the pieces still add up to one decode of
+    the whole list, and each update decodes only the tokens since the last whole character."""
+    from hf_models import gpt2_bpe
+
+    tok = gpt2_bpe()
+    text = "naïve café — 日本語の文章 🎉🎉 and plain ASCII words " * 20
+    ids = tok.encode(text)
+    decoded_lengths = []
+
+    def decode(tokens):
+        decoded_lengths.append(len(tokens))
+        return tok.decode(tokens)
+
+    stream = TextStream(decode)
+    pieces = [stream.update(ids[:i + 1], final=i == len(ids) - 1) for i in range(len(ids))]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert max(decoded_lengths) <= 4  # a character spans at most 4 byte-tokens
