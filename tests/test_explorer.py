@@ -19,7 +19,10 @@ def final_probs(page) -> list[float]:
 
 
 def wait_for_render(page, after: int) -> int:
-    page.wait_for_function(f"Number(document.querySelector('#dist').dataset.version) > {after}")
+    """Until a render newer than `after` shows the latest settings (no refresh still running: a
+    render of a request sent before the last change does not count)."""
+    page.wait_for_function(f"(d => Number(d.dataset.version) > {after} && d.dataset.busy === 'false')"
+                           f"(document.querySelector('#dist'))")
     return int(page.get_attribute("#dist", "data-version"))
 
 

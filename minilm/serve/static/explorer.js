@@ -59,6 +59,7 @@ async function distribution(prompt, topN) {
 async function refresh() {
   if (state.busy) { state.again = true; return; }
   state.busy = true;
+  $("#dist").dataset.busy = "true"; // settled (false) once the table shows the latest settings
   try {
     do {
       state.again = false;
@@ -73,6 +74,7 @@ async function refresh() {
     } while (state.again);
   } finally {
     state.busy = false;
+    $("#dist").dataset.busy = "false";
   }
 }
 
