@@ -24,14 +24,14 @@ from typing import Any
 import torch
 
 from minilm.checkpoint import CheckpointError, _swap_in
-from minilm.hf_tokenizer import TOKENIZER_FILES, TokenizerExportError, tokenizer_from_folder
-from minilm.hf_tokenizer import write_tokenizer_files
+from minilm.hf_tokenizer import (GPT2_VOCAB_SIZE, TOKENIZER_FILES, TokenizerExportError,
+                                 tokenizer_from_folder, write_tokenizer_files)
 from minilm.model import GPT, GPTConfig
 from minilm.tokenizer import Tokenizer
 
 # GPT2Config's defaults: old configs (openai-community/gpt2's own) leave most fields out.
 HF_DEFAULTS: dict[str, Any] = dict(
-    vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+    vocab_size=GPT2_VOCAB_SIZE, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
     activation_function="gelu_new", layer_norm_epsilon=1e-5, scale_attn_weights=True,
     scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, add_cross_attention=False,
     tie_word_embeddings=True)
@@ -99,6 +99,12 @@ def hf_config(config: GPTConfig, eot: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- weights
 
 
+def _conv1d_layout(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Conv1D's [in, out] <-> nn.Linear's [out, in] for the four block matrices (a transpose, its
+    own inverse: both directions use it); any other tensor as it is."""
+    return t.t() if name.endswith(CONV1D) else t
+
+
 def _meta_state_dict(config: GPTConfig) -> dict[str, torch.Tensor]:
     """Names and shapes of a model's tensors, without allocating them."""
     with torch.device("meta"):
@@ -120,7 +126,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
         t = own.get(name)
         # bias: false has no bias tensors; zeros compute the same
         t = torch.zeros(meta.shape, dtype=dtype) if t is None else t.detach().cpu()
-        tensors[name] = (t.t() if name.endswith(CONV1D) else t).contiguous()
+        tensors[name] = _conv1d_layout(name, t).contiguous()
     return tensors
 
 
@@ -135,7 +141,7 @@ def minilm_state_dict(weights: dict[str, torch.Tensor], config: GPTConfig,
             name = "transformer." + name  # a GPT2Model checkpoint
         if name == "lm_head.weight" and config.tie_embeddings:
             continue  # tied: HF uses wte whatever was stored here
-        out[name] = (t.t() if name.endswith(CONV1D) else t).float().contiguous()
+        out[name] = _conv1d_layout(name, t).float().contiguous()
     expected = _meta_state_dict(config)
     missing = sorted(expected.keys() - out.keys())
     unexpected = sorted(out.keys() - expected.keys())
