@@ -158,6 +158,11 @@ def minilm_state_dict(weights: dict[str, torch.Tensor], config: GPTConfig,
     return out
 
 
+def _shards(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's *.index.json names."""
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -174,8 +179,8 @@ def read_weights(folder: Path, where: str) -> dict[str, torch.Tensor]:
             continue
         try:
             if name.endswith(".index.json"):
-                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-                return {k: v for shard in shards for k, v in _read_tensors(folder / shard).items()}
+                return {k: v for shard in _shards(path)
+                        for k, v in _read_tensors(folder / shard).items()}
             return _read_tensors(path)
         except Exception as e:  # safetensors, pickle and json raise their own error types
             raise CheckpointError(f"{where}: {name} is unreadable ({type(e).__name__}: "
@@ -200,11 +205,13 @@ def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def load_folder(folder: Path, source: str | None = None
-                ) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+def load_folder(folder: Path) -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """Model (eval mode, CPU, fp32), tokenizer and state of a local Hugging Face GPT-2 folder."""
-    where = source or str(folder)
-    hf = read_config(folder / "config.json", where)
+    return _load(folder, read_config(folder / "config.json", str(folder)), str(folder))
+
+
+def _load(folder: Path, hf: dict[str, Any], where: str) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """load_folder's work once config.json is read (`hf`); `where` names the source in messages."""
     config = gpt_config_from_hf(hf, where)
     try:
         tokenizer = tokenizer_from_folder(folder, config.vocab_size)
@@ -238,10 +245,10 @@ def _hub_error(repo_id: str, e: Exception) -> CheckpointError:
                            f"({type(e).__name__}: {first})")
 
 
-def download(repo_id: str) -> Path:
-    """Fetch what load_folder reads (from the local cache when offline) and return the folder:
-    config.json first, so a model minilm cannot represent is refused before any weights come;
-    then one weights format (safetensors preferred) and one tokenizer file."""
+def download(repo_id: str) -> tuple[Path, dict[str, Any]]:
+    """Fetch what load_folder reads (from the local cache when offline); the folder and its
+    config.json. config.json comes first, so a model minilm cannot represent is refused before any
+    weights come; then one weights format (safetensors preferred) and one tokenizer file."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled)
@@ -278,13 +285,13 @@ def download(repo_id: str) -> Path:
         config = fetch("config.json")
         if config is None:
             raise missing("config.json")
-        gpt_config_from_hf(read_config(config, repo_id), repo_id)
+        hf = read_config(config, repo_id)
+        gpt_config_from_hf(hf, repo_id)
         for name in WEIGHT_FILES:
             weights = fetch(name)
             if weights is not None:
                 if name.endswith(".index.json"):
-                    shards = set(json.loads(weights.read_text())["weight_map"].values())
-                    if not all(fetch(shard) for shard in shards):
+                    if not all(fetch(shard) for shard in _shards(weights)):
                         raise missing("weights shards")
                 break
         else:
@@ -296,11 +303,12 @@ def download(repo_id: str) -> Path:
         raise
     except Exception as e:
         raise _hub_error(repo_id, e) from None
-    return config.parent
+    return config.parent, hf
 
 
 def load_hub_model(repo_id: str) -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    return load_folder(download(repo_id), source=repo_id)
+    folder, hf = download(repo_id)
+    return _load(folder, hf, repo_id)
 
 
 # ---------------------------------------------------------------- export
