@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from minilm.checkpoint import CheckpointError, _swap_in
+from minilm.config import _check_folder
 from minilm.hf_tokenizer import (GPT2_VOCAB_SIZE, TOKENIZER_FILES, TokenizerExportError,
                                  tokenizer_from_folder, write_tokenizer_files)
 from minilm.model import GPT, GPTConfig
@@ -315,8 +316,9 @@ def load_hub_model(repo_id: str) -> tuple[GPT, Tokenizer, dict[str, Any]]:
 
 
 def check_destination(dest: Path, force: bool) -> None:
-    if dest.exists() and not dest.is_dir():
-        raise CheckpointError(f"{dest} exists and is not a folder")
+    """dest can become the export: neither it nor a parent is a file (the check out_dir gets), and
+    it is empty unless force."""
+    _check_folder("dest", str(dest))
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise CheckpointError(f"{dest} exists and is not empty (use --force to replace it)")
 
