@@ -24,14 +24,15 @@ from typing import Any
 import torch
 
 from minilm.checkpoint import CheckpointError, _swap_in
-from minilm.hf_tokenizer import TOKENIZER_FILES, TokenizerExportError, tokenizer_from_folder
-from minilm.hf_tokenizer import write_tokenizer_files
+from minilm.config import _check_folder
+from minilm.hf_tokenizer import (GPT2_VOCAB_SIZE, TOKENIZER_FILES, TokenizerExportError,
+                                 tokenizer_from_folder, write_tokenizer_files)
 from minilm.model import GPT, GPTConfig
 from minilm.tokenizer import Tokenizer
 
 # GPT2Config's defaults: old configs (openai-community/gpt2's own) leave most fields out.
 HF_DEFAULTS: dict[str, Any] = dict(
-    vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+    vocab_size=GPT2_VOCAB_SIZE, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
     activation_function="gelu_new", layer_norm_epsilon=1e-5, scale_attn_weights=True,
     scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, add_cross_attention=False,
     tie_word_embeddings=True)
@@ -99,6 +100,12 @@ def hf_config(config: GPTConfig, eot: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- weights
 
 
+def _conv1d_layout(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Conv1D's [in, out] <-> nn.Linear's [out, in] for the four block matrices (a transpose, its
+    own inverse: both directions use it); any other tensor as it is."""
+    return t.t() if name.endswith(CONV1D) else t
+
+
 def _meta_state_dict(config: GPTConfig) -> dict[str, torch.Tensor]:
     """Names and shapes of a model's tensors, without allocating them."""
     with torch.device("meta"):
@@ -120,7 +127,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
         t = own.get(name)
         # bias: false has no bias tensors; zeros compute the same
         t = torch.zeros(meta.shape, dtype=dtype) if t is None else t.detach().cpu()
-        tensors[name] = (t.t() if name.endswith(CONV1D) else t).contiguous()
+        tensors[name] = _conv1d_layout(name, t).contiguous()
     return tensors
 
 
@@ -135,7 +142,7 @@ def minilm_state_dict(weights: dict[str, torch.Tensor], config: GPTConfig,
             name = "transformer." + name  # a GPT2Model checkpoint
         if name == "lm_head.weight" and config.tie_embeddings:
             continue  # tied: HF uses wte whatever was stored here
-        out[name] = (t.t() if name.endswith(CONV1D) else t).float().contiguous()
+        out[name] = _conv1d_layout(name, t).float().contiguous()
     expected = _meta_state_dict(config)
     missing = sorted(expected.keys() - out.keys())
     unexpected = sorted(out.keys() - expected.keys())
@@ -150,6 +157,11 @@ def minilm_state_dict(weights: dict[str, torch.Tensor], config: GPTConfig,
             raise CheckpointError(f"{where}: {name} has shape {tuple(out[name].shape)} but the "
                                   f"config implies {tuple(meta.shape)}")
     return out
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's *.index.json names."""
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -168,8 +180,8 @@ def read_weights(folder: Path, where: str) -> dict[str, torch.Tensor]:
             continue
         try:
             if name.endswith(".index.json"):
-                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-                return {k: v for shard in shards for k, v in _read_tensors(folder / shard).items()}
+                return {k: v for shard in _shards(path)
+                        for k, v in _read_tensors(folder / shard).items()}
             return _read_tensors(path)
         except Exception as e:  # safetensors, pickle and json raise their own error types
             raise CheckpointError(f"{where}: {name} is unreadable ({type(e).__name__}: "
@@ -194,11 +206,13 @@ def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def load_folder(folder: Path, source: str | None = None
-                ) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+def load_folder(folder: Path) -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """Model (eval mode, CPU, fp32), tokenizer and state of a local Hugging Face GPT-2 folder."""
-    where = source or str(folder)
-    hf = read_config(folder / "config.json", where)
+    return _load(folder, read_config(folder / "config.json", str(folder)), str(folder))
+
+
+def _load(folder: Path, hf: dict[str, Any], where: str) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """load_folder's work once config.json is read (`hf`); `where` names the source in messages."""
     config = gpt_config_from_hf(hf, where)
     try:
         tokenizer = tokenizer_from_folder(folder, config.vocab_size)
@@ -232,10 +246,10 @@ def _hub_error(repo_id: str, e: Exception) -> CheckpointError:
                            f"({type(e).__name__}: {first})")
 
 
-def download(repo_id: str) -> Path:
-    """Fetch what load_folder reads (from the local cache when offline) and return the folder:
-    config.json first, so a model minilm cannot represent is refused before any weights come;
-    then one weights format (safetensors preferred) and one tokenizer file."""
+def download(repo_id: str) -> tuple[Path, dict[str, Any]]:
+    """Fetch what load_folder reads (from the local cache when offline); the folder and its
+    config.json. config.json comes first, so a model minilm cannot represent is refused before any
+    weights come; then one weights format (safetensors preferred) and one tokenizer file."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled)
@@ -272,13 +286,13 @@ def download(repo_id: str) -> Path:
         config = fetch("config.json")
         if config is None:
             raise missing("config.json")
-        gpt_config_from_hf(read_config(config, repo_id), repo_id)
+        hf = read_config(config, repo_id)
+        gpt_config_from_hf(hf, repo_id)
         for name in WEIGHT_FILES:
             weights = fetch(name)
             if weights is not None:
                 if name.endswith(".index.json"):
-                    shards = set(json.loads(weights.read_text())["weight_map"].values())
-                    if not all(fetch(shard) for shard in shards):
+                    if not all(fetch(shard) for shard in _shards(weights)):
                         raise missing("weights shards")
                 break
         else:
@@ -290,19 +304,21 @@ def download(repo_id: str) -> Path:
         raise
     except Exception as e:
         raise _hub_error(repo_id, e) from None
-    return config.parent
+    return config.parent, hf
 
 
 def load_hub_model(repo_id: str) -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    return load_folder(download(repo_id), source=repo_id)
+    folder, hf = download(repo_id)
+    return _load(folder, hf, repo_id)
 
 
 # ---------------------------------------------------------------- export
 
 
 def check_destination(dest: Path, force: bool) -> None:
-    if dest.exists() and not dest.is_dir():
-        raise CheckpointError(f"{dest} exists and is not a folder")
+    """dest can become the export: neither it nor a parent is a file (the check out_dir gets), and
+    it is empty unless force."""
+    _check_folder("dest", str(dest))
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise CheckpointError(f"{dest} exists and is not empty (use --force to replace it)")
 

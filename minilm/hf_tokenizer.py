@@ -174,23 +174,23 @@ def _describe(tok: Tokenizer) -> str:
 
 
 def _folder_vocab(folder: Path) -> tuple[str, dict[str, int], str] | None:
-    """(model type, token -> id with added tokens, file name) from the folder's tokenizer files."""
-    path = folder / "tokenizer.json"
+    """(model type, token -> id with added tokens, file name) from the first of TOKENIZER_FILES in
+    the folder (the one a hub download fetched); None when it has none."""
+    path = next((folder / n for n in TOKENIZER_FILES if (folder / n).is_file()), None)
+    if path is None:
+        return None
     try:
-        if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            model = data.get("model") or {}
-            vocab = dict(model.get("vocab") or {})
-            if isinstance(model.get("vocab"), list):  # Unigram: [[piece, score], ...]
-                vocab = {piece: i for i, (piece, _) in enumerate(model["vocab"])}
-            vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
-            return model.get("type", "?"), vocab, path.name
-        path = folder / "vocab.json"
-        if path.is_file():
-            return "BPE", json.loads(path.read_text(encoding="utf-8")), path.name
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if path.name == "vocab.json":  # GPT-2's BPE vocabulary alone: token -> id
+            return "BPE", data, path.name
+        model = data.get("model") or {}
+        vocab = dict(model.get("vocab") or {})
+        if isinstance(model.get("vocab"), list):  # Unigram: [[piece, score], ...]
+            vocab = {piece: i for i, (piece, _) in enumerate(model["vocab"])}
+        vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+        return model.get("type", "?"), vocab, path.name
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"{path} is unreadable ({type(e).__name__})") from None
-    return None
 
 
 def _chars_of(vocab: dict[str, int]) -> str | None:

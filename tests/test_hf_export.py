@@ -171,6 +171,10 @@ def test_existing_destination_needs_force(tmp_path, capsys):
     assert export_cli(tmp_path / "run", dest, "--force") == 0
     assert not (dest / "notes.txt").exists() and (dest / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no temporary left over
+    a_file = tmp_path / "hf" / "model.safetensors"
+    for path in (a_file, a_file / "sub"):  # a file at DEST or above it: one line, not a traceback
+        assert export_cli(tmp_path / "run", path, "--force") == 2
+        assert capsys.readouterr().err == f"error: dest: {a_file} is a file, not a folder\n"
 
 
 def test_push_to_hub_failure_is_one_line_and_keeps_the_export(tmp_path, capsys):
