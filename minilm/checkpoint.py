@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from minilm.atomic import write_atomic
 from minilm.data import looks_like_hub_id
+from minilm.errors import error_line
 from minilm.model import GPT, GPTConfig
 from minilm.tokenizer import Tokenizer, tokenizer_from_dict
 from minilm.tracking import strict_json
@@ -64,10 +65,10 @@ def _staged(path: Path) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     yield tmp
-    _swap_in(tmp, path)
+    swap_in(tmp, path)
 
 
-def _swap_in(tmp: Path, path: Path) -> None:
+def swap_in(tmp: Path, path: Path) -> None:
     """Replace folder `path` by the complete folder `tmp` with renames only."""
     old = _sibling(path, ".old")
     if path.exists():
@@ -146,6 +147,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
                           f"{path}/best or {path}/last, or a Hugging Face config.json)")
 
 
+def resume_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint fixes, from its config dict (dotted keys): the model, the data
+    (but where it is cached and how many processes tokenize it) and loss.softcap, which is part
+    of the model's output function (the trained logits are capped, and so are the sampled ones)."""
+    fixed = {f"model.{k}": v for k, v in cfg.get("model", {}).items()}
+    fixed.update({f"data.{k}": v for k, v in cfg.get("data", {}).items()
+                  if k not in ("num_proc", "cache_dir")})
+    fixed["loss.softcap"] = cfg.get("loss", {}).get("softcap")
+    return fixed
+
+
 def read_state(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / "state.json").read_text())
@@ -160,7 +172,7 @@ def load_weights(path: Path, model: GPT) -> None:
         model.load_state_dict(weights)
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise CheckpointError(f"corrupt checkpoint {path}: model.safetensors unreadable "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+                              f"({error_line(e)})") from None
 
 
 def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from minilm.device import check_device_name
+from minilm.errors import first_line
 from minilm.loss import IMPLS
 from minilm.model import GPTConfig
 from minilm.tokenizer import read_text
@@ -302,7 +303,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except ValueError as e:
         raise ConfigError(f"config file {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return data
@@ -387,7 +388,7 @@ def given_keys(cfg: Config) -> frozenset[str]:
     return frozenset(k for k, v in flatten(cfg.to_dict()).items() if defaults.get(k) != v)
 
 
-def _check_folder(key: str, path: str) -> None:
+def check_folder(key: str, path: str) -> None:
     """A folder to write into: not empty, and neither it nor a parent is a file."""
     if not str(path).strip():
         raise ConfigError(f"{key} is empty: give a folder")
@@ -404,8 +405,8 @@ def validate(cfg: Config) -> None:
         cfg.model.gpt_config(vocab_size=1)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _check_folder("out_dir", cfg.out_dir)
-    _check_folder("data.cache_dir", cfg.data.cache_dir)
+    check_folder("out_dir", cfg.out_dir)
+    check_folder("data.cache_dir", cfg.data.cache_dir)
     if not cfg.data.source.strip():
         raise ConfigError("data.source is empty: give `shakespeare`, a file or folder, or a hub "
                           "dataset name")

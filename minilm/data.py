@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from minilm.atomic import atomic_path, write_atomic
+from minilm.errors import error_line
 from minilm.tokenizer import (CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_dict,
                               utf8_problem)
 
@@ -143,8 +144,7 @@ def load_documents(source: str, text_field: str = "text", name: str | None = Non
             ds = datasets.load_dataset(builder, data_files=files, split="train",
                                        **({"sample_by": "document"} if builder == "text" else {}))
         except Exception as e:
-            raise DataError(f"could not read {path}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            raise DataError(f"could not read {path}: {error_line(e)}") from None
         label = str(path)
     else:
         check_hub_dataset(source)

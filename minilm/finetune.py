@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minilm.checkpoint import CheckpointError, load_model, read_state
+from minilm.checkpoint import CheckpointError, load_model, resume_settings
 from minilm.config import Config, ConfigError, ModelConfig, given_keys
 from minilm.data import PreparedData
 from minilm.model import GPT
@@ -39,23 +39,21 @@ def tokenizer_name(description: dict[str, Any]) -> str:
     return "char" if description.get("type") == "char" else str(description.get("name"))
 
 
-def resolve_init_from(cfg: Config) -> Source | None:
+def resolve_init_from(cfg: Config, resume_state: dict[str, Any] | None) -> Source | None:
     """Load train.init_from's source and write its shape, tokenizer and soft-cap into cfg (the
-    user's contradicting keys are errors). None for train.init_from: scratch."""
+    user's contradicting keys are errors). None for train.init_from: scratch. When the run
+    resumes, resume_state (out_dir/last's state.json, read by the trainer) is the source."""
     if cfg.train.init_from == "scratch":
         return None
     if cfg.train.resume:
         ckpt = Path(cfg.out_dir) / "last"
-        state = read_state(ckpt)
         try:
-            saved = state["config"]
-            values = {key: saved["model"][key.split(".")[1]] for key in SHAPE_KEYS
-                      if key.split(".")[1] in saved["model"]}
-            values["loss.softcap"] = saved["loss"]["softcap"]
-            source = Source(f"the checkpoint {ckpt}", state["tokenizer"], None)
-        except (KeyError, TypeError):
+            fixed = resume_settings(resume_state["config"])
+            source = Source(f"the checkpoint {ckpt}", resume_state["tokenizer"], None)
+        except (KeyError, TypeError, AttributeError):
             raise CheckpointError(f"corrupt checkpoint {ckpt}: state.json has no run "
                                   "config") from None
+        values = {key: fixed[key] for key in (*SHAPE_KEYS, "loss.softcap") if key in fixed}
     else:
         model, tokenizer, _ = load_model(cfg.train.init_from, "cpu")
         values = {key: getattr(model.config, key.split(".")[1]) for key in SHAPE_KEYS}

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from minilm.checkpoint import CheckpointError, _swap_in
-from minilm.config import _check_folder
+from minilm.checkpoint import CheckpointError, swap_in
+from minilm.config import check_folder
+from minilm.errors import error_line
 from minilm.hf_tokenizer import (GPT2_VOCAB_SIZE, TOKENIZER_FILES, TokenizerExportError,
                                  tokenizer_from_folder, write_tokenizer_files)
 from minilm.model import GPT, GPTConfig
@@ -184,8 +185,7 @@ def read_weights(folder: Path, where: str) -> dict[str, torch.Tensor]:
                         for k, v in _read_tensors(folder / shard).items()}
             return _read_tensors(path)
         except Exception as e:  # safetensors, pickle and json raise their own error types
-            raise CheckpointError(f"{where}: {name} is unreadable ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+            raise CheckpointError(f"{where}: {name} is unreadable ({error_line(e)})") from None
     raise CheckpointError(f"{where}: no model.safetensors or pytorch_model.bin in {folder}")
 
 
@@ -241,9 +241,8 @@ def _hub_error(repo_id: str, e: Exception) -> CheckpointError:
     if isinstance(e, HfHubHTTPError) and e.response is not None:
         return CheckpointError(f"the Hugging Face hub refused {repo_id!r} "
                                f"(HTTP {e.response.status_code})")
-    first = str(e).splitlines()[0][:160] if str(e) else ""
     return CheckpointError(f"could not download {repo_id!r} from the Hugging Face hub "
-                           f"({type(e).__name__}: {first})")
+                           f"({error_line(e)})")
 
 
 def download(repo_id: str) -> tuple[Path, dict[str, Any]]:
@@ -318,7 +317,7 @@ def load_hub_model(repo_id: str) -> tuple[GPT, Tokenizer, dict[str, Any]]:
 def check_destination(dest: Path, force: bool) -> None:
     """dest can become the export: neither it nor a parent is a file (the check out_dir gets), and
     it is empty unless force."""
-    _check_folder("dest", str(dest))
+    check_folder("dest", str(dest))
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise CheckpointError(f"{dest} exists and is not empty (use --force to replace it)")
 
@@ -345,7 +344,7 @@ def export(model: GPT, tokenizer: Tokenizer, dest: str | Path, force: bool = Fal
             write_tokenizer_files(tokenizer, tmp, model.config.block_size)
         except TokenizerExportError as e:
             warnings.append(f"{e}; exported the model alone")
-        _swap_in(tmp, dest)
+        swap_in(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -362,7 +361,6 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                           commit_message="Upload minilm model exported as GPT-2")
     except Exception as e:
-        first = str(e).splitlines()[0][:200] if str(e) else ""
         raise CheckpointError(f"could not push {folder} to the Hugging Face hub repo {repo_id!r} "
-                              f"({type(e).__name__}: {first}); the exported folder is kept") from None
+                              f"({error_line(e)}); the exported folder is kept") from None
     return str(url)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from minilm.atomic import write_atomic
+from minilm.errors import error_line
 
 
 def _finite(value: Any) -> Any:
@@ -58,8 +59,7 @@ def _duration(seconds: float) -> str:
 
 def warn(message: str, error: BaseException) -> None:
     """One line on stderr, however long the error's message."""
-    reason = (str(error).strip().splitlines() or [""])[0]
-    print(f"warning: {message} ({type(error).__name__}: {reason})", file=sys.stderr, flush=True)
+    print(f"warning: {message} ({error_line(error)})", file=sys.stderr, flush=True)
 
 
 class Tracker:

@@ -29,6 +29,7 @@ import yaml
 
 from minilm.checkpoint import (complete_checkpoint, copy_checkpoint, load_training_state,
                                load_weights, read_state, recover_checkpoint, remove_checkpoint,
+                               resume_settings,
                                save_checkpoint, set_rng_states)
 from minilm.config import Config, ConfigError, TrainConfig, validate
 from minilm.data import PreparedData, get_batch, prepare
@@ -204,17 +205,6 @@ def loss_options(cfg: Config) -> dict[str, Any]:
     return dict(impl=cfg.loss.impl, chunk_size=cfg.loss.chunk_size, z_loss=cfg.loss.z_loss)
 
 
-def resume_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The settings a checkpoint fixes, from a config dict: the model, the data (but where it is
-    cached and how many processes tokenize it) and loss.softcap, which is part of the model's
-    output function (the trained logits are capped, and so are the sampled ones)."""
-    fixed = {f"model.{k}": v for k, v in cfg.get("model", {}).items()}
-    fixed.update({f"data.{k}": v for k, v in cfg.get("data", {}).items()
-                  if k not in ("num_proc", "cache_dir")})
-    fixed["loss.softcap"] = cfg.get("loss", {}).get("softcap")
-    return fixed
-
-
 def _check_resumable(cfg: Config, state: dict[str, Any]) -> None:
     saved = resume_settings(state.get("config", {}))
     for key, value in resume_settings(cfg.to_dict()).items():
@@ -288,8 +278,9 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     validate(cfg)
     ddp, device = setup_distributed(cfg.train.device)
     ckpt = claim_out_dir(cfg, ddp.is_main)
-    source = resolve_init_from(cfg)  # train.init_from: the source's shape and tokenizer enter cfg
-    state = read_state(ckpt) if ckpt is not None and ddp.is_main else None
+    # read once, by every rank, from the complete version (rank 0 may still be renaming it back)
+    state = read_state(complete_checkpoint(ckpt)) if ckpt is not None else None
+    source = resolve_init_from(cfg, state)  # the source's shape and tokenizer enter cfg
     tracker = tracker or make_tracker(cfg, enabled=ddp.is_main,
                                       resume_step=state["step"] if state else None)
     try:
@@ -340,7 +331,6 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
     step, best_val = 0, math.inf
     saved_step = None  # the step out_dir/last holds
     if ckpt is not None:
-        state = state or read_state(ckpt)
         _check_resumable(cfg, state)
         load_weights(ckpt, model)
         opt_state, rng = load_training_state(ckpt)
