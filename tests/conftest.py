@@ -54,9 +54,9 @@ def serve_checkpoint(tmp_path_factory) -> Path:
     logits are spread (std ~ 2): greedy choices are clear and sampled texts differ by seed."""
     import torch
 
-    from minilm.checkpoint import save_checkpoint
     from minilm.model import GPT, GPTConfig
     from minilm.tokenizer import CharTokenizer
+    from saved import save_model
 
     tokenizer = CharTokenizer(SERVE_CHARS)
     torch.manual_seed(0)
@@ -65,8 +65,7 @@ def serve_checkpoint(tmp_path_factory) -> Path:
     with torch.no_grad():
         model.transformer.wte.weight.mul_(10)
     out = tmp_path_factory.mktemp("serve") / "tiny_char"
-    save_checkpoint(out / "best", model, None, dict(config={}, tokenizer=tokenizer.to_dict(),
-                                                    step=0, best_val_loss=None))
+    save_model(out / "best", model, tokenizer.to_dict())
     return out
 
 

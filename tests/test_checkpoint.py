@@ -9,9 +9,10 @@ import torch
 
 from minilm import checkpoint
 from minilm.checkpoint import (complete_checkpoint, copy_checkpoint, load_model, read_state,
-                               recover_checkpoint, save_checkpoint)
+                               recover_checkpoint)
 from minilm.model import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer
+from saved import save_model
 
 TOKENIZER = CharTokenizer("abcdefgh")
 
@@ -27,8 +28,7 @@ def model_for(step: int) -> GPT:
 
 
 def save(path, step: int) -> None:
-    save_checkpoint(path, model_for(step), None,
-                    dict(config={}, tokenizer=TOKENIZER.to_dict(), step=step, best_val_loss=None))
+    save_model(path, model_for(step), TOKENIZER.to_dict(), step)
 
 
 def check_loads(path, steps: set[int]) -> int:

@@ -13,11 +13,12 @@ pytest.importorskip("transformers")
 
 from conftest import CORPUS, tiny_overrides  # noqa: E402
 from hf_models import gpt2_bpe, hf_gpt2  # noqa: E402
-from minilm.checkpoint import load_model, save_checkpoint  # noqa: E402
+from minilm.checkpoint import load_model  # noqa: E402
 from minilm.cli import run_cli, train_main  # noqa: E402
 from minilm.config import load_config  # noqa: E402
 from minilm.data import get_batch, prepare  # noqa: E402
 from minilm.model import GPT, GPTConfig  # noqa: E402
+from saved import save_model  # noqa: E402
 from minilm.tokenizer import CharTokenizer  # noqa: E402
 from minilm.tracking import read_metrics  # noqa: E402
 from minilm.trainer import batch_generator, train  # noqa: E402
@@ -93,8 +94,7 @@ def char_source(folder, chars: str, softcap=None) -> GPT:
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16,
                           block_size=16))
     model.logit_softcap = softcap
-    save_checkpoint(folder / "last", model, None,
-                    dict(config={}, tokenizer=tok.to_dict(), step=0, best_val_loss=None))
+    save_model(folder / "last", model, tok.to_dict())
     return model
 
 

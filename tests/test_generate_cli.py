@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from hf_models import gpt2_bpe
-from minilm.checkpoint import save_checkpoint
 from minilm.generate_cli import stream_text
 from minilm.model import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer
+from saved import save_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -27,8 +27,7 @@ def ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=TOKENIZER.vocab_size, n_layer=2, n_head=2, n_embd=32,
                           block_size=16))
-    save_checkpoint(out / "last", model, None, dict(config={}, tokenizer=TOKENIZER.to_dict(),
-                                                    step=0, best_val_loss=None))
+    save_model(out / "last", model, TOKENIZER.to_dict())
     return out
 
 
@@ -136,8 +135,7 @@ def test_missing_tiktoken_cache_is_named(tmp_path):
     not that the checkpoint is corrupt."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50257, n_layer=1, n_head=1, n_embd=8, block_size=8))
-    save_checkpoint(tmp_path / "last", model, None, dict(
-        config={}, tokenizer={"type": "tiktoken", "name": "gpt2"}, step=0, best_val_loss=None))
+    save_model(tmp_path / "last", model, {"type": "tiktoken", "name": "gpt2"})
     empty = tmp_path / "empty-cache"
     empty.mkdir()
     env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(empty), HTTPS_PROXY="http://127.0.0.1:9",

@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import CORPUS, ROOT  # noqa: E402
 from hf_models import gpt2_bpe, hf_gpt2, randomize_  # noqa: E402
-from minilm.checkpoint import CheckpointError, load_model, save_checkpoint  # noqa: E402
+from minilm.checkpoint import CheckpointError, load_model  # noqa: E402
+from saved import save_model  # noqa: E402
 from minilm.cli import run_cli  # noqa: E402
 from minilm.export import main as export_main  # noqa: E402
 from minilm.hf import export, gpt_config_from_hf, hf_config  # noqa: E402
@@ -28,8 +29,7 @@ def minilm_checkpoint(folder: Path, tokenizer, seed: int = 0, softcap=None, **co
     torch.manual_seed(seed)
     model = randomize_(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **config)), seed).eval()
     model.logit_softcap = softcap
-    save_checkpoint(folder / "last", model, None, dict(config={}, tokenizer=tokenizer.to_dict(),
-                                                       step=0, best_val_loss=None))
+    save_model(folder / "last", model, tokenizer.to_dict())
     return model
 
 
