@@ -6,16 +6,13 @@ Starts minilm-serve on the checkpoint, types a prompt, sets temperature 0.8, top
 0.9, generates 100 tokens with seed 7, hovers one of them (its alternatives), and saves the page.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from browser import ARGS, find_chromium  # noqa: E402  (the page tests' Chromium finder)
 from minilm.serve.launch import ServerProcess  # noqa: E402
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
 
 
 def main() -> None:
@@ -23,7 +20,7 @@ def main() -> None:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", default=str(ROOT / "docs" / "explorer.png"))
     p.add_argument("--prompt", default="ROMEO:\nWhat say you, my lord? ")
-    p.add_argument("--chromium", default=os.environ.get("MINILM_CHROMIUM", "/usr/bin/chromium"))
+    p.add_argument("--chromium", default=find_chromium())
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -39,9 +36,9 @@ def main() -> None:
             def settle(action) -> None:
                 version = int(page.get_attribute("#dist", "data-version"))
                 action()
-                page.wait_for_function(
-                    f"Number(document.querySelector('#dist').dataset.version) > {version}")
-                page.wait_for_timeout(300)
+                page.wait_for_function(  # a render of the latest settings (see the page test)
+                    f"(d => Number(d.dataset.version) > {version} && d.dataset.busy === 'false')"
+                    "(document.querySelector('#dist'))")
 
             settle(lambda: page.fill("#prompt", args.prompt))
             for name, value in (("temperature", "0.8"), ("top_k", "12"), ("top_p", "0.9")):
