@@ -34,7 +34,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     dest = Path(args.dest)
-    check_destination(dest, args.force)  # before loading a model that might be large
+    check_destination(dest, args.force, args.ckpt)  # before loading a model that might be large
     model, tokenizer, _ = load_model(args.ckpt, "cpu")
     for warning in export(model, tokenizer, dest, force=args.force):
         print(f"warning: {warning}", file=sys.stderr)

@@ -314,10 +314,15 @@ def load_hub_model(repo_id: str) -> tuple[GPT, Tokenizer, dict[str, Any]]:
 # ---------------------------------------------------------------- export
 
 
-def check_destination(dest: Path, force: bool) -> None:
-    """dest can become the export: neither it nor a parent is a file (the check out_dir gets), and
-    it is empty unless force."""
+def check_destination(dest: Path, force: bool, source: str | Path | None = None) -> None:
+    """dest can become the export: neither it nor a parent is a file (the check out_dir gets), it
+    is empty unless force, and it does not hold the local `source` (--force would delete it)."""
     check_folder("dest", str(dest))
+    if source is not None and Path(source).exists():
+        src = Path(source).resolve()
+        if dest.resolve() in (src, *src.parents):
+            raise CheckpointError(f"{dest} holds {source}, the model being exported: choose "
+                                  "another folder")
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise CheckpointError(f"{dest} exists and is not empty (use --force to replace it)")
 

@@ -175,6 +175,11 @@ def test_existing_destination_needs_force(tmp_path, capsys):
     for path in (a_file, a_file / "sub"):  # a file at DEST or above it: one line, not a traceback
         assert export_cli(tmp_path / "run", path, "--force") == 2
         assert capsys.readouterr().err == f"error: dest: {a_file} is a file, not a folder\n"
+    for dest in (tmp_path / "run", tmp_path):  # --force would delete the run being exported
+        assert export_cli(tmp_path / "run", dest, "--force") == 2
+        assert capsys.readouterr().err == (f"error: {dest} holds {tmp_path / 'run'}, the model "
+                                           "being exported: choose another folder\n")
+    assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
 
 
 def test_push_to_hub_failure_is_one_line_and_keeps_the_export(tmp_path, capsys):
