@@ -1,7 +1,5 @@
 """Train a minilm GPT: python train.py [CONFIG.yaml] [--section.key=value ...]"""
-import sys
-
-from minilm.cli import run_cli, train_main
+from minilm.cli.train import entry
 
 if __name__ == "__main__":
-    sys.exit(run_cli(train_main))
+    entry()

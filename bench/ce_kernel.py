@@ -17,7 +17,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minilm.kernels.cross_entropy import ce_step_  # noqa: E402
+from minilm.model.kernels.cross_entropy import ce_step_  # noqa: E402
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minilm.eval import Document, evaluate  # noqa: E402
-from minilm.model import GPT, GPTConfig  # noqa: E402
+from minilm.eval.scoring import Document, evaluate  # noqa: E402
+from minilm.model.gpt import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {
     "char": dict(vocab_size=77, n_layer=4, n_head=4, n_embd=128, block_size=128, bias=False),

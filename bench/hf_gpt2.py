@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minilm.checkpoint import load_model  # noqa: E402
-from minilm.hf import export  # noqa: E402
+from minilm.interop.hf import export  # noqa: E402
+from minilm.interop.loading import load_model  # noqa: E402
 
 SIZES = {"124M": dict(n_layer=12, n_head=12, n_embd=768),
          "medium": dict(n_layer=24, n_head=16, n_embd=1024),
@@ -57,7 +57,7 @@ def main() -> None:
         delta = (model(ids) - hf(ids).logits).abs().max().item()
     print(f"| max abs logit difference, fp32, 2 x {args.tokens} tokens | {delta:.2e} |")
     prompt = torch.tensor([tokenizer.encode("The meaning of life is")], device=args.device)
-    from minilm.generation import complete
+    from minilm.sampling.generation import complete
 
     with torch.no_grad():
         ours = complete(model, prompt.tolist(), args.new_tokens)[0].tokens

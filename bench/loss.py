@@ -39,7 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minilm.loss import linear_cross_entropy  # noqa: E402
+from minilm.model.loss import linear_cross_entropy  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -63,7 +63,8 @@ def loss_fn(impl, args, hidden, weight, targets):
     chunk_size = int(rows) if rows else args.chunk_size
     if impl == "liger":
         from liger_kernel.transformers.fused_linear_cross_entropy import (
-            LigerFusedLinearCrossEntropyLoss)
+            LigerFusedLinearCrossEntropyLoss,
+        )
         liger = LigerFusedLinearCrossEntropyLoss()
         return lambda: liger(weight, hidden, targets)
     return lambda: linear_cross_entropy(hidden, weight, targets, impl=impl,

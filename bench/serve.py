@@ -39,10 +39,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' server launcher
 from minilm.checkpoint import save_checkpoint  # noqa: E402
-from minilm.model import GPT, GPTConfig  # noqa: E402
-from minilm.serve.launch import ServerProcess  # noqa: E402
+from minilm.model.gpt import GPT, GPTConfig  # noqa: E402
 from minilm.tokenizer import CharTokenizer, TiktokenTokenizer  # noqa: E402
+
+from server_process import ServerProcess  # noqa: E402
 
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 

@@ -48,12 +48,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minilm.config import Config, load_config  # noqa: E402
-from minilm.data import cache_folder, token_dtype  # noqa: E402
-from minilm.model import GPT  # noqa: E402
-from minilm.tracking import Tracker, read_metrics  # noqa: E402
-from minilm.trainer import (configure_optimizer, loss_options, resolve_compile,  # noqa: E402
-                            resolve_dtype, train)
+from minilm.model.gpt import GPT  # noqa: E402
+from minilm.train.config import Config, load_config  # noqa: E402
+from minilm.train.data import cache_folder, token_dtype  # noqa: E402
+from minilm.train.tracking import Tracker, read_metrics  # noqa: E402
+from minilm.train.trainer import (
+    configure_optimizer,
+    loss_options,
+    resolve_compile,
+    resolve_dtype,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2 ** 30

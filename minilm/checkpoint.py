@@ -6,7 +6,7 @@ with a state.json is complete. A new checkpoint is written as <name>.tmp, the ol
 <name>.old, the new one renamed into place and the old one deleted. However that sequence is
 interrupted, one of <name>, <name>.tmp, <name>.old is complete: readers take the first complete one
 of the three (complete_checkpoint), and resume puts it back under its name (recover_checkpoint).
-load_model also reads Hugging Face GPT-2 folders and hub ids (through minilm.hf).
+minilm.interop.loading.load_model reads these and Hugging Face models alike.
 """
 
 from __future__ import annotations
@@ -22,18 +22,12 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from minilm.atomic import write_atomic
-from minilm.data import looks_like_hub_id
-from minilm.errors import error_line
-from minilm.model import GPT, GPTConfig
+from minilm.errors import CheckpointError, error_line
+from minilm.files import sibling, strict_json, swap_in, write_atomic
+from minilm.model.gpt import GPT, GPTConfig
 from minilm.tokenizer import Tokenizer, tokenizer_from_dict
-from minilm.tracking import strict_json
 
 FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
-
-
-class CheckpointError(ValueError):
-    """A missing or unreadable checkpoint: one line naming the path."""
 
 
 def rng_states() -> dict[str, Any]:
@@ -49,34 +43,19 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _sibling(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
-
-
 def _versions(path: Path) -> tuple[Path, Path, Path]:
     """`path` and what a swap leaves beside it: <name>.tmp (newer), <name>.old (older)."""
-    return path, _sibling(path, ".tmp"), _sibling(path, ".old")
+    return path, sibling(path, ".tmp"), sibling(path, ".old")
 
 
 @contextlib.contextmanager
 def _staged(path: Path) -> Iterator[Path]:
     """An empty <name>.tmp to fill (state.json last), swapped in for `path` when the block ends."""
-    tmp = _sibling(path, ".tmp")
+    tmp = sibling(path, ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     yield tmp
     swap_in(tmp, path)
-
-
-def swap_in(tmp: Path, path: Path) -> None:
-    """Replace folder `path` by the complete folder `tmp` with renames only."""
-    old = _sibling(path, ".old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)  # a leftover: `path` is the complete one
-        os.replace(path, old)
-    # else an earlier swap stopped between its renames: `old` stays until `tmp` is in place
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_state(folder: Path, state: dict[str, Any]) -> None:
@@ -185,30 +164,8 @@ def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return optimizer, rng
 
 
-MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml", ".ckpt")
-
-
-def load_model(source: str | Path, device: str | torch.device = "cpu"
-               ) -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    """Model (eval mode), tokenizer and state, for generation, evaluation or fine-tuning.
-
-    source: a minilm checkpoint folder or a run's out_dir; a Hugging Face GPT-2 folder (config.json
-    + model.safetensors or pytorch_model.bin); or a hub id ('gpt2', 'openai-community/gpt2-medium').
-    state: a minilm checkpoint's state.json (config, tokenizer, step, ...); for Hugging Face models
-    {source, format: 'huggingface', path, hf_config, model_config, tokenizer, logit_softcap}.
-    """
-    from minilm import hf  # hf imports CheckpointError from here
-
-    path = Path(source).expanduser()
-    if not path.exists() and complete_checkpoint(path) is None:  # (an interrupted swap: found)
-        if isinstance(source, str) and looks_like_hub_id(source, MODEL_FILE_SUFFIXES):
-            model, tokenizer, state = hf.load_hub_model(source)
-            return model.to(device), tokenizer, state
-        raise CheckpointError(f"no checkpoint found at {path}: no such file or folder")
-    if hf.is_hf_folder(path) and not (path / "state.json").is_file():
-        model, tokenizer, state = hf.load_folder(path)
-        return model.to(device), tokenizer, state
-    path = resolve_checkpoint(path)
+def read_model(path: Path) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """The model, tokenizer and state.json of the complete checkpoint folder `path`."""
     state = read_state(path)
     try:
         model = GPT(GPTConfig(**state["model_config"]))
@@ -220,4 +177,4 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"
     tokenizer = tokenizer_from_dict(tokenizer_description)
     load_weights(path, model)
     model.logit_softcap = state.get("logit_softcap")
-    return model.to(device).eval(), tokenizer, state
+    return model, tokenizer, state

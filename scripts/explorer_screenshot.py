@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from browser import ARGS, find_chromium  # noqa: E402  (the page tests' Chromium finder)
-from minilm.serve.launch import ServerProcess  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 
 
 def main() -> None:

@@ -54,8 +54,9 @@ def serve_checkpoint(tmp_path_factory) -> Path:
     logits are spread (std ~ 2): greedy choices are clear and sampled texts differ by seed."""
     import torch
 
-    from minilm.model import GPT, GPTConfig
+    from minilm.model.gpt import GPT, GPTConfig
     from minilm.tokenizer import CharTokenizer
+
     from saved import save_model
 
     tokenizer = CharTokenizer(SERVE_CHARS)
@@ -74,7 +75,7 @@ def server(serve_checkpoint, tmp_path_factory):
     """minilm-serve in a subprocess (python -m minilm.serve): its URL and log file."""
     from types import SimpleNamespace
 
-    from minilm.serve.launch import ServerProcess
+    from server_process import ServerProcess
 
     log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")

@@ -3,7 +3,7 @@ export and fine-tune from)."""
 from pathlib import Path
 
 from minilm.checkpoint import save_checkpoint
-from minilm.model import GPT
+from minilm.model.gpt import GPT
 
 
 def save_model(path: Path, model: GPT, tokenizer: dict, step: int = 0) -> None:

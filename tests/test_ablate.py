@@ -6,10 +6,12 @@ import statistics
 
 import pytest
 
+from minilm.cli.ablate import main
+from minilm.cli.common import run_cli
+from minilm.experiments.ablation import AblationConfig, plan
+from minilm.train.config import load_config
+
 from conftest import CORPUS, ROOT, tiny_overrides
-from minilm.ablate import AblationConfig, main, plan
-from minilm.cli import run_cli
-from minilm.config import load_config
 
 N_EMBD = 32  # tiny_overrides' width
 VOCAB = len(set(CORPUS)) + 1  # characters + <|endoftext|>
@@ -52,7 +54,7 @@ def test_tied_vs_untied_report(corpus_file, tmp_path):
             assert arm[f"{key}_std"] == pytest.approx(statistics.stdev(arm[f"{key}_values"]))
 
     # bits per byte and ECE: minilm.eval on each run's last checkpoint and its val split
-    from minilm.eval_cli import evaluate_checkpoint
+    from minilm.cli.eval import evaluate_checkpoint
 
     run = out / "untied" / "seed1338"
     saved = json.loads((run / "eval.json").read_text())

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from minilm import checkpoint
-from minilm.checkpoint import (complete_checkpoint, copy_checkpoint, load_model, read_state,
-                               recover_checkpoint)
-from minilm.model import GPT, GPTConfig
+from minilm.checkpoint import complete_checkpoint, copy_checkpoint, read_state, recover_checkpoint
+from minilm.interop.loading import load_model
+from minilm.model.gpt import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer
+
 from saved import save_model
 
 TOKENIZER = CharTokenizer("abcdefgh")

@@ -6,8 +6,10 @@ import sys
 
 import pytest
 
+from minilm.errors import ConfigError
+from minilm.train.config import load_config
+
 from conftest import ROOT
-from minilm.config import ConfigError, load_config
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -78,7 +80,7 @@ def test_scientific_notation_in_files_and_overrides(tmp_path):
 
 
 def test_yaml_follows_the_1_2_core_schema():
-    from minilm.config import read_yaml
+    from minilm.train.config import read_yaml
 
     values = read_yaml("[1e-3, .5, 1., +2, -3, 010, 0o17, 0x1F, .inf, -.Inf, true, false, null, ~,"
                        " yes, no, on, off, 1_000, 2024-01-01, 1:30]")
@@ -163,7 +165,7 @@ def test_config_file_not_utf8(tmp_path):
 
 
 def test_configs_by_name_and_default():
-    from minilm.config import find_config, shipped_configs
+    from minilm.train.config import find_config, shipped_configs
 
     assert find_config("shakespeare_char") == ROOT / "configs" / "shakespeare_char.yaml"
     assert find_config("ablation/tied_vs_untied.yaml").name == "tied_vs_untied.yaml"
@@ -202,7 +204,7 @@ def test_the_wheel_ships_the_configs_and_finds_them(tmp_path):
                                     ).read_bytes()
         z.extractall(tmp_path / "site")
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
-    code = ("from minilm.config import find_config, load_config; "
+    code = ("from minilm.train.config import find_config, load_config; "
             "print(find_config('shakespeare_char')); "
             "print(load_config('shakespeare_char').out_dir)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
@@ -226,7 +228,7 @@ def test_train_finds_a_config_by_name(tmp_path):
 
 
 def test_help_anywhere_lists_every_key():
-    from minilm.config import Config, config_keys, flatten
+    from minilm.train.config import Config, config_keys, flatten
 
     for argv in (["--help"], ["shakespeare_char", "--train.max_iters=5", "-h"]):
         proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT,
@@ -244,6 +246,6 @@ def test_help_anywhere_lists_every_key():
 
 
 def test_readme_config_reference_is_generated_from_the_dataclasses():
-    from minilm.config import config_reference
+    from minilm.train.config import config_reference
 
     assert config_reference() in (ROOT / "README.md").read_text()

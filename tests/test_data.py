@@ -11,10 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from minilm.atomic import atomic_path
-from minilm.data import (DataError, get_batch, load_documents,
-                         looks_like_hub_id, markdown_play_to_text, prepare, shakespeare_plays,
-                         token_dtype)
+from minilm.errors import DataError
+from minilm.files import atomic_path
+from minilm.hub import looks_like_hub_id
+from minilm.train.data import (
+    FILE_SUFFIXES,
+    get_batch,
+    load_documents,
+    markdown_play_to_text,
+    prepare,
+    shakespeare_plays,
+    token_dtype,
+)
 
 DOCS = [f"Document number {i}: " + "the quick brown fox jumps over the lazy dog. " * (i + 3)
         for i in range(10)]
@@ -207,7 +215,7 @@ def test_a_missing_local_path_is_no_such_file(tmp_path, monkeypatch, source):
     ("./wikitext", True), ("~/x", True), ("a/b/c", True), ("/data", True),
 ])
 def test_what_looks_local(source, local):
-    assert looks_like_hub_id(source) == (not local)
+    assert looks_like_hub_id(source, FILE_SUFFIXES) == (not local)
 
 
 def test_hub_failure_is_one_line_and_fast(tmp_path):
@@ -216,7 +224,7 @@ def test_hub_failure_is_one_line_and_fast(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(tmp_path / "hf"), HTTPS_PROXY="http://127.0.0.1:9",
                https_proxy="http://127.0.0.1:9")  # unreachable, whatever the network
-    code = ("import sys; from minilm.cli import run_cli; from minilm.data import load_documents; "
+    code = ("import sys; from minilm.cli.common import run_cli; from minilm.train.data import load_documents; "
             "sys.exit(run_cli(lambda argv: load_documents('someone/no-such-dataset-minilm')))")
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -11,17 +11,18 @@ import sys
 import pytest
 import torch
 
+from minilm.checkpoint import save_checkpoint
+from minilm.cli.common import run_cli
+from minilm.cli.eval import main
+from minilm.eval.calibration import ReliabilityBins, fit_temperature
+from minilm.eval.scoring import Document, encode_pair, score
+from minilm.model.gpt import GPT, GPTConfig
+from minilm.tokenizer import CharTokenizer, TiktokenTokenizer
+from minilm.train.config import load_config
+from minilm.train.trainer import train
+
 from browser import chromium
 from conftest import CORPUS, ROOT, tiny_overrides
-from minilm.calibration import ReliabilityBins, fit_temperature
-from minilm.checkpoint import save_checkpoint
-from minilm.cli import run_cli
-from minilm.config import load_config
-from minilm.eval import Document, encode_pair, score
-from minilm.eval_cli import main
-from minilm.model import GPT, GPTConfig
-from minilm.tokenizer import CharTokenizer, TiktokenTokenizer
-from minilm.trainer import train
 
 CHARS = CharTokenizer.from_texts([CORPUS + string.ascii_letters + string.digits + "é!&<>"])
 
@@ -152,8 +153,9 @@ def run_json(capsys, *argv):
 
 
 def val_documents(run_dir):
-    from minilm.checkpoint import load_model
-    from minilm.eval_cli import find_data_cache, split_documents
+    from minilm.eval.documents import split_documents
+    from minilm.interop.loading import load_model
+    from minilm.train.data import find_data_cache
 
     model, tok, state = load_model(run_dir)
     return model, tok, split_documents(find_data_cache(state, run_dir / "best", ""), "val", tok)
@@ -283,7 +285,7 @@ def test_fit_temperature_on_the_val_split(run_dir, capsys, monkeypatch):
     """T* from the first half of the val documents agrees with a grid search on float64 logits;
     the second half's NLL and ECE at T = 1 and T* match the reference; calibration.json is
     written beside the weights; the fit never holds more logits rows than one chunk."""
-    import minilm.eval as ev
+    import minilm.eval.scoring as ev
 
     model, tok, docs = val_documents(run_dir)
     assert len(docs) == 4

@@ -11,17 +11,19 @@ import yaml
 
 pytest.importorskip("transformers")
 
+from minilm.cli.common import run_cli  # noqa: E402
+from minilm.cli.train import train_main
+from minilm.interop.loading import load_model  # noqa: E402
+from minilm.model.gpt import GPT, GPTConfig  # noqa: E402
+from minilm.tokenizer import CharTokenizer  # noqa: E402
+from minilm.train.config import load_config  # noqa: E402
+from minilm.train.data import get_batch, prepare  # noqa: E402
+from minilm.train.tracking import read_metrics  # noqa: E402
+from minilm.train.trainer import batch_generator, train  # noqa: E402
+
 from conftest import CORPUS, tiny_overrides  # noqa: E402
 from hf_models import gpt2_bpe, hf_gpt2  # noqa: E402
-from minilm.checkpoint import load_model  # noqa: E402
-from minilm.cli import run_cli, train_main  # noqa: E402
-from minilm.config import load_config  # noqa: E402
-from minilm.data import get_batch, prepare  # noqa: E402
-from minilm.model import GPT, GPTConfig  # noqa: E402
 from saved import save_model  # noqa: E402
-from minilm.tokenizer import CharTokenizer  # noqa: E402
-from minilm.tracking import read_metrics  # noqa: E402
-from minilm.trainer import batch_generator, train  # noqa: E402
 
 SOURCE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)
 

@@ -10,10 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_models import gpt2_bpe
-from minilm.generate_cli import stream_text
-from minilm.model import GPT, GPTConfig
+from minilm.cli.generate import stream_text
+from minilm.model.gpt import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer
+
+from hf_models import gpt2_bpe
 from saved import save_model
 
 ROOT = Path(__file__).resolve().parent.parent

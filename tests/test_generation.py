@@ -9,10 +9,17 @@ import copy
 import pytest
 import torch
 
-from minilm.generation import (Request, RunningBatch, complete, generate, greedy, next_token_stages,
-                               next_token_table)
-from minilm.model import GPT, GPTConfig
-from minilm.sampling import History, SamplerStack
+from minilm.model.gpt import GPT, GPTConfig
+from minilm.sampling.generation import (
+    Request,
+    RunningBatch,
+    complete,
+    generate,
+    greedy,
+    next_token_stages,
+    next_token_table,
+)
+from minilm.sampling.stages import History, SamplerStack
 from minilm.tokenizer import CharTokenizer
 
 V = 32

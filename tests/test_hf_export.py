@@ -10,19 +10,21 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from minilm.cli.common import run_cli  # noqa: E402
+from minilm.cli.export import main as export_main  # noqa: E402
+from minilm.errors import CheckpointError  # noqa: E402
+from minilm.interop.hf import export, gpt_config_from_hf, hf_config  # noqa: E402
+from minilm.interop.loading import load_model
+from minilm.model.gpt import GPT, GPTConfig  # noqa: E402
+from minilm.tokenizer import CharTokenizer  # noqa: E402
+
 from conftest import CORPUS, ROOT  # noqa: E402
 from hf_models import gpt2_bpe, hf_gpt2, randomize_  # noqa: E402
-from minilm.checkpoint import CheckpointError, load_model  # noqa: E402
 from saved import save_model  # noqa: E402
-from minilm.cli import run_cli  # noqa: E402
-from minilm.export import main as export_main  # noqa: E402
-from minilm.hf import export, gpt_config_from_hf, hf_config  # noqa: E402
-from minilm.model import GPT, GPTConfig  # noqa: E402
-from minilm.tokenizer import CharTokenizer  # noqa: E402
 
 CHARS = "\n !&',-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyzé—"
 MIXED = (CORPUS[:400] + "naïve café, Straße, 東京タワー 😀🏳️‍🌈 (e\u0301) ½ ﬁ\r\n"
-         + (ROOT / "minilm" / "sampling.py").read_text()[:3000] + "\n\n\t  x = [1,2]  \n   ")
+         + (ROOT / "minilm" / "sampling" / "stages.py").read_text()[:3000] + "\n\n\t  x = [1,2]  \n   ")
 
 
 def minilm_checkpoint(folder: Path, tokenizer, seed: int = 0, softcap=None, **config) -> GPT:

@@ -22,8 +22,8 @@ from hf_models import hf_gpt2  # noqa: E402
 SHA = "0123456789abcdef0123456789abcdef01234567"
 CASES = """
 import contextlib, io, json, sys
-from minilm.cli import run_cli
-from minilm.generate_cli import main
+from minilm.cli.common import run_cli
+from minilm.cli.generate import main
 for source in sys.argv[1:]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

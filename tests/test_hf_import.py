@@ -9,12 +9,14 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from minilm.cli.common import run_cli  # noqa: E402
+from minilm.cli.generate import main as generate_main  # noqa: E402
+from minilm.errors import CheckpointError  # noqa: E402
+from minilm.interop.hf import GELU_TANH, HF_DEFAULTS  # noqa: E402
+from minilm.interop.loading import load_model
+from minilm.model.gpt import KVCache  # noqa: E402
+
 from hf_models import as_openai_gpt2_layout, gpt2_bpe, hf_gpt2  # noqa: E402
-from minilm.checkpoint import CheckpointError, load_model  # noqa: E402
-from minilm.cli import run_cli  # noqa: E402
-from minilm.generate_cli import main as generate_main  # noqa: E402
-from minilm.hf import GELU_TANH, HF_DEFAULTS  # noqa: E402
-from minilm.model import KVCache  # noqa: E402
 
 SHAPES = {
     # 3 layers x 3 heads x 48 dims, tied (GPT-2's own vocabulary, so generate.py has a tokenizer)
@@ -163,7 +165,7 @@ def test_tokenizer_files_are_checked(tmp_path, hf_models):
     bpe = gpt2_bpe()
     folder = tmp_path / "model"
     hf_gpt2(folder, n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50257)
-    from minilm.hf_tokenizer import tiktoken_vocab
+    from minilm.interop.hf_tokenizer import tiktoken_vocab
 
     vocab = tiktoken_vocab(bpe.enc)
     (folder / "vocab.json").write_text(json.dumps(vocab))

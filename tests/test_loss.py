@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilm.loss import IMPLS, linear_cross_entropy
+from minilm.model.loss import IMPLS, linear_cross_entropy
 
 N, V, D = 252, 507, 123  # not multiples of any chunk or block size
 
@@ -221,7 +221,7 @@ def test_invalid_arguments_raise():
 def test_training_step_chunked_matches_naive(tie):
     """One SGD step of the model: the same updated weights with the fused loss as with the naive
     one, with the tied head (d_weight adds into the embedding) and an untied head with a bias."""
-    from minilm.model import GPT, GPTConfig
+    from minilm.model.gpt import GPT, GPTConfig
 
     cfg = GPTConfig(vocab_size=97, n_layer=1, n_head=2, n_embd=16, block_size=12,
                     tie_embeddings=tie, lm_head_bias=not tie)
@@ -282,7 +282,7 @@ def test_opcheck(reduction, bias, device):
 
 def tiny_gpt(tie: bool, device: str = "cpu"):
     """A one-layer GPT; untied with a nonzero head bias (so its gradient path matters)."""
-    from minilm.model import GPT, GPTConfig
+    from minilm.model.gpt import GPT, GPTConfig
 
     cfg = GPTConfig(vocab_size=97, n_layer=1, n_head=2, n_embd=16, block_size=12,
                     tie_embeddings=tie, lm_head_bias=not tie)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from minilm.model import GPT, GPTConfig, KVCache
+from minilm.model.gpt import GPT, GPTConfig, KVCache
 
 V = 67
 

@@ -1,4 +1,4 @@
-"""minilm/sampling.py: each processor against HF transformers' and the OpenAI formula; History; the draw."""
+"""minilm.sampling: each processor against HF transformers' and the OpenAI formula; History; the draw."""
 import math
 
 import pytest
@@ -13,8 +13,20 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from minilm.sampling import (FrequencyPenalty, History, LogitBias, MinP, PresencePenalty,
-                             RepetitionPenalty, SamplerStack, Temperature, TopK, TopP, TypicalP, _draw)
+from minilm.sampling.stages import (
+    FrequencyPenalty,
+    History,
+    LogitBias,
+    MinP,
+    PresencePenalty,
+    RepetitionPenalty,
+    SamplerStack,
+    Temperature,
+    TopK,
+    TopP,
+    TypicalP,
+    _draw,
+)
 
 INF = float("inf")
 

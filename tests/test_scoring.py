@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from minilm.eval import rolling_windows, score_tokens, scored_logits
-from minilm.model import GPT, GPTConfig
+from minilm.eval.scoring import rolling_windows, score_tokens, scored_logits
+from minilm.model.gpt import GPT, GPTConfig
 
 
 def tiny_model(block_size=16, vocab_size=23, seed=0, dropout=0.0):

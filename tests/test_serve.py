@@ -14,10 +14,10 @@ import torch
 
 openai = pytest.importorskip("openai")
 
-from minilm.checkpoint import load_model  # noqa: E402
-from minilm.cli import run_cli  # noqa: E402
-from minilm.serve.cli import main as serve_main  # noqa: E402
-from minilm.serve.cli import model_name  # noqa: E402
+from minilm.cli.common import run_cli  # noqa: E402
+from minilm.cli.serve import main as serve_main  # noqa: E402
+from minilm.cli.serve import model_name  # noqa: E402
+from minilm.interop.loading import load_model  # noqa: E402
 
 PROMPT = "ROMEO:\nWhat say"
 
@@ -440,8 +440,9 @@ def test_serves_a_hugging_face_gpt2_folder(tmp_path):
     its engine thread); greedy tokens equal transformers' own generate."""
     from fastapi.testclient import TestClient
 
-    from hf_models import gpt2_bpe, hf_gpt2
     from minilm.serve.app import create_app
+
+    from hf_models import gpt2_bpe, hf_gpt2
 
     bpe = gpt2_bpe()
     hf = hf_gpt2(tmp_path, vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)

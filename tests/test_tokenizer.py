@@ -1,7 +1,12 @@
 import pytest
 
-from minilm.tokenizer import (EOT_TEXT, CharTokenizer, TextStream, TiktokenTokenizer,
-                              tokenizer_from_dict)
+from minilm.tokenizer import (
+    EOT_TEXT,
+    CharTokenizer,
+    TextStream,
+    TiktokenTokenizer,
+    tokenizer_from_dict,
+)
 
 
 def test_char_round_trip_and_eot():

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
+from minilm.train.config import load_config
+from minilm.train.tracking import make_tracker, read_metrics
+from minilm.train.trainer import train
+
 from conftest import tiny_overrides
-from minilm.config import load_config
-from minilm.tracking import make_tracker, read_metrics
-from minilm.trainer import train
 
 BLOCK = 32 * 1024
 

@@ -13,15 +13,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from minilm.cli.common import run_cli
+from minilm.cli.train import train_main
+from minilm.errors import CheckpointError, ConfigError, DataError
+from minilm.interop.loading import load_model
+from minilm.train import trainer
+from minilm.train.config import load_config
+from minilm.train.tracking import read_metrics as read_records
+from minilm.train.trainer import batch_generator, lr_at, resolve_compile
+from minilm.train.trainer import train as train_run
+
 from conftest import ROOT, tiny_overrides
-from minilm import trainer
-from minilm.checkpoint import CheckpointError, load_model
-from minilm.cli import run_cli, train_main
-from minilm.config import ConfigError, load_config
-from minilm.data import DataError
-from minilm.tracking import read_metrics as read_records
-from minilm.trainer import batch_generator, lr_at, resolve_compile
-from minilm.trainer import train as train_run
 
 
 def read_metrics(out_dir):

@@ -1,7 +1,4 @@
-"""python -m minilm.serve: the same as minilm-serve."""
-import sys
+"""python -m minilm.serve: the same as minilm-serve (minilm.cli.serve)."""
+from minilm.cli.serve import entry
 
-from minilm.cli import run_cli
-from minilm.serve.cli import main
-
-sys.exit(run_cli(main))
+entry()

@@ -23,12 +23,18 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from minilm.generation import next_token_table
-from minilm.model import GPT
+from minilm.model.gpt import GPT
+from minilm.sampling.generation import next_token_table
 from minilm.serve import completions
 from minilm.serve.engine import Engine
-from minilm.serve.protocol import (MAX_TOP_N, APIError, CompletionRequest, DistributionRequest,
-                                   bad_request, validation_error)
+from minilm.serve.protocol import (
+    MAX_TOP_N,
+    APIError,
+    CompletionRequest,
+    DistributionRequest,
+    bad_request,
+    validation_error,
+)
 from minilm.serve.served import Served
 from minilm.tokenizer import Tokenizer
 

@@ -30,11 +30,17 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from minilm.eval import TokenScores, score_tokens
-from minilm.generation import Request, RowToken
+from minilm.eval.scoring import TokenScores, score_tokens
+from minilm.sampling.generation import Request, RowToken
 from minilm.serve.engine import Stream, Timer
-from minilm.serve.protocol import (MAX_LOGPROBS, SEED_RANGE, APIError, CompletionRequest,
-                                   bad_request, finite)
+from minilm.serve.protocol import (
+    MAX_LOGPROBS,
+    SEED_RANGE,
+    APIError,
+    CompletionRequest,
+    bad_request,
+    finite,
+)
 from minilm.serve.served import Served
 from minilm.tokenizer import TextStream
 

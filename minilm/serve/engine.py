@@ -24,8 +24,8 @@ import time
 from collections import deque
 from typing import Any, AsyncIterator, Callable
 
-from minilm.generation import Request, RowToken, RunningBatch, Step
-from minilm.model import GPT
+from minilm.model.gpt import GPT
+from minilm.sampling.generation import Request, RowToken, RunningBatch, Step
 
 log = logging.getLogger("minilm.serve")
 

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 
-from minilm.sampling import SamplerStack, SettingError, user_logit_bias
+from minilm.errors import SettingError
+from minilm.sampling.stages import SamplerStack, user_logit_bias
 
 MAX_LOGPROBS = 20  # OpenAI's and vLLM's default limit for `logprobs`
 MAX_TOP_N = 100  # tokens a /v1/distribution table may show

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from minilm.model import GPT
+from minilm.model.gpt import GPT
 from minilm.serve.engine import Engine
 from minilm.serve.protocol import APIError, bad_request
 from minilm.tokenizer import Tokenizer

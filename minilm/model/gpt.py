@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilm.loss import linear_cross_entropy
+from minilm.model.loss import linear_cross_entropy
 
 
 @dataclass

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from minilm.atomic import open_atomic, write_atomic
-from minilm.tracking import warn
+from minilm.console import warn
+from minilm.files import open_atomic, write_atomic
 
 
 def _data_label(results: dict[str, Any]) -> str:
@@ -236,8 +236,8 @@ def log_wandb(results: dict[str, Any], report_dir: Path | None,
     here). A wandb that fails costs a warning, not the results."""
     from types import SimpleNamespace
 
-    from minilm.config import WandbConfig
-    from minilm.tracking import start_wandb
+    from minilm.train.config import WandbConfig
+    from minilm.train.tracking import start_wandb
 
     ckpt = Path(results["checkpoint"])
     settings = {k: results[k] for k in ("checkpoint", "step", "data", "stride", "batch_size")}

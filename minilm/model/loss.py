@@ -131,7 +131,7 @@ def _step_for(impl: str, device: torch.device):
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got "
                          f"{device.type} ones")
-    from minilm.kernels.cross_entropy import ce_step_
+    from minilm.model.kernels.cross_entropy import ce_step_
     return ce_step_
 
 

@@ -20,14 +20,11 @@ from typing import Any, Literal
 import yaml
 
 from minilm.device import check_device_name
-from minilm.errors import first_line
-from minilm.loss import IMPLS
-from minilm.model import GPTConfig
+from minilm.errors import ConfigError, first_line
+from minilm.files import check_folder
+from minilm.model.gpt import GPTConfig
+from minilm.model.loss import IMPLS
 from minilm.tokenizer import read_text
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or an override: one line, naming the key."""
 
 
 def setting(default: Any, help: str) -> Any:
@@ -312,7 +309,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def shipped_configs() -> Path:
     """The configs that come with minilm: minilm/configs in an installed wheel (package data built
     from the repository's configs/), the repository's configs/ in a checkout or editable install."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # minilm/
     if (package / "configs").is_dir():
         return package / "configs"
     if (package.parent / "pyproject.toml").is_file() and (package.parent / "configs").is_dir():
@@ -386,17 +383,6 @@ def given_keys(cfg: Config) -> frozenset[str]:
         return cfg._given
     defaults = flatten(type(cfg)().to_dict())
     return frozenset(k for k, v in flatten(cfg.to_dict()).items() if defaults.get(k) != v)
-
-
-def check_folder(key: str, path: str) -> None:
-    """A folder to write into: not empty, and neither it nor a parent is a file."""
-    if not str(path).strip():
-        raise ConfigError(f"{key} is empty: give a folder")
-    for p in (Path(path), *Path(path).absolute().parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ConfigError(f"{key}: {p} is a file, not a folder")
-            return
 
 
 def validate(cfg: Config) -> None:

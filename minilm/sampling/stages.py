@@ -22,17 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minilm.errors import SettingError
+
 NEG_INF = float("-inf")
 BAN = -100.0  # a logit bias of -100 (or less) bans the token, as in the OpenAI API
-
-
-class SettingError(ValueError):
-    """A bad sampler setting; ``param`` names it (``temperature``, ``logit_bias``, ``order``...), so
-    that a CLI can say which flag and a server which request field was wrong."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
 
 
 # ------------------------------------------------------------------------------------------------------

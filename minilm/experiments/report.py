@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minilm.tracking import read_metrics
+from minilm.train.tracking import read_metrics
 
 EVAL_FILE = "eval.json"  # in each run's out_dir, written by minilm.ablate
 EVAL_FIGURES = {"bits_per_byte": "bits per byte", "ece": "ECE"}  # reported per arm when present

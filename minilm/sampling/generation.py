@@ -49,8 +49,14 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from minilm.model import GPT, KVCache
-from minilm.sampling import History, SampleInfo, SamplerStack, Temperature, check_logprobs_mode
+from minilm.model.gpt import GPT, KVCache
+from minilm.sampling.stages import (
+    History,
+    SampleInfo,
+    SamplerStack,
+    Temperature,
+    check_logprobs_mode,
+)
 
 Prompts = Sequence[Sequence[int]] | Sequence[int] | Tensor
 Stop = Sequence[str | Sequence[int]]

@@ -21,7 +21,7 @@ from typing import Any, Sequence, TextIO
 
 from torch import Tensor
 
-from minilm.eval import Document, TokenStats
+from minilm.eval.scoring import Document, TokenStats
 from minilm.tokenizer import Tokenizer
 
 

@@ -9,57 +9,20 @@ start costs one warning line, never the training run.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from minilm.atomic import write_atomic
-from minilm.errors import error_line
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def strict_json(value: Any, **kwargs: Any) -> str:
-    """json.dumps that strict JSON readers accept: NaN and infinities become null."""
-    return json.dumps(_finite(value), allow_nan=False, **kwargs)
-
-
-def detach_closed_stdout() -> None:
-    """After a write to stdout failed with a broken pipe (`... | head` has exited): point stdout,
-    and stderr if it is the same pipe (`2>&1 | head`), at /dev/null, so that later writes and the
-    interpreter's final flush succeed silently instead of raising again."""
-    try:
-        stdout_fd = sys.stdout.fileno()
-        same = os.path.sameopenfile(stdout_fd, sys.stderr.fileno())
-    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, stdout_fd)
-    if same:
-        os.dup2(devnull, sys.stderr.fileno())
-    os.close(devnull)
+from minilm.console import detach_closed_stdout, warn
+from minilm.files import strict_json, write_atomic
 
 
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
-
-
-def warn(message: str, error: BaseException) -> None:
-    """One line on stderr, however long the error's message."""
-    print(f"warning: {message} ({error_line(error)})", file=sys.stderr, flush=True)
 
 
 class Tracker:

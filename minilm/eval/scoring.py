@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from minilm.calibration import Tally, TemperatureFit, nll_and_derivatives
-from minilm.calibration import fit_temperature as fit_temperature_on
-from minilm.model import GPT
+from minilm.eval.calibration import Tally, TemperatureFit, nll_and_derivatives
+from minilm.eval.calibration import fit_temperature as fit_temperature_on
+from minilm.model.gpt import GPT
 from minilm.tokenizer import Tokenizer
 
 # Logits rows per chunk handed to consumers: [rows, V] fp32 stays near 64 MiB whatever V is.
@@ -347,10 +347,3 @@ def _fit_on_hidden(model: GPT, kept: list[tuple[Tensor, Tensor]],
                 yield model.logits_from_hidden(hidden).float(), targets
 
     return fit_temperature_on(chunks, at_1=at_1)
-
-
-if __name__ == "__main__":  # python -m minilm.eval: the CLI lives in eval_cli
-    from minilm.cli import run_cli
-    from minilm.eval_cli import main
-
-    raise SystemExit(run_cli(main))

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minilm.checkpoint import CheckpointError, load_model, resume_settings
-from minilm.config import Config, ConfigError, ModelConfig, given_keys
-from minilm.data import PreparedData
-from minilm.model import GPT
+from minilm.checkpoint import resume_settings
+from minilm.errors import CheckpointError, ConfigError
+from minilm.interop.loading import load_model
+from minilm.model.gpt import GPT
+from minilm.train.config import Config, ModelConfig, given_keys
+from minilm.train.data import PreparedData
 
 # What the source decides: every model key but dropout, the tokenizer and the soft-cap.
 SHAPE_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name != "dropout")

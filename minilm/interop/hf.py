@@ -23,12 +23,15 @@ from typing import Any
 
 import torch
 
-from minilm.checkpoint import CheckpointError, swap_in
-from minilm.config import check_folder
-from minilm.errors import error_line
-from minilm.hf_tokenizer import (GPT2_VOCAB_SIZE, TOKENIZER_FILES, TokenizerExportError,
-                                 tokenizer_from_folder, write_tokenizer_files)
-from minilm.model import GPT, GPTConfig
+from minilm.errors import CheckpointError, TokenizerExportError, error_line
+from minilm.files import check_folder, swap_in
+from minilm.interop.hf_tokenizer import (
+    GPT2_VOCAB_SIZE,
+    TOKENIZER_FILES,
+    tokenizer_from_folder,
+    write_tokenizer_files,
+)
+from minilm.model.gpt import GPT, GPTConfig
 from minilm.tokenizer import Tokenizer
 
 # GPT2Config's defaults: old configs (openai-community/gpt2's own) leave most fields out.
@@ -250,8 +253,12 @@ def download(repo_id: str) -> tuple[Path, dict[str, Any]]:
     config.json. config.json comes first, so a model minilm cannot represent is refused before any
     weights come; then one weights format (safetensors preferred) and one tokenizer file."""
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled)
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    )
 
     offline = None  # why only the local cache can be used
     try:

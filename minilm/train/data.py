@@ -13,23 +13,25 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 import numpy as np
 import torch
 
-from minilm.atomic import atomic_path, write_atomic
-from minilm.errors import error_line
-from minilm.tokenizer import (CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_dict,
-                              utf8_problem)
+from minilm.errors import DataError, error_line
+from minilm.files import atomic_path, write_atomic
+from minilm.hub import looks_like_hub_id
+from minilm.tokenizer import (
+    CharTokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+    tokenizer_from_dict,
+    utf8_problem,
+)
 
 LOCAL_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # suffixes that make a source a file name, never a hub dataset id
 FILE_SUFFIXES = {*LOCAL_KINDS, ".csv", ".tsv", ".md", ".gz", ".bz2", ".xz", ".zst", ".arrow"}
-
-
-class DataError(ValueError):
-    """A data source that cannot be read: one line naming it."""
 
 
 # ---------------------------------------------------------------- sources
@@ -90,17 +92,6 @@ def local_data_files(path: Path) -> tuple[str, list[str]]:
     return kind, [str(p) for p in files]
 
 
-def looks_like_hub_id(source: str, file_suffixes: Collection[str] = FILE_SUFFIXES) -> bool:
-    """'name' or 'owner/name' (a Hugging Face hub id), not a path: no leading . / ~, at most one
-    separator, no file suffix (corpus.txt; a model's .safetensors), and no first folder that
-    exists here (a mistyped data/corpus or out/run is a missing path, not a hub id)."""
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", source):
-        return False
-    if Path(source).suffix.lower() in file_suffixes:
-        return False
-    return "/" not in source or not Path(source.split("/")[0]).is_dir()
-
-
 def check_hub_dataset(source: str) -> None:
     """Fail fast and in one line where the hub can't serve `source`: one request without
     retries (datasets' own requests retry for ~25 s first). Offline (HF_HUB_OFFLINE or
@@ -136,7 +127,7 @@ def load_documents(source: str, text_field: str = "text", name: str | None = Non
     if source == "shakespeare":
         return datasets.Dataset.from_dict({"text": shakespeare_plays()})
     path = Path(source).expanduser()
-    if not path.exists() and not looks_like_hub_id(source):
+    if not path.exists() and not looks_like_hub_id(source, FILE_SUFFIXES):
         raise DataError(f"no such file or folder: {path}")
     if path.exists():
         builder, files = local_data_files(path)
@@ -254,6 +245,37 @@ def cached_data(source: str, tokenizer: str, text_field: str, name: str | None, 
     """The data prepare() wrote for these settings, or None when it has not (yet)."""
     return _read_prepared(cache_folder(source, tokenizer, text_field, name, split, val_fraction,
                                        cache_dir))
+
+
+def find_data_cache(state: dict[str, Any], ckpt_dir: Path | None, ckpt: str) -> PreparedData:
+    """The prepared data the checkpoint was trained on: the folder prepare() would use for the
+    state's data config, looked up from the current folder and, for a relative out_dir, from the
+    folder training ran in. Never re-tokenizes: a missing cache is an error."""
+    data = (state.get("config") or {}).get("data")
+    if not data:
+        raise ValueError(f"{ckpt} has no data cache (its state names no training data, e.g. a "
+                         "Hugging Face model): evaluate it on --text FILE")
+    roots = [Path.cwd()]
+    out_dir = (state.get("config") or {}).get("out_dir")
+    if ckpt_dir is not None and out_dir and not Path(out_dir).is_absolute():
+        run_dir, parts = ckpt_dir.resolve().parent, Path(out_dir).parts
+        if run_dir.parts[-len(parts):] == parts:  # training ran in the folder above out_dir
+            roots.append(Path(*run_dir.parts[:-len(parts)]))
+    tried = []
+    for root in roots:
+        source = data["source"]
+        if source != "shakespeare" and (root / source).exists():
+            source = str(root / source)  # the same files give the same key from anywhere
+        settings = (source, data["tokenizer"], data.get("text_field", "text"), data.get("name"),
+                    data.get("split", "train"), data["val_fraction"],
+                    root / Path(data.get("cache_dir", "data_cache")).expanduser())
+        found = cached_data(*settings)
+        if found is not None:
+            return found
+        tried.append(str(cache_folder(*settings)))
+    raise ValueError(f"the data cache {ckpt} was trained on is missing (looked for "
+                     f"{' and '.join(dict.fromkeys(tried))}; data.source {data['source']!r}): "
+                     "prepare it again with the same data settings, or evaluate on --text FILE")
 
 
 def _read_prepared(folder: Path) -> PreparedData | None:

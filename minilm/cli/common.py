@@ -1,4 +1,5 @@
-"""Command-line edges: parse arguments, call the package, turn user mistakes into one line + exit 2."""
+"""What every command line shares: parse arguments, call the library, turn a user's mistake into
+one line and exit code 2 (run_cli), a config-driven command's --help."""
 
 from __future__ import annotations
 
@@ -7,27 +8,23 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-DEFAULT_CONFIG = "shakespeare_char"  # a shipped config (minilm.config.find_config)
+from minilm.console import detach_closed_stdout
+from minilm.errors import ConfigError, TrainingStopped
 
 
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
-    """Run main(argv); a user error (ValueError and its kin) prints 'error: ...' and returns 2.
+    """Run main(argv); a user error (a MinilmError, or any ValueError) prints 'error: ...' and
+    returns 2.
 
     A run stopped on purpose (a signal, a diverged loss) prints its one line and returns its own
     exit code; a closed stdout (`generate.py ... | head`) ends the program quietly with 0, as Unix
     filters do."""
-    from minilm.checkpoint import CheckpointError
-    from minilm.config import ConfigError
-    from minilm.data import DataError
-    from minilm.tracking import detach_closed_stdout
-    from minilm.trainer import TrainingStopped
-
     try:
         return main(sys.argv[1:] if argv is None else argv) or 0
     except BrokenPipeError:
         detach_closed_stdout()
         return 0
-    except (ConfigError, DataError, CheckpointError, ValueError) as e:
+    except ValueError as e:  # MinilmError and the library's own checks (GPTConfig, argparse)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
@@ -54,8 +51,6 @@ def wants_help(argv: list[str]) -> bool:
 def split_config_args(argv: list[str], default: str | Path | None
                       ) -> tuple[str | Path | None, list[str]]:
     """[CONFIG] [--section.key=value ...] -> (config file or shipped config name, overrides)."""
-    from minilm.config import ConfigError
-
     path, overrides = default, []
     for i, arg in enumerate(argv):
         if arg.startswith("--"):
@@ -71,7 +66,7 @@ def config_usage(command: str, cls: type, default: str | None, extra: str = "",
                  folder: str = "") -> str:
     """--help for a config-driven command: usage, the shipped configs (those in `folder`), then
     every key with its type, default and description, from the config dataclasses."""
-    from minilm.config import config_help, sections, shipped_configs
+    from minilm.train.config import config_help, sections, shipped_configs
 
     root = shipped_configs()
     shipped = ", ".join(str(p.relative_to(root).with_suffix(""))
@@ -84,49 +79,3 @@ def config_usage(command: str, cls: type, default: str | None, extra: str = "",
         f"Sections: {', '.join(sections(cls))}. Values are read as YAML 1.2 (3e-4, true, null,",
         "[a, b]), e.g. --train.max_iters=500 --model.tie_embeddings=false." + extra,
         "", "keys (type = default):", config_help(cls)])
-
-
-def train_main(argv: list[str]) -> None:
-    from minilm.config import Config, load_config
-    from minilm.trainer import train
-
-    if wants_help(argv):
-        print(config_usage("train.py", Config, DEFAULT_CONFIG,
-                           "\nCtrl-C or SIGTERM: the run finishes its step, saves out_dir/last "
-                           "and exits (130, 143);\n--train.resume=true continues it."))
-        return
-    path, overrides = split_config_args(argv, DEFAULT_CONFIG)
-    train(load_config(path, overrides, default_file=path is DEFAULT_CONFIG))
-
-
-def train_entry() -> None:
-    """Console script `minilm-train`."""
-    sys.exit(run_cli(train_main))
-
-
-def generate_entry() -> None:
-    """Console script `minilm-generate`."""
-    from minilm.generate_cli import main
-
-    sys.exit(run_cli(main))
-
-
-def export_entry() -> None:
-    """Console script `minilm-export`."""
-    from minilm.export import main
-
-    sys.exit(run_cli(main))
-
-
-def eval_entry() -> None:
-    """Console script `minilm-eval`."""
-    from minilm.eval_cli import main
-
-    sys.exit(run_cli(main))
-
-
-def serve_entry() -> None:
-    """Console script `minilm-serve`."""
-    from minilm.serve.cli import main
-
-    sys.exit(run_cli(main))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+
+from minilm.errors import TokenizerExportError
 from minilm.tokenizer import EOT_TEXT, CharTokenizer, TiktokenTokenizer, Tokenizer
 
 GPT2_VOCAB_SIZE = 50257
@@ -25,10 +27,6 @@ PROBE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\
          "  def f(x):\n\treturn x  ** 2   # spaces   and\ttabs\r\n\n\n"
          "naïve café, Straße, 東京タワー, 🤖🏳️‍🌈 ok? I'll, you've, it's 'S 1234567 $3.50 "
          "\u00a0\u3000 end  ")
-
-
-class TokenizerExportError(ValueError):
-    """A tokenizer that HF tokenizer files cannot reproduce exactly (the model is exported alone)."""
 
 
 # ---------------------------------------------------------------- tiktoken <-> GPT-2 BPE files
@@ -88,7 +86,15 @@ def _tiktoken_tokenizer(tok: TiktokenTokenizer, vocab: dict[str, int],
                         merges: list[tuple[str, str]]):
     """HF `tokenizers` pipeline equal to tiktoken: its regex split, byte-level alphabet, BPE that
     takes a whole pre-token when it is in the vocabulary (ignore_merges, as tiktoken does)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     enc = tok.enc
     bpe_vocab = {k: v for k, v in vocab.items() if k not in enc._special_tokens}

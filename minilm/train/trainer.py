@@ -27,27 +27,25 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from minilm.checkpoint import (complete_checkpoint, copy_checkpoint, load_training_state,
-                               load_weights, read_state, recover_checkpoint, remove_checkpoint,
-                               resume_settings,
-                               save_checkpoint, set_rng_states)
-from minilm.config import Config, ConfigError, TrainConfig, validate
-from minilm.data import PreparedData, get_batch, prepare
+from minilm.checkpoint import (
+    complete_checkpoint,
+    copy_checkpoint,
+    load_training_state,
+    load_weights,
+    read_state,
+    recover_checkpoint,
+    remove_checkpoint,
+    resume_settings,
+    save_checkpoint,
+    set_rng_states,
+)
 from minilm.device import resolve_device
-from minilm.finetune import Source, initial_model, resolve_init_from
-from minilm.model import GPT
-from minilm.tracking import Timer, Tracker, make_tracker
-
-
-class TrainingStopped(Exception):
-    """A run stopped before max_iters on purpose: its message is the one line to show (shown by
-    rank 0 only: `show`), exit_code the process's exit code (130 SIGINT, 143 SIGTERM, 1 a
-    diverged loss)."""
-
-    def __init__(self, message: str, exit_code: int, show: bool = True):
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.show = show
+from minilm.errors import ConfigError, TrainingStopped
+from minilm.model.gpt import GPT
+from minilm.train.config import Config, TrainConfig, validate
+from minilm.train.data import PreparedData, get_batch, prepare
+from minilm.train.finetune import Source, initial_model, resolve_init_from
+from minilm.train.tracking import Timer, Tracker, make_tracker
 
 
 @dataclass

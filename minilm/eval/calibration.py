@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from minilm.eval import TokenStats
+    from minilm.eval.scoring import TokenStats
 
 N_BINS = 15
 T_MIN, T_MAX = 0.01, 100.0  # where the temperature fit looks

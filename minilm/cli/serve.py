@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
-from minilm.cli import ArgumentParser
+from minilm.cli.common import ArgumentParser, run_cli
 from minilm.device import DEVICE_NAMES, resolve_device
 
 INSTALL_HINT = "minilm-serve needs FastAPI and uvicorn: pip install 'minilm[serve]'"
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int | None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
 
-    from minilm.checkpoint import load_model
+    from minilm.interop.loading import load_model
     from minilm.serve.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
@@ -67,3 +68,8 @@ def main(argv: list[str]) -> int | None:
         args.max_batch)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def entry() -> None:
+    """Console script `minilm-serve`."""
+    sys.exit(run_cli(main))

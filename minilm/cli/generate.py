@@ -18,11 +18,17 @@ import json
 import sys
 from typing import TextIO
 
-from minilm.checkpoint import load_model
-from minilm.cli import ArgumentParser
+from minilm.cli.common import ArgumentParser, run_cli
 from minilm.device import DEVICE_NAMES, resolve_device
-from minilm.generation import Completion, NextTokenTable, complete, generate, next_token_table
-from minilm.sampling import DEFAULT_ORDER, ORDERS, SamplerStack, user_logit_bias
+from minilm.interop.loading import load_model
+from minilm.sampling.generation import (
+    Completion,
+    NextTokenTable,
+    complete,
+    generate,
+    next_token_table,
+)
+from minilm.sampling.stages import DEFAULT_ORDER, ORDERS, SamplerStack, user_logit_bias
 from minilm.tokenizer import TextStream, Tokenizer, read_text
 
 SHOWN = 10  # tokens in --show_distribution's table
@@ -188,3 +194,8 @@ def render_table(table: NextTokenTable, tokenizer: Tokenizer) -> str:
         bar = "█" * round(probs[-1] * BAR) if kept[-1] else ""
         lines.append(f"{token:>6}  {tokenizer.decode([token])!r:<14}{logit:>8.3f}  {cells}  {bar}")
     return "\n".join(lines)
+
+
+def entry() -> None:
+    """Console script `minilm-generate`."""
+    sys.exit(run_cli(main))

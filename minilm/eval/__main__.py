@@ -1,0 +1,4 @@
+"""python -m minilm.eval: the same as minilm-eval (minilm.cli.eval)."""
+from minilm.cli.eval import entry
+
+entry()

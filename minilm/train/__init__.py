@@ -1,0 +1,1 @@
+"""Training: the run config, data on memmaps, the loop (DDP), fine-tuning sources and tracking."""
