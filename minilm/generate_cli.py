@@ -22,7 +22,8 @@ from minilm.checkpoint import load_model
 from minilm.cli import ArgumentParser
 from minilm.device import DEVICE_NAMES, resolve_device
 from minilm.generation import Completion, NextTokenTable, complete, generate, next_token_table
-from minilm.sampling import DEFAULT_ORDER, ORDERS, SamplerStack, user_logit_bias
+from minilm.sampling import (DEFAULT_ORDER, MAX_LOGPROBS, ORDERS, SamplerStack,
+                             user_logit_bias)
 from minilm.tokenizer import TextStream, Tokenizer, read_text
 
 SHOWN = 10  # tokens in --show_distribution's table
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop a sample when it generates this text (repeatable)")
     p.add_argument("--logprobs", type=int, default=0, metavar="N",
-                   help="with --json: the N most likely tokens at each position")
+                   help=f"with --json: the N most likely tokens at each position (at most "
+                        f"{MAX_LOGPROBS}, as the API)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per sample: text, tokens, logprobs, processed_logprobs, "
                         "top_logprobs, finish_reason")
@@ -70,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int | None:
     args = build_parser().parse_args(argv)
-    for name, low in (("num_samples", 1), ("max_new_tokens", 0), ("logprobs", 0)):
+    for name, low in (("num_samples", 1), ("max_new_tokens", 0)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if not 0 <= args.logprobs <= MAX_LOGPROBS:  # as the API: not the whole vocabulary per token
+        raise ValueError(f"--logprobs must be in [0, {MAX_LOGPROBS}], got {args.logprobs}")
     if args.logprobs and not args.json:
         raise ValueError("--logprobs needs --json (text output has no place for them)")
     prompt = read_prompt(args)

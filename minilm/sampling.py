@@ -24,6 +24,7 @@ from torch import Tensor
 
 NEG_INF = float("-inf")
 BAN = -100.0  # a logit bias of -100 (or less) bans the token, as in the OpenAI API
+MAX_LOGPROBS = 20  # alternatives per token a user may ask for: OpenAI's and vLLM's limit
 
 
 class SettingError(ValueError):

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from hf_models import gpt2_bpe
+from minilm.cli import run_cli
+from minilm.generate_cli import main as generate_main
 from minilm.generate_cli import stream_text
 from minilm.model import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer
@@ -98,6 +100,14 @@ def test_user_errors_exit_2_with_one_line(ckpt, tmp_path, args, message):
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert done.stderr.startswith("error: ") and message in done.stderr
+
+
+@pytest.mark.parametrize("n", [21, 100000])
+def test_logprobs_is_bounded_as_the_api_bounds_it(ckpt, capsys, n):
+    """--logprobs N lists N tokens per position: past the server's (and OpenAI's) 20 it would
+    dump most of the vocabulary per token."""
+    assert run_cli(generate_main, ["--ckpt", str(ckpt), "--json", "--logprobs", str(n)]) == 2
+    assert capsys.readouterr().err == f"error: --logprobs must be in [0, 20], got {n}\n"
 
 
 def test_stream_text_holds_back_partial_utf8():

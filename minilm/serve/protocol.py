@@ -15,8 +15,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from minilm.sampling import SamplerStack, SettingError, user_logit_bias
 
-MAX_LOGPROBS = 20  # OpenAI's and vLLM's default limit for `logprobs`
 MAX_TOP_N = 100  # tokens a /v1/distribution table may show
+MAX_TOKENS_LIMIT = 4096  # --max_tokens_limit's default: the most tokens one choice may ask for
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
 JSON_FLOOR = -9999.0  # a log-probability of -inf is reported as this (as vLLM: JSON has no -inf)
 
