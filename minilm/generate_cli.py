@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presence_penalty", type=float, default=0.0)
     p.add_argument("--frequency_penalty", type=float, default=0.0)
     p.add_argument("--logit_bias", metavar="JSON",
-                   help='e.g. \'{"1234": -100, "ROMEO": 5}\': keys are token ids or single-token '
-                        'strings, values in [-100, 100]; -100 bans the token')
+                   help='e.g. \'{"1234": -100, "ROMEO": 5, "text:7": 2}\': a key is a token id '
+                        '("1234" or "id:1234") or a text of one token ("ROMEO"; "text:7" for a '
+                        'text of digits, which alone would be an id); values in [-100, 100]; '
+                        '-100 bans the token')
     p.add_argument("--order", default="default",
                    help=f"{' | '.join(ORDERS)} | comma-separated stage names from "
                         f"{','.join(DEFAULT_ORDER)}")
@@ -126,8 +128,8 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def parse_logit_bias(text: str | None, tokenizer: Tokenizer) -> dict[int, float]:
-    """--logit_bias JSON → {token id: bias} (sampling.user_logit_bias: a key of digits is a token
-    id, any other key a string that must encode to one token; -100 bans)."""
+    """--logit_bias JSON → {token id: bias} (sampling.user_logit_bias: digits or "id:N" is a token
+    id, "text:T" or any other key a text that must encode to one token; -100 bans)."""
     if not text:
         return {}
     try:

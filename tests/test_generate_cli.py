@@ -110,6 +110,23 @@ def test_logprobs_is_bounded_as_the_api_bounds_it(ckpt, capsys, n):
     assert capsys.readouterr().err == f"error: --logprobs must be in [0, 20], got {n}\n"
 
 
+def test_logit_bias_can_name_a_digit_by_its_text(tmp_path):
+    """A char model with digits: "5" is token id 5 (OpenAI's keys), "text:5" the character 5."""
+    digits = CharTokenizer("\n 0123456789abc")
+    model = GPT(GPTConfig(vocab_size=digits.vocab_size, n_layer=1, n_head=1, n_embd=8,
+                          block_size=8))
+    save_model(tmp_path / "last", model, digits.to_dict())
+    five = digits.encode("5")[0]
+    assert five != 5
+    done = run("--ckpt", str(tmp_path), "--prompt", "a", "--show_distribution", "--top_k", "0",
+               "--temperature", "1", "--logit_bias", '{"text:5": -100, "id:5": 100}')
+    assert done.returncode == 0, done.stderr
+    rows = {int(line.split()[0]): line.split() for line in done.stdout.splitlines()
+            if line.strip()[:1].isdigit()}
+    assert rows[five][-1] == "-"  # banned by the logit_bias stage
+    assert rows[5][-2] == "1.000"  # +100: all the probability after it (and its bar)
+
+
 def test_stream_text_holds_back_partial_utf8():
     bpe = gpt2_bpe()
     byte_tokens = [bpe.enc.encode_single_token(bytes([b])) for b in "é€!".encode()]  # 6 bytes

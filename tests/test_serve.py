@@ -433,6 +433,18 @@ def test_distribution_endpoint_matches_the_model(server, local):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
 
 
+def test_logit_bias_explicit_keys(server, local):
+    """"id:12" is token 12 as "12" is; "text:x" the token of the text x, as "x" is."""
+    _, tokenizer = local
+    x = tokenizer.encode("x")[0]
+    tables = [httpx.post(f"{server.url}/v1/distribution",
+                         json=dict(prompt=PROMPT, logit_bias=bias, top_n=5)).json()
+              for bias in ({"text:x": -100, "id:12": 3}, {str(x): -100, "12": 3})]
+    assert tables[0] == tables[1] and "error" not in tables[0]
+    shown = {t["id"]: t for t in tables[0]["tokens"]}
+    assert shown[x]["kept"] == [True, False] and 12 in shown
+
+
 def test_model_name():
     assert model_name("out/shakespeare_char") == "shakespeare_char"
     assert model_name("out/shakespeare_char/best/") == "shakespeare_char"

@@ -24,7 +24,8 @@ JSON_FLOOR = -9999.0  # a log-probability of -inf is reported as this (as vLLM: 
 TYPE_NAMES = {
     "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
     "stop": "a string or a list of strings",
-    "logit_bias": "an object mapping token ids (strings of digits) to numbers in [-100, 100]",
+    "logit_bias": 'an object mapping token ids ("5" or "id:5") or single-token texts '
+                  '("text:5") to numbers in [-100, 100]',
     "order": '"default", "llama.cpp" or a list of stage names',
 }
 
@@ -124,7 +125,8 @@ class SamplerSettings(_Body):
 
 
     def bias(self, encode: Callable[[str], list[int]]) -> dict[int, float]:
-        """logit_bias as {token id: bias} (sampling.user_logit_bias: -100 bans)."""
+        """logit_bias as {token id: bias}: OpenAI's token-id keys, and minilm's "id:5" and
+        "text:5" (sampling.user_logit_bias); -100 bans."""
         try:
             return user_logit_bias(self.logit_bias or {}, encode)
         except SettingError as e:
