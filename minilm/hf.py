@@ -364,7 +364,7 @@ def _check_clear_of(dest: Path, source: str | Path) -> None:
 def _check_creatable(dest: Path) -> None:
     """Make (and remove) a folder in dest's nearest existing parent, where export stages its files:
     no permission, a read-only or virtual file system (/proc) fail here in one line."""
-    parent = next(p for p in dest.absolute().parents if p.exists())
+    parent = next((p for p in dest.absolute().parents if p.exists()), dest)  # dest "/": itself
     try:
         Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent)).rmdir()
     except OSError as e:
