@@ -173,7 +173,7 @@ def window_logprobs(reference: GPT, prompt: list[int], tokens: list[int]) -> lis
     block_size = reference.config.block_size
     seq = prompt + tokens
     with torch.no_grad():
-        return [torch.log_softmax(reference(torch.tensor([seq[max(0, i - block_size):i]]))[0, -1],
+        return [torch.log_softmax(reference(torch.tensor([seq[:i][-block_size:]]))[0, -1],
                                   dim=-1)[seq[i]].item() for i in range(len(prompt), len(seq))]
 
 
@@ -215,8 +215,7 @@ def test_rows_inside_their_window_still_decode_from_the_cache():
     hook = model.transformer.wte.register_forward_hook(lambda m, args, out: shapes.append(
         tuple(args[0].shape)))
     try:
-        stream = generate(model, [WINDOW_PROMPTS[0], WINDOW_PROMPTS[3]], 3)
-        list(stream)
+        list(generate(model, [WINDOW_PROMPTS[0], WINDOW_PROMPTS[3]], 3))
     finally:
         hook.remove()
     # prefill [2, 16] (prompts of 3 and 23 tokens, windows of 3 and 16), then per step the
@@ -398,21 +397,24 @@ def test_logprobs_past_the_window_in_a_running_batch():
     tokens."""
     model = tiny_model(block_size=16, seed=6, dtype=torch.float32)
     stack = SamplerStack.from_settings(**STACK)
-    plan = {  # step: the requests admitted before it
+    plan = {  # step: the requests admitted before it. The first one's rows (prompts of 3 and
+        # 7 tokens) draw their first token past block_size at steps 13 and 9
         0: [Request(model, [PROMPTS[0], PROMPTS[1]], 45, sampler=stack, seed=[1, 2])],
         6: [Request(model, [PROMPTS[2], PROMPTS[3]], 9, sampler=stack, seed=[3, 4])],  # leaves
-        11: [Request(model, [WINDOW_PROMPTS[3]], 32)],  # at step 13, as row 0 crosses block_size
+        # after step 13, where slots 0, 1 and 4 (not adjacent) are past block_size
+        11: [Request(model, [WINDOW_PROMPTS[3]], 32)],  # 23 tokens: past block_size from the start
         14: [Request(model, [PROMPTS[1]], 4, sampler=stack, seed=[5])],
     }
     got = run_batch(RunningBatch(model, max_rows=5), plan)
     past = []
     for request in [r for step in plan.values() for r in step]:
         for row, prompt in enumerate(request.prompts):
-            tokens = [t.token for t in got[id(request)][row]]
+            row_tokens = got[id(request)][row]
+            tokens = [t.token for t in row_tokens]
             assert tokens == request.generated[row]
-            assert_window_logprobs(model, prompt, tokens, [t.logprob for t in got[id(request)][row]])
+            assert_window_logprobs(model, prompt, tokens, [t.logprob for t in row_tokens])
             past.append(past_the_window(prompt, tokens, 16))
-    assert past == [32, 36, 0, 0, 32, 0]
+    assert past == [31, 35, 0, 0, 32, 0]
 
 
 def test_removed_and_failing_requests_leave_the_others_alone():
