@@ -3,6 +3,7 @@ memory-bandwidth floor, for a GPT-2 124M config (12 x 12 x 768, vocab 50257, blo
 weights, the same in both models).
 
     python bench/generate.py [--threads N] [--reps 3] [--recompute_steps 16 | --full_recompute]
+                             [--window_steps 5] [--window_only]
 
 Reports (markdown):
 1. tokens/s for a 64-token prompt + 128 new tokens, batch 1 and 8, greedy and with a full stack
@@ -14,6 +15,13 @@ Reports (markdown):
    after a 512-token prompt, greedy, batch 1. Recompute is timed on --recompute_steps sequence
    lengths spread over the 256 steps (best of a warm-up and one run each) and summed by the
    trapezoid rule (--full_recompute: all 256).
+4. past block_size, for this shape (block 1024) and the quick start's char model (block 128): the
+   decode step of a RunningBatch whose rows are inside their window (16-token prompts), past it
+   (prompts of block_size tokens: each step re-fills the row's window, see generation's
+   docstring), or both in one batch; the batches step in turn, best of --window_steps steps each.
+   Beside it, what a context shift (crop to block_size // 2, grow back; not exact) would cost per
+   token: its re-fill of block_size // 2 - 1 tokens spread over block_size // 2 tokens, plus a
+   decode step.
 
 On a 2-core machine shared with other jobs use --threads 1: with two OpenMP threads on busy cores,
 each parallel op may wait a whole scheduler slice (~8 ms) for its second thread.
@@ -27,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minilm.model.gpt import GPT, GPTConfig, KVCache  # noqa: E402
-from minilm.sampling.generation import complete, greedy  # noqa: E402
+from minilm.sampling.generation import Request, RunningBatch, complete, greedy  # noqa: E402
 from minilm.sampling.stages import History, SamplerStack  # noqa: E402
 
 V, N_LAYER, N_HEAD, N_EMBD, BLOCK = 50257, 12, 12, 768, 1024
@@ -157,16 +165,82 @@ def kv_vs_recompute(ours: GPT, samples: int | None, reps: int, prompt_len: int =
     return t_kv, t_re, len(times)
 
 
+def window_steps(model: GPT, steps: int) -> list[dict]:
+    """Seconds per decode step of a RunningBatch: rows inside their window, rows past block_size
+    (every step re-fills their window), and a batch of both. The batches step in turn, so that
+    all of them see the same machine load."""
+    cases = [("1 inside", 1, 0), ("1 past block_size", 0, 1), ("8 inside", 8, 0),
+             ("7 inside + 1 past block_size", 7, 1)]
+    vocab_size, block_size = model.config.vocab_size, model.config.block_size
+    g = torch.Generator().manual_seed(4)
+    batches = []
+    for _, inside, past in cases:
+        prompts = [torch.randint(0, vocab_size, (16,), generator=g).tolist()
+                   for _ in range(inside)] + \
+            [torch.randint(0, vocab_size, (block_size,), generator=g).tolist() for _ in range(past)]
+        batch = RunningBatch(model, max_rows=len(prompts))
+        batch.admit(Request(model, prompts, steps + 1))
+        batches.append(batch)
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(steps):
+        for batch, case_times in zip(batches, times):
+            t = time.perf_counter()
+            batch.step()
+            case_times.append(time.perf_counter() - t)
+    return [dict(case=case, rows=inside + past, step=min(t))
+            for (case, inside, past), t in zip(cases, times)]
+
+
+def context_shift_refill(model: GPT, reps: int) -> float:
+    """Seconds to re-fill one row's cache with block_size // 2 - 1 tokens (a context shift's
+    re-fill, once per block_size // 2 tokens)."""
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (1, config.block_size // 2 - 1),
+                        generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        return best_time(lambda: model.hidden_states(ids, KVCache(config, 1)), reps)
+
+
+def char_model() -> GPT:
+    """The quick start's shape (configs/shakespeare_char.yaml: 4 x 4 x 128, block 128, 65 chars)."""
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=65, n_layer=4, n_head=4, n_embd=128, block_size=128,
+                         bias=False)).eval()
+
+
+def print_past_block_size(models: dict[str, GPT], args: argparse.Namespace) -> None:
+    """Table 4: decode steps with rows past block_size, and a context shift's cost beside them."""
+    print("\n| model | rows | decode step ms | tok/s | step / all inside |")
+    print("|---|---|---|---|---|")
+    shifts = {}
+    for name, model in models.items():
+        steps = window_steps(model, args.window_steps)
+        inside = {r["rows"]: r["step"] for r in steps if "past" not in r["case"]}
+        for r in steps:
+            print(f"| {name} | {r['case']} | {r['step'] * 1e3:.1f} | {r['rows'] / r['step']:.3g} |"
+                  f" {r['step'] / inside[r['rows']]:.1f}x |")
+        half = model.config.block_size // 2
+        shifts[name] = context_shift_refill(model, args.reps) / half + inside[1]
+    print("\nA context shift (crop to block_size // 2, grow back; not exact) would cost per token "
+          "past block_size at batch 1, its re-fill spread over block_size // 2 tokens plus a decode"
+          " step: " + ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in shifts.items()) + ".")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--recompute_steps", type=int, default=16)
     p.add_argument("--full_recompute", action="store_true")
+    p.add_argument("--window_steps", type=int, default=5)
+    p.add_argument("--window_only", action="store_true", help="only table 4")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     ours, hf = models()
+    window_models = {"124M": ours, "char": char_model()}
+    if args.window_only:
+        return print_past_block_size(window_models, args)
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     floor_step = weight_bytes / bw
@@ -197,6 +271,7 @@ def main() -> None:
     print(f"| recompute, full forward per token ({how}) | {t_re:.1f} | {256 / t_re:.2f} |")
     print(f"| KV cache speed-up | {t_re / t_kv:.1f}x | |")
 
+    print_past_block_size(window_models, args)
 
 if __name__ == "__main__":
     main()

@@ -43,7 +43,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _versions(path: Path) -> tuple[Path, Path, Path]:
+def checkpoint_versions(path: Path) -> tuple[Path, Path, Path]:
     """`path` and what a swap leaves beside it: <name>.tmp (newer), <name>.old (older)."""
     return path, sibling(path, ".tmp"), sibling(path, ".old")
 
@@ -86,7 +86,7 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
 def complete_checkpoint(path: str | Path) -> Path | None:
     """The complete checkpoint among `path`, `path.tmp` (a newer one not yet swapped in) and
     `path.old` (the one it replaces), in that order; None if none is. Reads only."""
-    for candidate in _versions(Path(path)):
+    for candidate in checkpoint_versions(Path(path)):
         if (candidate / "state.json").is_file():
             return candidate
     return None
@@ -103,14 +103,14 @@ def recover_checkpoint(path: str | Path) -> Path | None:
     if found != path:
         shutil.rmtree(path, ignore_errors=True)  # an incomplete folder, if any
         os.replace(found, path)
-    for leftover in _versions(path)[1:]:
+    for leftover in checkpoint_versions(path)[1:]:
         shutil.rmtree(leftover, ignore_errors=True)
     return path
 
 
 def remove_checkpoint(path: str | Path) -> None:
     """Delete a checkpoint folder and whatever an interrupted swap left beside it."""
-    for version in _versions(Path(path)):
+    for version in checkpoint_versions(Path(path)):
         shutil.rmtree(version, ignore_errors=True)
 
 

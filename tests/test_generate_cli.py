@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from minilm.cli.common import run_cli
+from minilm.cli.generate import main as generate_main
 from minilm.cli.generate import stream_text
 from minilm.model.gpt import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer
@@ -99,6 +101,31 @@ def test_user_errors_exit_2_with_one_line(ckpt, tmp_path, args, message):
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert done.stderr.startswith("error: ") and message in done.stderr
+
+
+@pytest.mark.parametrize("n", [21, 100000])
+def test_logprobs_is_bounded_as_the_api_bounds_it(ckpt, capsys, n):
+    """--logprobs N lists N tokens per position: past the server's (and OpenAI's) 20 it would
+    dump most of the vocabulary per token."""
+    assert run_cli(generate_main, ["--ckpt", str(ckpt), "--json", "--logprobs", str(n)]) == 2
+    assert capsys.readouterr().err == f"error: --logprobs must be in [0, 20], got {n}\n"
+
+
+def test_logit_bias_can_name_a_digit_by_its_text(tmp_path):
+    """A char model with digits: "5" is token id 5 (OpenAI's keys), "text:5" the character 5."""
+    digits = CharTokenizer("\n 0123456789abc")
+    model = GPT(GPTConfig(vocab_size=digits.vocab_size, n_layer=1, n_head=1, n_embd=8,
+                          block_size=8))
+    save_model(tmp_path / "last", model, digits.to_dict())
+    five = digits.encode("5")[0]
+    assert five != 5
+    done = run("--ckpt", str(tmp_path), "--prompt", "a", "--show_distribution", "--top_k", "0",
+               "--temperature", "1", "--logit_bias", '{"text:5": -100, "id:5": 100}')
+    assert done.returncode == 0, done.stderr
+    rows = {int(line.split()[0]): line.split() for line in done.stdout.splitlines()
+            if line.strip()[:1].isdigit()}
+    assert rows[five][-1] == "-"  # banned by the logit_bias stage
+    assert rows[5][-2] == "1.000"  # +100: all the probability after it (and its bar)
 
 
 def test_stream_text_holds_back_partial_utf8():

@@ -26,12 +26,12 @@ V = 32
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?"  # 31 characters + end-of-text = V
 
 
-def tiny_model(block_size: int = 64, seed: int = 0) -> GPT:
+def tiny_model(block_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float64) -> GPT:
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=block_size))
     with torch.no_grad():
         model.transformer.wte.weight.mul_(15)
-    return model.double().eval()
+    return model.to(dtype).eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,18 +50,16 @@ def model() -> GPT:
 
 def reference(model: GPT, prompt: list[int], n: int, sampler: SamplerStack | None = None,
               seed: int | None = None) -> list[int]:
-    """No cache: each step runs the model over the row's whole window. The window rule is the
-    documented one: once it would pass block_size, crop it to the last block_size // 2 tokens."""
+    """No cache: each step runs the model over the row's last block_size tokens (nanoGPT's
+    idx[:, -block_size:])."""
     block_size = model.config.block_size
-    seq, start = list(prompt), max(0, len(prompt) - block_size)
+    seq = list(prompt)
     history = History(torch.tensor([prompt]), prompt_lens=torch.tensor([len(prompt)]))
     generators = None if seed is None else [torch.Generator().manual_seed(seed)]
     sampler = sampler or greedy()
     with torch.inference_mode():
         for _ in range(n):
-            if len(seq) - start > block_size:
-                start = len(seq) - block_size // 2
-            logits = model(torch.tensor([seq[start:]]))[:, -1]  # [1, V]
+            logits = model(torch.tensor([seq[-block_size:]]))[:, -1]  # [1, V]
             token, _ = sampler.sample(logits, history, generator=generators)
             history.append(token)
             seq.append(token.item())
@@ -166,7 +164,7 @@ def test_streaming_steps_drop_finished_rows(model):
 
 
 @pytest.mark.parametrize("lengths", [[5], [20], [5, 12, 20]])
-def test_sliding_window_matches_recompute_on_cropped_context(lengths):
+def test_sliding_window_matches_recompute_on_the_last_block_size_tokens(lengths):
     model = tiny_model(block_size=16, seed=1)
     prompts = [[(3 * i + 7 * n) % V for i in range(n)] for n in lengths]
     stack = SamplerStack.from_settings(temperature=1.3, repetition_penalty=1.2)
@@ -174,6 +172,62 @@ def test_sliding_window_matches_recompute_on_cropped_context(lengths):
         results = complete(model, prompts, 40, sampler=sampler, seed=5)
         for prompt, r in zip(prompts, results):
             assert r.tokens == reference(model, prompt, 40, sampler, seed=5)
+
+
+def window_logprobs(reference: GPT, prompt: list[int], tokens: list[int]) -> list[float]:
+    """Each token's log-probability under `reference` run on exactly the block_size tokens before
+    it (all of them while there are fewer): nanoGPT's idx[:, -block_size:], no cache."""
+    block_size = reference.config.block_size
+    seq = prompt + tokens
+    with torch.no_grad():
+        return [torch.log_softmax(reference(torch.tensor([seq[:i][-block_size:]]))[0, -1],
+                                  dim=-1)[seq[i]].item() for i in range(len(prompt), len(seq))]
+
+
+def past_the_window(prompt: list[int], tokens: list[int], block_size: int) -> int:
+    """How many of the tokens were predicted from a context longer than block_size."""
+    return sum(len(prompt) + i > block_size for i in range(len(tokens)))
+
+
+def assert_window_logprobs(model: GPT, prompt: list[int], tokens: list[int],
+                           logprobs: list[float]) -> None:
+    """The logprobs generation returned are a float64 copy of the model's on the last block_size
+    tokens before each token, within 1e-4."""
+    reference = copy.deepcopy(model).double()
+    torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.double),
+                               torch.tensor(window_logprobs(reference, prompt, tokens),
+                                            dtype=torch.double), atol=1e-4, rtol=0)
+
+
+WINDOW_PROMPTS = [[(5 * i + 3 * n) % V for i in range(n)] for n in (3, 11, 16, 23)]  # block 16
+
+
+@pytest.mark.parametrize("settings", [None, STACK], ids=["greedy", "sampled_with_penalties"])
+def test_logprobs_past_the_window_are_the_models_on_the_last_block_size_tokens(settings):
+    """fp32 generation, rows of different prompt lengths (one longer than block_size), 50 tokens
+    each: every token past block_size is predicted from exactly the last block_size tokens."""
+    model = tiny_model(block_size=16, seed=5, dtype=torch.float32)
+    stack = settings and SamplerStack.from_settings(**settings)
+    results = complete(model, WINDOW_PROMPTS, 50, sampler=stack, seed=[1, 2, 3, 4])
+    for prompt, r in zip(WINDOW_PROMPTS, results):
+        assert len(r.tokens) == 50 and past_the_window(prompt, r.tokens, 16) >= 30
+        assert_window_logprobs(model, prompt, r.tokens, r.logprobs)
+
+
+def test_rows_inside_their_window_still_decode_from_the_cache():
+    """A batch mixing rows past block_size and rows inside it: a step recomputes the windows of
+    the rows past it only; the others feed one token each."""
+    model = tiny_model(block_size=16, seed=5, dtype=torch.float32)
+    shapes = []
+    hook = model.transformer.wte.register_forward_hook(lambda m, args, out: shapes.append(
+        tuple(args[0].shape)))
+    try:
+        list(generate(model, [WINDOW_PROMPTS[0], WINDOW_PROMPTS[3]], 3))
+    finally:
+        hook.remove()
+    # prefill [2, 16] (prompts of 3 and 23 tokens, windows of 3 and 16), then per step the
+    # window of the row past block_size (its last 15 tokens, the 16th is fed) and one token a row
+    assert shapes == [(2, 16), (1, 15), (2, 1), (1, 15), (2, 1)]
 
 
 def test_logprobs_are_raw_log_softmax_at_chosen_tokens(model):
@@ -299,12 +353,12 @@ def test_bad_arguments_raise_value_error(model, kwargs, message):
 
 def run_batch(batch, plan):
     """Drive a RunningBatch: plan maps a step number to the Requests admitted before it.
-    Returns every request's tokens (by the Steps it produced) once all are done."""
+    Returns every request's RowTokens per row (by the Steps it produced) once all are done."""
     tokens = {}
 
     def record(request, step):
         for t in step.row_tokens():
-            tokens.setdefault(id(request), {}).setdefault(t.row, []).append(t.token)
+            tokens.setdefault(id(request), {}).setdefault(t.row, []).append(t)
 
     step_no = 0
     while batch.slots or any(k >= step_no for k in plan):
@@ -340,8 +394,34 @@ def test_requests_joining_a_running_batch_decode_as_alone():
     for (at, prompts, n, sampler, seeds), request in zip(specs, [r for k in sorted(requests)
                                                                  for r in requests[k]]):
         alone = tokens_of(complete(model, prompts, n, sampler=sampler, seed=seeds))
-        assert [got[id(request)][row] for row in range(len(prompts))] == alone
+        assert [[t.token for t in got[id(request)][row]] for row in range(len(prompts))] == alone
         assert request.generated == alone
+
+
+def test_logprobs_past_the_window_in_a_running_batch():
+    """Continuous batching: rows cross block_size while others join and leave (one joins with a
+    prompt longer than block_size); every row's logprobs are the model's on its last block_size
+    tokens."""
+    model = tiny_model(block_size=16, seed=6, dtype=torch.float32)
+    stack = SamplerStack.from_settings(**STACK)
+    plan = {  # step: the requests admitted before it. The first one's rows (prompts of 3 and
+        # 7 tokens) draw their first token past block_size at steps 13 and 9
+        0: [Request(model, [PROMPTS[0], PROMPTS[1]], 45, sampler=stack, seed=[1, 2])],
+        6: [Request(model, [PROMPTS[2], PROMPTS[3]], 9, sampler=stack, seed=[3, 4])],  # leaves
+        # after step 13, where slots 0, 1 and 4 (not adjacent) are past block_size
+        11: [Request(model, [WINDOW_PROMPTS[3]], 32)],  # 23 tokens: past block_size from the start
+        14: [Request(model, [PROMPTS[1]], 4, sampler=stack, seed=[5])],
+    }
+    got = run_batch(RunningBatch(model, max_rows=5), plan)
+    past = []
+    for request in [r for step in plan.values() for r in step]:
+        for row, prompt in enumerate(request.prompts):
+            row_tokens = got[id(request)][row]
+            tokens = [t.token for t in row_tokens]
+            assert tokens == request.generated[row]
+            assert_window_logprobs(model, prompt, tokens, [t.logprob for t in row_tokens])
+            past.append(past_the_window(prompt, tokens, 16))
+    assert past == [31, 35, 0, 0, 32, 0]
 
 
 def test_removed_and_failing_requests_leave_the_others_alone():

@@ -177,11 +177,103 @@ def test_existing_destination_needs_force(tmp_path, capsys):
     for path in (a_file, a_file / "sub"):  # a file at DEST or above it: one line, not a traceback
         assert export_cli(tmp_path / "run", path, "--force") == 2
         assert capsys.readouterr().err == f"error: dest: {a_file} is a file, not a folder\n"
-    for dest in (tmp_path / "run", tmp_path):  # --force would delete the run being exported
-        assert export_cli(tmp_path / "run", dest, "--force") == 2
-        assert capsys.readouterr().err == (f"error: {dest} holds {tmp_path / 'run'}, the model "
-                                           "being exported: choose another folder\n")
-    assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
+
+
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
+
+
+@pytest.fixture
+def run_with_two_checkpoints(tmp_path) -> Path:
+    """out_dir with best/ and last/ (CKPT = the out_dir resolves to best/), and links to both."""
+    tok = CharTokenizer(CHARS)
+    small = dict(n_layer=1, n_head=1, n_embd=8, block_size=8)
+    minilm_checkpoint(tmp_path / "run", tok, **small)  # run/last
+    save_model(tmp_path / "run" / "best", minilm_checkpoint(tmp_path / "other", tok, **small),
+               tok.to_dict(), step=7)
+    (tmp_path / "run_link").symlink_to(tmp_path / "run")
+    (tmp_path / "best_link").symlink_to(tmp_path / "run" / "best")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("ckpt, dest, relation, folder", [
+    ("run", "run/best", "is", "run/best"),  # the checkpoint CKPT resolves to
+    ("run", "run", "holds", "run/best"),  # the run itself
+    ("run", ".", "holds", "run/best"),  # a folder above the run
+    ("run/last", "run/last/sub", "is inside", "run/last"),  # inside the checkpoint
+    ("run", "run/best/hf", "is inside", "run/best"),
+    ("run", "run/last", "is", "run/last"),  # the run's other checkpoint
+    ("run", "run/best.tmp", "is", "run/best.tmp"),  # where the next save of best/ is staged
+    ("run/last", "run/last.old", "is", "run/last.old"),  # what a save renames last/ to
+    ("run", "run/hf/../best", "is", "run/best"),  # `..` resolved
+    ("run", "run_link/best", "is", "run/best"),  # through a link to the run
+    ("run", "best_link", "is", "run/best"),  # a link to the checkpoint
+    ("run_link", "run/best", "is", "run/best"),  # CKPT through a link
+])
+def test_a_destination_overlapping_the_runs_checkpoints_is_refused(
+        run_with_two_checkpoints, ckpt, dest, relation, folder, capsys):
+    """--force replaces DEST: were DEST a checkpoint of the run (or hold one) the export would
+    delete it; inside one, the next save of that checkpoint would delete the export."""
+    root = run_with_two_checkpoints.parent
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert export_cli(root / ckpt, root / dest, "--force") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {root / dest} {relation} {root.resolve() / folder}, a "
+                          "checkpoint of the model being exported") and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    for name in ("best", "last"):
+        assert all((run_with_two_checkpoints / name / f).is_file() for f in CHECKPOINT_FILES)
+
+
+def test_an_export_into_the_run_folder_is_allowed(run_with_two_checkpoints):
+    """run/hf is neither a checkpoint nor inside one: the export goes there and the run's
+    checkpoints stay what load_model reads."""
+    run = run_with_two_checkpoints
+    assert export_cli(run, run / "hf", "--force") == 0
+    assert (run / "hf" / "config.json").is_file()
+    _, _, state = load_model(run)
+    assert state["step"] == 7 and all((run / "best" / f).is_file() for f in CHECKPOINT_FILES)
+
+
+def test_a_destination_inside_the_hugging_face_folder_being_exported_is_refused(tmp_path, capsys):
+    hf_gpt2(tmp_path / "hf", n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50257)
+    files = sorted((tmp_path / "hf").iterdir())
+    capsys.readouterr()  # transformers' progress bar
+    for dest, where in [(tmp_path / "hf", "is"), (tmp_path / "hf" / "again", "is inside")]:
+        assert export_cli(tmp_path / "hf", dest, "--force") == 2
+        assert capsys.readouterr().err.startswith(f"error: {dest} {where} {tmp_path / 'hf'}")
+    assert sorted((tmp_path / "hf").iterdir()) == files
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir() or not Path("/sys/kernel").is_dir(),
+                    reason="needs Linux's /proc and /sys")
+@pytest.mark.parametrize("dest", ["/proc/nope", "/proc/nope/deeper", "/sys/nope"])
+def test_a_destination_that_cannot_be_created_is_one_line(tmp_path, dest, capsys):
+    """A virtual file system that takes no new folder (/proc), or refuses it (/sys)."""
+    tok = CharTokenizer(CHARS)
+    minilm_checkpoint(tmp_path / "run", tok, n_layer=1, n_head=1, n_embd=8, block_size=8)
+    assert export_cli(tmp_path / "run", dest) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {dest}: ") and err.count("\n") == 1, err
+    assert not Path(dest).exists()
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A write that fails half way (a full disk): one line, and neither the temporary folder nor
+    the parents made for DEST stay."""
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    tok = CharTokenizer(CHARS)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8, block_size=8))
+    (tmp_path / "exports").mkdir()
+    with pytest.raises(CheckpointError) as info:
+        export(model, tok, tmp_path / "exports" / "new" / "deeper" / "hf")
+    assert str(info.value) == (f"cannot write {tmp_path / 'exports' / 'new' / 'deeper' / 'hf'}: "
+                               "No space left on device")
+    assert list((tmp_path / "exports").iterdir()) == []
 
 
 def test_push_to_hub_failure_is_one_line_and_keeps_the_export(tmp_path, capsys):

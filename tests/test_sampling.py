@@ -1,5 +1,6 @@
 """minilm.sampling: each processor against HF transformers' and the OpenAI formula; History; the draw."""
 import math
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+from minilm.errors import SettingError
 from minilm.sampling.stages import (
     FrequencyPenalty,
     History,
@@ -26,7 +28,9 @@ from minilm.sampling.stages import (
     TopP,
     TypicalP,
     _draw,
+    user_logit_bias,
 )
+from minilm.tokenizer import CharTokenizer
 
 INF = float("inf")
 
@@ -155,6 +159,43 @@ def test_logit_bias_adds_and_bans():
     out = LogitBias({1: 2.5, 3: -INF})(logits)
     assert out.tolist() == [[0.0, 2.5, 0.0, -INF, 0.0]] * 2
     assert torch.equal(logits, torch.zeros(2, 5))  # the input is left alone
+
+
+DIGITS_AND_LETTERS = CharTokenizer("abc0123456789")  # "5" is token 8, token 5 is "2"
+
+
+@pytest.mark.parametrize("bias, expected", [
+    ({"5": 2}, {5: 2.0}),  # digits: a token id, as OpenAI's API
+    ({"id:5": 2}, {5: 2.0}),
+    ({"text:5": 2}, {8: 2.0}),  # the character "5", which a bare "5" cannot name
+    ({"b": -100}, {1: -INF}),  # any other key: a text; -100 bans
+    ({"text:c": 1.5, "id:0": -3, "12": 0.5}, {2: 1.5, 0: -3.0, 12: 0.5}),
+])
+def test_user_logit_bias_keys(bias, expected):
+    assert DIGITS_AND_LETTERS.encode("5") == [8] and DIGITS_AND_LETTERS.decode([5]) == "2"
+    assert user_logit_bias(bias, DIGITS_AND_LETTERS.encode) == expected
+
+
+@pytest.mark.parametrize("bias, message", [
+    ({"id:x": 1}, "logit_bias key 'id:x': a token id after id: must be digits"),
+    ({"id:": 1}, "logit_bias key 'id:': a token id after id: must be digits"),
+    ({"text:ab": 1}, "logit_bias key 'text:ab' is 2 tokens [0, 1], not one"),
+    ({"text:": 1}, "logit_bias key 'text:' is 0 tokens [], not one"),
+    ({"text:~": 1}, "logit_bias key 'text:~': "),
+    ({"²": 1}, "logit_bias key '²': "),  # not an id (int() refuses it): a text, unknown here
+    ({"8": 1, "text:5": 2}, "logit_bias keys '8' and 'text:5' are the same token 8"),
+    ({"b": 1, "id:1": 2}, "logit_bias keys 'b' and 'id:1' are the same token 1"),
+])
+def test_user_logit_bias_refusals_name_the_key(bias, message):
+    with pytest.raises(SettingError, match="^" + re.escape(message)) as info:
+        user_logit_bias(bias, DIGITS_AND_LETTERS.encode)
+    assert info.value.param == "logit_bias"
+
+
+def test_user_logit_bias_text_keys_need_a_tokenizer():
+    assert user_logit_bias({"id:5": 1, "7": 2}) == {5: 1.0, 7: 2.0}
+    with pytest.raises(SettingError, match="'text:5': no tokenizer to encode it"):
+        user_logit_bias({"text:5": 1})
 
 
 # ------------------------------------------------------------------------------------------------

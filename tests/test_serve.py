@@ -55,6 +55,7 @@ def test_models_and_health(client, server):
     assert [m.id for m in models.data] == [server.name]
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "ok" and health["max_batch"] == 16
+    assert health["max_tokens_limit"] == 4096  # the default
 
 
 def test_plain_completion(client, server, local):
@@ -220,6 +221,8 @@ def test_echo_scores_the_prompt(client, server, local):
     (dict(n=17), 400, "n"),
     (dict(logprobs=21), 400, "logprobs"),
     (dict(max_tokens=-1), 400, "max_tokens"),
+    (dict(max_tokens=4097), 400, "max_tokens"),  # past --max_tokens_limit (default 4096)
+    (dict(max_tokens=10**8), 400, "max_tokens"),
     (dict(logit_bias={"9999": -100}), 400, "logit_bias"),
     (dict(logit_bias={"3": 101}), 400, "logit_bias"),
     (dict(presence_penalty=3), 400, "presence_penalty"),
@@ -244,6 +247,25 @@ def test_errors_in_openai_shape(client, server, kwargs, status, param):
     assert set(e.body) == {"message", "type", "param", "code"} and e.body["message"]
     if status == 404:
         assert e.code == "model_not_found"
+
+
+def test_max_tokens_limit(serve_checkpoint):
+    """--max_tokens_limit caps one choice's tokens: up to it a request runs, past it a 400 names
+    max_tokens (one request must not hold a row of the batch for ever). In-process, limit 8."""
+    from fastapi.testclient import TestClient
+
+    from minilm.serve.app import create_app
+
+    model, tokenizer, _ = load_model(serve_checkpoint)
+    with TestClient(create_app(model, tokenizer, "tiny", max_tokens_limit=8)) as http:
+        assert http.get("/health").json()["max_tokens_limit"] == 8
+        body = dict(prompt=PROMPT, ignore_eos=True, return_token_ids=True)
+        r = http.post("/v1/completions", json=dict(body, max_tokens=8))
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 8, r.text
+        r = http.post("/v1/completions", json=dict(body, max_tokens=9, stream=True))
+        assert r.status_code == 400 and r.json()["error"] == {
+            "message": "max_tokens must be at most 8 (the server's --max_tokens_limit), got 9",
+            "type": "invalid_request_error", "param": "max_tokens", "code": None}
 
 
 @pytest.mark.parametrize("body, param", [
@@ -347,7 +369,8 @@ def test_a_short_request_finishes_before_a_long_one(client, server):
 
 
 def test_a_client_that_disconnects_frees_its_row(server):
-    body = dict(prompt=PROMPT, max_tokens=100000, stream=True, ignore_eos=True)
+    longest = httpx.get(f"{server.url}/health").json()["max_tokens_limit"]
+    body = dict(prompt=PROMPT, max_tokens=longest, stream=True, ignore_eos=True)
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
         chunks, lines = [], r.iter_lines()  # kept: a dropped iterator closes the connection
         for line in lines:
@@ -410,6 +433,18 @@ def test_distribution_endpoint_matches_the_model(server, local):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
 
 
+def test_logit_bias_explicit_keys(server, local):
+    """"id:12" is token 12 as "12" is; "text:x" the token of the text x, as "x" is."""
+    _, tokenizer = local
+    x = tokenizer.encode("x")[0]
+    tables = [httpx.post(f"{server.url}/v1/distribution",
+                         json=dict(prompt=PROMPT, logit_bias=bias, top_n=5)).json()
+              for bias in ({"text:x": -100, "id:12": 3}, {str(x): -100, "12": 3})]
+    assert tables[0] == tables[1] and "error" not in tables[0]
+    shown = {t["id"]: t for t in tables[0]["tokens"]}
+    assert shown[x]["kept"] == [True, False] and 12 in shown
+
+
 def test_model_name():
     assert model_name("out/shakespeare_char") == "shakespeare_char"
     assert model_name("out/shakespeare_char/best/") == "shakespeare_char"
@@ -426,6 +461,7 @@ def test_without_fastapi_one_line_and_exit_2(monkeypatch, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--max_batch", "0"], "error: --max_batch must be >= 1, got 0"),
     (["--port", "70000"], "error: --port must be in [0, 65535]"),
+    (["--max_tokens_limit", "0"], "error: --max_tokens_limit must be >= 1, got 0"),
     (["--device", "tpu9"], "error: --device: invalid choice 'tpu9'"),
     ([], "error: no checkpoint found"),
 ])

@@ -5,7 +5,9 @@ hub load it with no minilm code.
     python -m minilm.export out/run hf/run --force --push_to_hub you/minilm-run
 
 CKPT is anything load_model reads (a minilm checkpoint or out_dir, an HF folder, a hub id). DEST is
-written atomically; an existing non-empty DEST is refused unless --force.
+written atomically; an existing non-empty DEST is refused unless --force, and one that is, holds or
+lies inside a checkpoint folder of the source is refused even with it
+(minilm.interop.hf.check_destination).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def build_parser() -> ArgumentParser:
                 description="Write a minilm model as a Hugging Face GPT-2 folder "
                             "(config.json, model.safetensors, generation_config.json, tokenizer).")
     p.add_argument("ckpt", help="checkpoint folder, a run's out_dir, an HF folder or hub id")
-    p.add_argument("dest", help="folder to write")
+    p.add_argument("dest", help="folder to write (not a checkpoint of CKPT's run, nor inside one)")
     p.add_argument("--force", action="store_true", help="replace a non-empty DEST")
     p.add_argument("--push_to_hub", metavar="REPO",
                    help="then upload DEST to this hub model repo (created if needed; needs a login)")

@@ -28,7 +28,13 @@ from minilm.sampling.generation import (
     generate,
     next_token_table,
 )
-from minilm.sampling.stages import DEFAULT_ORDER, ORDERS, SamplerStack, user_logit_bias
+from minilm.sampling.stages import (
+    DEFAULT_ORDER,
+    MAX_LOGPROBS,
+    ORDERS,
+    SamplerStack,
+    user_logit_bias,
+)
 from minilm.tokenizer import TextStream, Tokenizer, read_text
 
 SHOWN = 10  # tokens in --show_distribution's table
@@ -54,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presence_penalty", type=float, default=0.0)
     p.add_argument("--frequency_penalty", type=float, default=0.0)
     p.add_argument("--logit_bias", metavar="JSON",
-                   help='e.g. \'{"1234": -100, "ROMEO": 5}\': keys are token ids or single-token '
-                        'strings, values in [-100, 100]; -100 bans the token')
+                   help='e.g. \'{"1234": -100, "ROMEO": 5, "text:7": 2}\': a key is a token id '
+                        '("1234" or "id:1234") or a text of one token ("ROMEO"; "text:7" for a '
+                        'text of digits, which alone would be an id); values in [-100, 100]; '
+                        '-100 bans the token')
     p.add_argument("--order", default="default",
                    help=f"{' | '.join(ORDERS)} | comma-separated stage names from "
                         f"{','.join(DEFAULT_ORDER)}")
@@ -63,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop a sample when it generates this text (repeatable)")
     p.add_argument("--logprobs", type=int, default=0, metavar="N",
-                   help="with --json: the N most likely tokens at each position")
+                   help=f"with --json: the N most likely tokens at each position (at most "
+                        f"{MAX_LOGPROBS}, as the API)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per sample: text, tokens, logprobs, processed_logprobs, "
                         "top_logprobs, finish_reason")
@@ -76,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int | None:
     args = build_parser().parse_args(argv)
-    for name, low in (("num_samples", 1), ("max_new_tokens", 0), ("logprobs", 0)):
+    for name, low in (("num_samples", 1), ("max_new_tokens", 0)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if not 0 <= args.logprobs <= MAX_LOGPROBS:  # as the API: not the whole vocabulary per token
+        raise ValueError(f"--logprobs must be in [0, {MAX_LOGPROBS}], got {args.logprobs}")
     if args.logprobs and not args.json:
         raise ValueError("--logprobs needs --json (text output has no place for them)")
     prompt = read_prompt(args)
@@ -128,8 +139,8 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def parse_logit_bias(text: str | None, tokenizer: Tokenizer) -> dict[int, float]:
-    """--logit_bias JSON → {token id: bias} (sampling.user_logit_bias: a key of digits is a token
-    id, any other key a string that must encode to one token; -100 bans)."""
+    """--logit_bias JSON → {token id: bias} (sampling.user_logit_bias: digits or "id:N" is a token
+    id, "text:T" or any other key a text that must encode to one token; -100 bans)."""
     if not text:
         return {}
     try:

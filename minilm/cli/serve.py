@@ -1,7 +1,7 @@
 """minilm-serve: load a model, start the engine and serve the app with uvicorn.
 
     minilm-serve --ckpt SRC [--host 127.0.0.1] [--port 8000] [--max_batch 16] [--device auto]
-                 [--model_name NAME] [--log_level info]
+                 [--max_tokens_limit 4096] [--model_name NAME] [--log_level info]
 
 SRC is anything checkpoint.load_model accepts. The model is served under NAME (default: the last
 part of SRC, or of its run folder for .../best and .../last).
@@ -21,6 +21,8 @@ INSTALL_HINT = "minilm-serve needs FastAPI and uvicorn: pip install 'minilm[serv
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from minilm.serve.protocol import MAX_TOKENS_LIMIT  # (pydantic: after main's import check)
+
     p = ArgumentParser(prog="minilm-serve", description="Serve a minilm model: an OpenAI-compatible "
                 "completions API and the next-token explorer page.")
     p.add_argument("--ckpt", required=True, help="checkpoint folder, a run's out_dir, or any "
@@ -29,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max_batch", type=int, default=16,
                    help="rows decoded together (continuous batching); more requests wait")
+    p.add_argument("--max_tokens_limit", type=int, default=MAX_TOKENS_LIMIT,
+                   help="the most tokens a request's max_tokens may ask for per choice (more is "
+                        "a 400), so that no request holds a row for ever")
     p.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (as train.device)")
     p.add_argument("--model_name", help="the name clients use (default: from --ckpt)")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
@@ -50,8 +55,9 @@ def main(argv: list[str]) -> int | None:
     except ImportError:
         raise ValueError(INSTALL_HINT) from None
     args = build_parser().parse_args(argv)
-    if args.max_batch < 1:
-        raise ValueError(f"--max_batch must be >= 1, got {args.max_batch}")
+    for name in ("max_batch", "max_tokens_limit"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
 
@@ -61,7 +67,7 @@ def main(argv: list[str]) -> int | None:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     model, tokenizer, _ = load_model(args.ckpt, resolve_device(args.device, key="--device"))
     name = args.model_name or model_name(args.ckpt)
-    app = create_app(model, tokenizer, name, args.max_batch)
+    app = create_app(model, tokenizer, name, args.max_batch, args.max_tokens_limit)
     logging.getLogger("minilm.serve").info(
         "serving %s (%s parameters, context %d) at http://%s:%d/ with up to %d rows per batch",
         name, f"{model.param_counts()['total']:,}", model.config.block_size, args.host, args.port,

@@ -13,16 +13,18 @@ naming it, never approximated. Loading a hub id downloads only the files read he
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from minilm.checkpoint import checkpoint_versions, resolve_checkpoint
 from minilm.errors import CheckpointError, TokenizerExportError, error_line
 from minilm.files import check_folder, swap_in
 from minilm.interop.hf_tokenizer import (
@@ -48,6 +50,7 @@ MASK_BUFFER = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")  # in order of preference
 HUB_TIMEOUT = 10.0  # seconds for the hub's first answer; offline is then detected at once
+RUN_CHECKPOINTS = ("best", "last")  # the checkpoint folders of a run's out_dir
 
 
 # ---------------------------------------------------------------- config
@@ -322,16 +325,81 @@ def load_hub_model(repo_id: str) -> tuple[GPT, Tokenizer, dict[str, Any]]:
 
 
 def check_destination(dest: Path, force: bool, source: str | Path | None = None) -> None:
-    """dest can become the export: neither it nor a parent is a file (the check out_dir gets), it
-    is empty unless force, and it does not hold the local `source` (--force would delete it)."""
+    """dest can become the export: neither it nor a parent is a file (the check out_dir gets), a
+    folder can be made there, it is empty unless force, and it keeps clear of the local `source`'s
+    checkpoint folders (see _check_clear_of). Cheap: run before a model is loaded."""
     check_folder("dest", str(dest))
-    if source is not None and Path(source).exists():
-        src = Path(source).resolve()
-        if dest.resolve() in (src, *src.parents):
-            raise CheckpointError(f"{dest} holds {source}, the model being exported: choose "
-                                  "another folder")
+    if source is not None:
+        _check_clear_of(dest, source)
+    _check_creatable(dest)
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise CheckpointError(f"{dest} exists and is not empty (use --force to replace it)")
+
+
+def _source_folders(source: str | Path) -> list[Path]:
+    """The local folders of the model at `source`, as load_model finds it: an HF folder; or the
+    checkpoint it resolves to and, for a run's best/ or last/, every checkpoint of that run; each
+    with the <name>.tmp and <name>.old a save swaps through. [] when nothing is local (a hub id)."""
+    path = Path(source).expanduser()
+    if is_hf_folder(path) and not (path / "state.json").is_file():
+        return [path]
+    try:
+        found = resolve_checkpoint(path)
+    except CheckpointError:
+        return []  # load_model says what is wrong with it
+    checkpoint = found.with_name(found.name.removesuffix(".tmp").removesuffix(".old"))
+    if checkpoint.name in RUN_CHECKPOINTS:
+        return [v for name in RUN_CHECKPOINTS
+                for v in checkpoint_versions(checkpoint.parent / name)]
+    return list(checkpoint_versions(checkpoint))
+
+
+def _check_clear_of(dest: Path, source: str | Path) -> None:
+    """Refuse a dest that is, holds or lies inside one of the source's folders (real paths, so
+    that links and `..` do not hide it): --force would delete that folder with the export's swap,
+    or the next save of the checkpoint would delete the export with it."""
+    target = dest.resolve()
+    for folder in map(Path.resolve, _source_folders(source)):
+        if target == folder or target in folder.parents:
+            relation, why = "is" if target == folder else "holds", "--force would delete it"
+        elif folder in target.parents:
+            relation, why = "is inside", "its next save would delete the export"
+        else:
+            continue
+        raise CheckpointError(f"{dest} {relation} {folder}, a checkpoint of the model being "
+                              f"exported ({why}): choose another folder")
+
+
+def _check_creatable(dest: Path) -> None:
+    """Make (and remove) a folder in dest's nearest existing parent, where export stages its files:
+    no permission, a read-only or virtual file system (/proc) fail here in one line."""
+    parent = next((p for p in dest.absolute().parents if p.exists()), dest)  # dest "/": itself
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=parent)).rmdir()
+    except OSError as e:
+        raise CheckpointError(f"cannot write {dest}: {parent} takes no new folder "
+                              f"({e.strerror or type(e).__name__})") from None
+
+
+@contextlib.contextmanager
+def _staging_folder(dest: Path) -> Iterator[Path]:
+    """An empty temporary folder beside dest (its missing parents made), to fill and swap in. On an
+    error it is removed with the parents made for it; an OSError becomes one line naming dest."""
+    made = [p for p in dest.absolute().parents if not p.exists()]  # innermost first
+    tmp = None
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        yield tmp
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {dest}: {e.strerror or error_line(e)}") from None
+        raise
 
 
 def export(model: GPT, tokenizer: Tokenizer, dest: str | Path, force: bool = False) -> list[str]:
@@ -342,10 +410,8 @@ def export(model: GPT, tokenizer: Tokenizer, dest: str | Path, force: bool = Fal
     check_destination(dest, force)
     tensors = hf_state_dict(model)  # refuses what GPT-2 cannot hold, before anything is written
     eot = tokenizer.eot_token
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     warnings = []
-    try:
+    with _staging_folder(dest) as tmp:
         from safetensors.torch import save_file
 
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -357,9 +423,6 @@ def export(model: GPT, tokenizer: Tokenizer, dest: str | Path, force: bool = Fal
         except TokenizerExportError as e:
             warnings.append(f"{e}; exported the model alone")
         swap_in(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return warnings
 
 

@@ -32,10 +32,17 @@ Choices where there were several:
   (so N samples of one prompt need N seeds, e.g. [s, s + 1, ...]). None uses torch's global RNG.
 - The returned tokens include the token that ended a row: the EOS token, or the last token of a stop
   sequence (as HF's generate and its stop_strings; strip them for display if wanted).
-- Past block_size the window slides as llama.cpp's context shift does: when a row's context would
-  exceed block_size, it is cropped to its last block_size // 2 tokens and that row's slot is
-  re-filled, so re-prefills are rare (one per block_size // 2 tokens). The penalties still see the
-  whole history.
+- Past block_size the window slides by one token per token, as nanoGPT's idx[:, -block_size:]:
+  every token is predicted from exactly the last block_size tokens, so its logprobs are the
+  model's on that window. Positions are learned and absolute (wpe), so a window that moves gives
+  every token a new position and every cached key and value changes; a rolling cache that drops
+  the oldest column would be exact only with relative positions and one layer (past the first
+  layer a kept token's keys and values depend on the dropped one). So a row past block_size
+  re-fills its slot with its last block_size - 1 tokens before each step (a forward over the
+  window per token, as nanoGPT pays for every token), while the rows still inside their window
+  decode from the cache in the same step. Cropping to the last block_size // 2 tokens and growing
+  back (a context shift) would re-fill once per block_size // 2 tokens, but predicts from half to
+  all of the window, so its logprobs are not the model's. The penalties see the whole history.
 - A row that finishes leaves the batch: the rows after it move down a slot, and its history and
   generator are dropped, so later steps cost what the remaining rows cost.
 """
@@ -205,7 +212,6 @@ class RunningBatch:
             model.set_decode_layout(True)                 # 32: 18% slower)
         self.model = model
         self.block_size = model.config.block_size
-        self.keep = max(1, self.block_size // 2)  # tokens a row keeps when its window slides
         self.cache = KVCache(model.config, max_rows, max_len or self.block_size, param.device,
                              param.dtype)
         self.slots: list[tuple[Request, int]] = []  # (request, row) of each running slot
@@ -287,9 +293,7 @@ class RunningBatch:
         if not self.slots:
             return []
         with self.model.evaluating():
-            for s, length in enumerate(self.lengths):
-                if length == self.block_size:
-                    self._slide(s)
+            self._slide_full_windows()
             cache = self.cache.rows(0, len(self.slots))
             cache.set_lengths(self.lengths)
             logits = self.model.logits(self.last[:, None], cache)[:, -1]  # [n, V]
@@ -334,15 +338,36 @@ class RunningBatch:
         self.lengths = [self.lengths[s] for s in keep]
         self.last = self.last[torch.tensor(keep, dtype=torch.long, device=self.last.device)]
 
-    def _slide(self, s: int) -> None:
-        """Crop slot s's context to its last `keep` tokens: re-fill the slot with all of them
-        but the last, which the step feeds as usual."""
+    def _slide_full_windows(self) -> None:
+        """Move every full window (block_size columns) on by one token, before the step feeds
+        its newest token: re-fill the slot with the block_size - 1 tokens before that one.
+
+        Positions are learned and absolute (wpe), so when a window moves every token's position
+        changes, and with it every cached key and value: nothing can be kept. One forward per run
+        of adjacent full slots; the other rows are not touched and decode from their cache."""
+        full = [s for s, length in enumerate(self.lengths) if length == self.block_size]
+        for start, stop in _runs(full):
+            windows = [self._window(s) for s in range(start, stop)]
+            if self.block_size > 1:
+                self.model.hidden_states(torch.tensor(windows, device=self.last.device),
+                                         self.cache.rows(start, stop))
+            self.lengths[start:stop] = [self.block_size - 1] * (stop - start)
+
+    def _window(self, s: int) -> list[int]:
+        """The block_size - 1 tokens of slot s's row before the one it drew last."""
         request, row = self.slots[s]
-        context = request._context(row)[-self.keep:-1]
-        if context:
-            self.model.hidden_states(torch.tensor([context], device=self.last.device),
-                                     self.cache.rows(s, s + 1))
-        self.lengths[s] = len(context)
+        return request._context(row)[-self.block_size:-1]
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """Sorted slot indices as runs [start, stop) of adjacent ones: [1, 2, 5] -> [(1, 3), (5, 6)]."""
+    runs: list[tuple[int, int]] = []
+    for s in slots:
+        if runs and runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], s + 1)
+        else:
+            runs.append((s, s + 1))
+    return runs
 
 
 def generate(model: GPT, prompt_ids: Prompts, max_new_tokens: int,

@@ -26,6 +26,8 @@ from minilm.errors import SettingError
 
 NEG_INF = float("-inf")
 BAN = -100.0  # a logit bias of -100 (or less) bans the token, as in the OpenAI API
+MAX_LOGPROBS = 20  # alternatives per token a user may ask for: OpenAI's and vLLM's limit
+ID_KEY, TEXT_KEY = "id:", "text:"  # explicit logit_bias keys: "id:5" token id 5, "text:5" the text
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -614,30 +616,57 @@ class SamplerStack:
 def user_logit_bias(bias: Mapping[str, object], encode: Callable[[str], list[int]] | None = None,
                     name: str = "logit_bias") -> dict[int, float]:
     """A user's logit bias (a JSON object: the CLI's --logit_bias, the API's ``logit_bias``) as
-    {token id: bias} for ``from_settings``. A key of digits is a token id; any other key is a string
-    that must ``encode`` to one token. Values are numbers in [-100, 100], added to the logit; -100
-    bans the token (-inf), as in the OpenAI API. Errors name the setting as ``name``."""
+    {token id: bias} for ``from_settings``. Keys (_bias_token): ``"5"`` or ``"id:5"`` is token id 5
+    (digits are OpenAI's form); ``"text:5"`` is the text "5", which must ``encode`` to one token (the
+    only way to name a digit's token); any other key is a text too. Values are numbers in
+    [-100, 100], added to the logit; -100 bans the token (-inf), as in the OpenAI API. Two keys
+    naming one token are refused rather than one silently winning. Errors name the setting as
+    ``name``."""
     out: dict[int, float] = {}
+    keys: dict[int, object] = {}  # token -> the key that named it
     for key, value in bias.items():
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or not -100 <= value <= 100:
             raise SettingError("logit_bias", f"{name} value for {key!r} must be a number in "
                                              f"[-100, 100], got {value!r}")
-        if isinstance(key, str) and key.isdigit():
-            token = int(key)
-        elif isinstance(key, str) and encode is not None:
-            try:
-                ids = encode(key)
-            except ValueError as e:
-                raise SettingError("logit_bias", f"{name} key {key!r}: {e}") from None
-            if len(ids) != 1:
-                raise SettingError("logit_bias", f"{name} key {key!r} is {len(ids)} tokens {ids}, not "
-                                                 "one; use a single-token string or a token id")
-            token = ids[0]
-        else:
-            raise SettingError("logit_bias", f"{name} keys must be token ids (strings of digits), got "
-                                             f"{key!r}")
+        token = _bias_token(key, encode, name)
+        if token in keys:
+            raise SettingError("logit_bias", f"{name} keys {keys[token]!r} and {key!r} are the same "
+                                             f"token {token}")
+        keys[token] = key
         out[token] = NEG_INF if value <= BAN else float(value)
     return out
+
+
+def _bias_token(key: object, encode: Callable[[str], list[int]] | None, name: str) -> int:
+    """The token a logit_bias key names: ``id:N`` or ASCII digits: id N; ``text:T`` or any other
+    string: the one token T encodes to."""
+    if not isinstance(key, str):
+        raise SettingError("logit_bias", f"{name} keys must be token ids (strings of digits), got "
+                                         f"{key!r}")
+    if key.startswith(ID_KEY):
+        digits = key[len(ID_KEY):]
+        if not _is_digits(digits):
+            raise SettingError("logit_bias", f"{name} key {key!r}: a token id after {ID_KEY} must "
+                                             "be digits")
+        return int(digits)
+    if _is_digits(key):
+        return int(key)
+    if encode is None:
+        raise SettingError("logit_bias", f"{name} key {key!r}: no tokenizer to encode it; give a "
+                                         f'token id ("5" or "{ID_KEY}5")')
+    try:
+        ids = encode(key.removeprefix(TEXT_KEY))
+    except ValueError as e:
+        raise SettingError("logit_bias", f"{name} key {key!r}: {e}") from None
+    if len(ids) != 1:
+        raise SettingError("logit_bias", f"{name} key {key!r} is {len(ids)} tokens {ids}, not one; "
+                                         f'use a single-token text or a token id ("{ID_KEY}5")')
+    return ids[0]
+
+
+def _is_digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit alone takes "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _resolve_order(order: str | Sequence[str], used: list[str]) -> Sequence[str]:

@@ -1,7 +1,7 @@
 """The FastAPI app: the OpenAI-compatible routes, /v1/distribution, /health and the explorer page.
 
     GET  /                    the explorer page (static/: HTML, JS, CSS; no CDN, no build step)
-    GET  /health              {"status": "ok", running rows, waiting requests}
+    GET  /health              {"status": "ok", running rows, waiting requests, the limits}
     GET  /v1/models           the served model
     POST /v1/completions      OpenAI's completions (completions.py), streamed or whole
     POST /v1/distribution     the next-token table through the sampler's stages (the page's data)
@@ -28,6 +28,7 @@ from minilm.sampling.generation import next_token_table
 from minilm.serve import completions
 from minilm.serve.engine import Engine
 from minilm.serve.protocol import (
+    MAX_TOKENS_LIMIT,
     MAX_TOP_N,
     APIError,
     CompletionRequest,
@@ -42,9 +43,10 @@ STATIC = Path(__file__).resolve().parent / "static"
 log = logging.getLogger("minilm.serve")
 
 
-def create_app(model: GPT, tokenizer: Tokenizer, name: str, max_batch: int = 16) -> FastAPI:
+def create_app(model: GPT, tokenizer: Tokenizer, name: str, max_batch: int = 16,
+               max_tokens_limit: int = MAX_TOKENS_LIMIT) -> FastAPI:
     """The app serving `model` as `name`; its engine thread runs while the app does."""
-    served = Served(model, tokenizer, name, Engine(model, max_batch))
+    served = Served(model, tokenizer, name, Engine(model, max_batch), max_tokens_limit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -79,7 +81,8 @@ def create_app(model: GPT, tokenizer: Tokenizer, name: str, max_batch: int = 16)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return dict(status="ok", model=served.name, **served.engine.stats())
+        return dict(status="ok", model=served.name, **served.engine.stats(),
+                    max_tokens_limit=served.max_tokens_limit)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -32,15 +32,9 @@ from typing import Any, AsyncIterator
 
 from minilm.eval.scoring import TokenScores, score_tokens
 from minilm.sampling.generation import Request, RowToken
+from minilm.sampling.stages import MAX_LOGPROBS
 from minilm.serve.engine import Stream, Timer
-from minilm.serve.protocol import (
-    MAX_LOGPROBS,
-    SEED_RANGE,
-    APIError,
-    CompletionRequest,
-    bad_request,
-    finite,
-)
+from minilm.serve.protocol import SEED_RANGE, APIError, CompletionRequest, bad_request, finite
 from minilm.serve.served import Served
 from minilm.tokenizer import TextStream
 
@@ -76,6 +70,9 @@ def plan_completion(body: CompletionRequest, served: Served) -> Plan:
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens < 0:
         raise bad_request(f"max_tokens must be >= 0, got {max_tokens}", "max_tokens")
+    if max_tokens > served.max_tokens_limit:
+        raise bad_request(f"max_tokens must be at most {served.max_tokens_limit} (the server's "
+                          f"--max_tokens_limit), got {max_tokens}", "max_tokens")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}",
                           "logprobs")

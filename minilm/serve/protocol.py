@@ -16,8 +16,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 from minilm.errors import SettingError
 from minilm.sampling.stages import SamplerStack, user_logit_bias
 
-MAX_LOGPROBS = 20  # OpenAI's and vLLM's default limit for `logprobs`
 MAX_TOP_N = 100  # tokens a /v1/distribution table may show
+MAX_TOKENS_LIMIT = 4096  # --max_tokens_limit's default: the most tokens one choice may ask for
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
 JSON_FLOOR = -9999.0  # a log-probability of -inf is reported as this (as vLLM: JSON has no -inf)
 
@@ -25,7 +25,8 @@ JSON_FLOOR = -9999.0  # a log-probability of -inf is reported as this (as vLLM: 
 TYPE_NAMES = {
     "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
     "stop": "a string or a list of strings",
-    "logit_bias": "an object mapping token ids (strings of digits) to numbers in [-100, 100]",
+    "logit_bias": 'an object mapping token ids ("5" or "id:5") or single-token texts '
+                  '("text:5") to numbers in [-100, 100]',
     "order": '"default", "llama.cpp" or a list of stage names',
 }
 
@@ -125,7 +126,8 @@ class SamplerSettings(_Body):
 
 
     def bias(self, encode: Callable[[str], list[int]]) -> dict[int, float]:
-        """logit_bias as {token id: bias} (sampling.user_logit_bias: -100 bans)."""
+        """logit_bias as {token id: bias}: OpenAI's token-id keys, and minilm's "id:5" and
+        "text:5" (sampling.user_logit_bias); -100 bans."""
         try:
             return user_logit_bias(self.logit_bias or {}, encode)
         except SettingError as e:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from minilm.model.gpt import GPT
 from minilm.serve.engine import Engine
-from minilm.serve.protocol import APIError, bad_request
+from minilm.serve.protocol import MAX_TOKENS_LIMIT, APIError, bad_request
 from minilm.tokenizer import Tokenizer
 
 
@@ -17,6 +17,7 @@ class Served:
     tokenizer: Tokenizer
     name: str
     engine: Engine
+    max_tokens_limit: int = MAX_TOKENS_LIMIT  # a choice's max_tokens beyond it is a 400
 
     @property
     def block_size(self) -> int:
