@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TextIO
 
 from minilm.atomic import write_atomic
 from minilm.errors import error_line
@@ -49,6 +49,28 @@ def detach_closed_stdout() -> None:
     if same:
         os.dup2(devnull, sys.stderr.fileno())
     os.close(devnull)
+
+
+def write_console(stream: TextIO, text: str) -> bool:
+    """Write text to a console stream; False when its reader has gone (stdout piped into `head`,
+    which has exited): stdout is then detached, so that later writes succeed quietly."""
+    try:
+        stream.write(text)
+        stream.flush()
+        return True
+    except BrokenPipeError:
+        if stream in (sys.stdout, sys.__stdout__):
+            detach_closed_stdout()
+        return False
+
+
+def console_log(enabled: bool = True) -> Callable[[str], None]:
+    """info() lines on stdout before a run's Tracker exists (rank 0's only: enabled), so that
+    a run can speak while it checks its start, before it writes anything."""
+    def log(message: str) -> None:
+        write_console(sys.stdout, message + "\n")
+
+    return log if enabled else (lambda message: None)
 
 
 def _duration(seconds: float) -> str:
@@ -91,14 +113,7 @@ class Tracker:
             self._file = open(path, "a" if resume_step is not None else "w", buffering=1)
 
     def _console(self, text: str) -> None:
-        if self.stream is None:
-            return
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except BrokenPipeError:
-            if self.stream in (sys.stdout, sys.__stdout__):
-                detach_closed_stdout()
+        if self.stream is not None and not write_console(self.stream, text):
             self.stream = None  # the reader has gone; the run goes on
 
     def _write(self, record: dict[str, Any], section: str) -> None:
