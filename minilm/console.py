@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TextIO
 
 from minilm.errors import error_line
 
@@ -28,3 +29,16 @@ def detach_closed_stdout() -> None:
 def warn(message: str, error: BaseException) -> None:
     """One line on stderr, however long the error's message."""
     print(f"warning: {message} ({error_line(error)})", file=sys.stderr, flush=True)
+
+
+def write_console(stream: TextIO, text: str) -> bool:
+    """Write text to a console stream; False when its reader has gone (stdout piped into `head`,
+    which has exited): stdout is then detached, so that later writes succeed quietly."""
+    try:
+        stream.write(text)
+        stream.flush()
+        return True
+    except BrokenPipeError:
+        if stream in (sys.stdout, sys.__stdout__):
+            detach_closed_stdout()
+        return False

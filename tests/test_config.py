@@ -120,10 +120,10 @@ def test_numbers_still_checked_against_their_key(arg, message):
     (["--train.grad_clip=-1"], "train.grad_clip must be >= 0"),
     (["--train.beta1=1.0"], r"train.beta1 must be in \[0, 1\)"),
     (["--train.beta2=-0.5"], r"train.beta2 must be in \[0, 1\)"),
-    (["--train.warmup_iters=100", "--train.max_iters=100"],
-     r"train.warmup_iters \(100\) must be < train.max_iters \(100\)"),
     (["--train.warmup_iters=50", "--train.lr_decay_iters=40"],
-     r"train.warmup_iters \(50\) must be < train.lr_decay_iters \(40\)"),
+     r"train.warmup_iters \(50\) must be < train.lr_decay_iters \(40\): after the warmup"),
+    (["--train.warmup_iters=40", "--train.lr_decay_iters=40", "--train.max_iters=41"],
+     r"train.warmup_iters \(40\) must be < train.lr_decay_iters \(40\): after the warmup"),
     (["--train.resume=true", "--train.overwrite=true"], "exclude each other"),
 ])
 def test_optimizer_settings_are_checked(args, message):
@@ -135,6 +135,17 @@ def test_warmup_longer_than_this_run_is_fine_when_the_schedule_is_fixed():
     cfg = load_config(None, ["--train.warmup_iters=100", "--train.max_iters=50",
                              "--train.lr_decay_iters=2000"])
     assert cfg.train.max_iters == 50
+
+
+@pytest.mark.parametrize("args", [
+    ["--train.max_iters=40"],  # the shipped warmup (100) covers the whole shortened run
+    ["--train.warmup_iters=100", "--train.max_iters=100"],
+    ["--train.warmup_iters=100", "--train.max_iters=40", "--train.lr_decay_iters=40"],
+])
+def test_a_run_that_ends_in_its_warmup_is_accepted(args):
+    """As in nanoGPT and HF's Trainer: the run warms up all the way (the trainer says so)."""
+    t = load_config("shakespeare_char", args).train
+    assert t.warmup_iters >= t.max_iters
 
 
 def test_paths(tmp_path, monkeypatch):
@@ -249,3 +260,68 @@ def test_readme_config_reference_is_generated_from_the_dataclasses():
     from minilm.train.config import config_reference
 
     assert config_reference() in (ROOT / "README.md").read_text()
+
+
+# ---------------------------------------------------------------- duplicate YAML keys (issue 17.7)
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("model: {n_layer: 2, n_layer: 3}\n", "n_layer", 1),  # flow style
+    ("model:\n  n_layer: 2\n  n_head: 2\n  n_layer: 3\n", "n_layer", 4),  # block style
+    ("model:\n  n_layer: 2\ntrain:\n  seed: 5\nmodel:\n  n_head: 2\n", "model", 5),
+    ("wandb:\n  tags: [a]\n  project: p\n  tags: [b]\n", "tags", 4),
+    ("# a comment\nout_dir: a\nout_dir: b\n", "out_dir", 3),  # top level
+])
+def test_a_duplicate_key_in_a_config_file_is_one_line(tmp_path, capsys, text, key, line):
+    from minilm.cli.common import run_cli
+    from minilm.cli.train import train_main
+
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    message = (f"config file {path}: duplicate key '{key}' at line {line} (YAML allows each key "
+               "once in a mapping)")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == message
+    assert run_cli(train_main, [str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_duplicate_key_in_an_ablation_config_is_one_line(tmp_path, capsys, monkeypatch):
+    from minilm.cli.common import run_cli
+    from minilm.experiments import ablation as ablate
+
+    def no_training(cfg):
+        raise AssertionError("the ablation started")
+
+    monkeypatch.setattr(ablate, "ablate", no_training)
+    path = tmp_path / "ablation.yaml"
+    path.write_text((ROOT / "configs/ablation/tied_vs_untied.yaml").read_text().replace(
+        "    untied: {model.tie_embeddings: false}\n",
+        "    untied: {model.tie_embeddings: false}\n    tied: {model.lm_head_bias: true}\n"))
+    line = path.read_text().splitlines().index("    tied: {model.lm_head_bias: true}") + 1
+    assert run_cli(ablate.main, [str(path), f"--out_dir={tmp_path / 'out'}"]) == 2
+    assert capsys.readouterr().err == (f"error: config file {path}: duplicate key 'tied' at line "
+                                       f"{line} (YAML allows each key once in a mapping)\n")
+
+
+@pytest.mark.parametrize("arg, key", [
+    ("--model={n_layer: 2, n_layer: 3}", "n_layer"),
+    ("--ablation.arms={a: {model.bias: true}, a: {model.bias: false}}", "a"),
+    ("--wandb.tags=[{x: 1, x: 2}]", "x"),
+])
+def test_a_duplicate_key_in_an_override_is_one_line(arg, key):
+    from minilm.experiments.ablation import AblationConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [arg], cls=AblationConfig)
+    assert str(e.value) == (f"{arg}: duplicate key '{key}' (YAML allows each key once in a "
+                            "mapping)")
+
+
+def test_merge_keys_may_override_what_they_merge():
+    """YAML's merge key (<<) is not a duplicate: the mapping's own keys win over merged ones."""
+    from minilm.train.config import read_yaml
+
+    values = read_yaml("base: &b {n_layer: 2, n_head: 2}\nmodel:\n  <<: *b\n  n_layer: 3\n")
+    assert values["model"] == {"n_layer": 3, "n_head": 2}

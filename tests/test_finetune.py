@@ -118,9 +118,8 @@ def test_init_from_a_minilm_char_checkpoint(corpus_file, tmp_path, capsys, monke
     assert step_losses(tmp_path / "out")[1] == pytest.approx(expected, rel=1e-5)
 
     char_source(tmp_path / "other", "\n !,.:?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-    # wandb off: the error comes after the tracker started, and train() leaves an in-process wandb
-    # run open when it raises (a CLI process ends it on exit; later tests in this one would not)
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    # checked before the run writes anything: no wandb run starts (issue 17.6)
+    monkeypatch.setenv("WANDB_MODE", "offline")
     args = [f"--train.init_from={tmp_path / 'other'}", f"--out_dir={tmp_path / 'out2'}",
             f"--data.source={corpus_file}", f"--data.cache_dir={tmp_path / 'cache'}",
             "--train.device=cpu"]
@@ -129,3 +128,4 @@ def test_init_from_a_minilm_char_checkpoint(corpus_file, tmp_path, capsys, monke
     assert err.startswith(f"error: data.source '{corpus_file}' has a char vocabulary of 34 "
                           f"characters but train.init_from '{tmp_path / 'other'}' has 59 (")
     assert err.endswith("is in only one): the same ids would mean different characters")
+    assert not (tmp_path / "out2").exists()  # no records, no wandb run

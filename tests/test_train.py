@@ -351,3 +351,124 @@ def test_a_split_too_short_is_named_before_the_model_is_built(corpus_file, tmp_p
                                         r"than model.block_size \+ 1 = 65: lower model.block_size,"
                                         " raise data.val_fraction"):
         train_run(cfg)
+
+
+# --------------------------------------------------------------- hardening, second pass (issue 17)
+
+
+def offline_wandb(monkeypatch) -> None:
+    """wandb as a user has it: offline, and allowed to print its lines."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+
+
+def run_files(out_dir) -> dict:
+    """Every file of a run: its bytes."""
+    return {p.relative_to(out_dir): p.read_bytes() for p in sorted(out_dir.rglob("*"))
+            if p.is_file()}
+
+
+def test_resume_with_nothing_left_to_train_is_refused_and_writes_nothing(
+        corpus_file, tmp_path, capsys, monkeypatch):
+    args = tiny_overrides(tmp_path, corpus_file)  # 8 steps: out/last is at step 8
+    assert run_cli(train_main, args) == 0
+    out = tmp_path / "out"
+    before = run_files(out)
+    assert {"config.yaml", "metrics.jsonl", "summary.json"} <= {str(p) for p in before}
+    capsys.readouterr()
+    offline_wandb(monkeypatch)  # a resume that started would start a wandb run in out/wandb
+    for max_iters, why in ((4, "past train.max_iters 4"), (8, "already at train.max_iters 8")):
+        code = run_cli(train_main, [*args, "--train.resume=true",
+                                    f"--train.max_iters={max_iters}"])
+        stdout, err = capsys.readouterr()
+        assert code == 2 and stdout == ""
+        assert err == (f"error: {out / 'last'} is at step 8, {why}: nothing to do; raise "
+                       "--train.max_iters\n")
+        assert run_files(out) == before  # config.yaml, records, summary, checkpoints: byte-equal
+        assert not (out / "wandb").exists()  # no wandb run
+
+
+def test_a_run_shorter_than_its_warmup_warms_up_all_the_way(corpus_file, tmp_path, capsys):
+    """nanoGPT's README shortens the shipped run to try it; its warmup (100 steps) then covers
+    the whole run, as in nanoGPT and HF's Trainer: one warning line, and the run trains."""
+    args = tiny_overrides(tmp_path, corpus_file, **{
+        "train.warmup_iters": 100, "train.max_iters": 6, "train.learning_rate": 0.01,
+        "train.min_lr": 0.001, "train.eval_interval": 3})
+    assert run_cli(train_main, args) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert err == ["warning: train.warmup_iters (100) >= train.max_iters (6): the whole run is "
+                   "warmup, the learning rate rises linearly to 0.000594 and never reaches "
+                   "train.learning_rate 0.01"]
+    lrs = {r["step"]: r["lr"] for r in read_records(tmp_path / "out") if "lr" in r}
+    # nanoGPT's get_lr: learning_rate * (it + 1) / (warmup_iters + 1) while it < warmup_iters;
+    # the record of step s holds the lr of the update that made it, iteration s - 1
+    assert lrs == {s: pytest.approx(0.01 * s / 101, rel=1e-12) for s in range(1, 7)}
+
+
+def test_lr_schedule_when_the_run_ends_in_its_warmup():
+    for decay in (None, 50, 500):  # lr_decay_iters is never reached, whatever it is
+        cfg = load_config(None, ["--train.warmup_iters=100", "--train.max_iters=40",
+                                 "--train.learning_rate=3e-3", "--train.min_lr=3e-4",
+                                 f"--train.lr_decay_iters={'null' if decay is None else decay}"])
+        lrs = [lr_at(s, cfg.train) for s in range(40)]
+        assert lrs == pytest.approx([3e-3 * (it + 1) / 101 for it in range(40)], rel=1e-12)
+
+
+def bad_source(tmp_path, case: str) -> tuple[str, list[str], str]:
+    """A data problem of one kind: (data.source, other overrides, the error it must give)."""
+    if case == "empty":
+        path = tmp_path / "empty.txt"
+        path.write_text("")
+        return str(path), [], f"data file {path} is empty"
+    if case == "too short":
+        path = tmp_path / "short.txt"
+        path.write_text("Speak, speak. Resolved, resolved.\n")
+        return str(path), [], (f"the val split of {path} has 4 tokens, fewer than "
+                               "model.block_size + 1 = 17: lower model.block_size, raise "
+                               "data.val_fraction, or set it to 0 to train without a val split")
+    if case == "not UTF-8":
+        path = tmp_path / "latin1.txt"
+        path.write_bytes("héllo wörld\n".encode("latin-1") * 50)
+        return str(path), [], (f"data file {path} is not UTF-8 text (byte 0xe9 at offset 1: "
+                               "invalid continuation byte); convert it, e.g. iconv -f latin1 -t "
+                               "utf-8")
+    if case == "missing jsonl field":
+        path = tmp_path / "docs.jsonl"
+        path.write_text('{"body": "Speak, speak."}\n' * 50)
+        return str(path), [], (f"{path} has no column 'text' (columns: body); set "
+                               "data.text_field")
+    assert case == "unknown tokenizer"
+    path = tmp_path / "corpus.txt"
+    path.write_text("Speak, speak.\n" * 50)
+    return str(path), ["--data.tokenizer=foo"], ("unknown tokenizer 'foo' (use 'char' or a "
+                                                 "tiktoken encoding: ")
+
+
+@pytest.mark.parametrize("case", ["empty", "too short", "not UTF-8", "missing jsonl field",
+                                  "unknown tokenizer"])
+def test_a_data_error_stops_the_run_before_wandb_starts(tmp_path, capsys, monkeypatch, case):
+    offline_wandb(monkeypatch)
+    source, extra, message = bad_source(tmp_path, case)
+    args = [*tiny_overrides(tmp_path, source), *extra]
+    assert run_cli(train_main, args) == 2
+    stdout, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), err
+    assert err.endswith(errors[0] + "\n") and "Traceback" not in err
+    assert "wandb" not in stdout + err.lower()
+    out = tmp_path / "out"
+    assert not (out / "wandb").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_checks_come_before_an_overwrite_deletes_the_old_run(corpus_file, tmp_path, capsys):
+    """--train.overwrite=true deletes the old run only once the new one has passed its checks."""
+    args = tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4})
+    assert run_cli(train_main, args) == 0
+    out = tmp_path / "out"
+    before = run_files(out)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert run_cli(train_main, [*args, "--train.overwrite=true", f"--data.source={empty}"]) == 2
+    assert capsys.readouterr().err.endswith(f"error: data file {empty} is empty\n")
+    assert run_files(out) == before

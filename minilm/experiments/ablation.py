@@ -26,14 +26,7 @@ from minilm.errors import ConfigError
 from minilm.eval.run import evaluate_checkpoint
 from minilm.experiments.report import EVAL_FILE, write_report
 from minilm.files import write_atomic
-from minilm.train.config import (
-    Config,
-    build,
-    flatten,
-    merge_overrides,
-    setting,
-    validate,
-)
+from minilm.train.config import Config, build, flatten, merge_overrides, setting, validate
 from minilm.train.data import prepare
 from minilm.train.trainer import train
 

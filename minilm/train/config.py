@@ -6,6 +6,7 @@ the key and what is allowed; the CLIs print it and exit with code 2.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import math
@@ -69,7 +70,8 @@ class TrainConfig:
     lr_decay_iters: int | None = setting(None, "cosine length (null: max_iters)")
     learning_rate: float = setting(1e-3, "peak learning rate")
     min_lr: float = setting(1e-4, "final learning rate (<= learning_rate)")
-    warmup_iters: int = setting(100, "linear warmup steps")
+    warmup_iters: int = setting(100, "linear warmup steps (>= max_iters: the whole run is "
+                                     "warmup)")
     weight_decay: float = setting(0.1, "AdamW decay, on 2-D weights only")
     beta1: float = setting(0.9, "AdamW beta1, in [0, 1)")
     beta2: float = setting(0.99, "AdamW beta2, in [0, 1)")
@@ -148,11 +150,38 @@ class _Float(float):
         return self
 
 
+class DuplicateKeyError(ConfigError):
+    """A key written twice in one YAML mapping, at `line` (1-based) of the text."""
+
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.line = line
+
+
+UNIQUE_KEYS = "YAML allows each key once in a mapping"
+
+
 class YAMLLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader with the YAML 1.2 core schema for plain scalars, as other YAML 1.2
     parsers and Python read them: `1e-3`, `6e-4` and `.5` are numbers (YAML 1.1, PyYAML's default,
     reads `1e-3` as a string), `010` is ten, and `yes`, `on` or `2024-01-01` stay strings.
-    Numbers keep the text they were written as, so a str key (`data.source: 1e3`) gets `1e3`."""
+    Numbers keep the text they were written as, so a str key (`data.source: 1e3`) gets `1e3`.
+    A key written twice in a mapping is an error, as YAML 1.2 says (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """Refuse a duplicate key (DuplicateKeyError); the keys a merge (`<<: *base`) brings in
+        may still be overridden, as YAML's merge key allows."""
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == _TAG + "merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # SafeLoader refuses an unhashable key itself
+            if key in seen:
+                raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _TAG = "tag:yaml.org,2002:"
@@ -286,6 +315,8 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
     raw = m.group(2)
     try:
         value = read_yaml(raw) if raw != "" else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{arg}: {e} ({UNIQUE_KEYS})") from None
     except yaml.YAMLError:
         value = raw
     return m.group(1).split("."), value
@@ -297,7 +328,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = read_yaml(read_text(path)) or {}
-    except ValueError as e:
+    except DuplicateKeyError as e:
+        raise ConfigError(f"config file {path}: {e} at line {e.line} ({UNIQUE_KEYS})") from None
+    except ValueError as e:  # not UTF-8
         raise ConfigError(f"config file {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {first_line(e)}") from None
@@ -413,10 +446,11 @@ def validate(cfg: Config) -> None:
     if t.lr_decay_iters is not None and t.lr_decay_iters <= 0:
         raise ConfigError(f"train.lr_decay_iters must be > 0, or null for max_iters, got "
                           f"{t.lr_decay_iters}")
-    schedule = "lr_decay_iters" if t.lr_decay_iters is not None else "max_iters"
-    if t.warmup_iters >= getattr(t, schedule):
-        raise ConfigError(f"train.warmup_iters ({t.warmup_iters}) must be < train.{schedule} "
-                          f"({getattr(t, schedule)}): the whole schedule would be warmup")
+    # warmup_iters >= max_iters is fine: the run warms up all the way (the trainer says so)
+    if t.lr_decay_iters is not None and t.lr_decay_iters <= t.warmup_iters < t.max_iters:
+        raise ConfigError(f"train.warmup_iters ({t.warmup_iters}) must be < train.lr_decay_iters "
+                          f"({t.lr_decay_iters}): after the warmup the learning rate would drop "
+                          "to train.min_lr with no decay between")
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(t, name) < 1.0:
             raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")

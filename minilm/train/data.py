@@ -297,9 +297,11 @@ def prepare(source: str = "shakespeare", tokenizer: str = "char", text_field: st
         return cached
     meta_path = out / "meta.json"
 
+    # a tiktoken name is checked before the documents load; a char vocabulary comes from them
+    tok: Tokenizer | None = None if tokenizer == "char" else TiktokenTokenizer(tokenizer)
     docs = load_documents(source, text_field, name, split)
-    tok: Tokenizer = (CharTokenizer.from_texts(docs["text"]) if tokenizer == "char"
-                      else TiktokenTokenizer(tokenizer))
+    if tok is None:
+        tok = CharTokenizer.from_texts(docs["text"])
     log(f"preparing {source} with the {tokenizer} tokenizer: {len(docs)} documents -> {out}")
     import datasets
 

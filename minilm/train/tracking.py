@@ -13,10 +13,19 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from minilm.console import detach_closed_stdout, warn
+from minilm.console import warn, write_console
 from minilm.files import strict_json, write_atomic
+
+
+def console_log(enabled: bool = True) -> Callable[[str], None]:
+    """info() lines on stdout before a run's Tracker exists (rank 0's only: enabled), so that
+    a run can speak while it checks its start, before it writes anything."""
+    def log(message: str) -> None:
+        write_console(sys.stdout, message + "\n")
+
+    return log if enabled else (lambda message: None)
 
 
 def _duration(seconds: float) -> str:
@@ -54,14 +63,7 @@ class Tracker:
             self._file = open(path, "a" if resume_step is not None else "w", buffering=1)
 
     def _console(self, text: str) -> None:
-        if self.stream is None:
-            return
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except BrokenPipeError:
-            if self.stream in (sys.stdout, sys.__stdout__):
-                detach_closed_stdout()
+        if self.stream is not None and not write_console(self.stream, text):
             self.stream = None  # the reader has gone; the run goes on
 
     def _write(self, record: dict[str, Any], section: str) -> None:

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,12 @@ from minilm.checkpoint import (
     set_rng_states,
 )
 from minilm.device import resolve_device
-from minilm.errors import ConfigError, TrainingStopped
+from minilm.errors import CheckpointError, ConfigError, TrainingStopped
 from minilm.model.gpt import GPT
 from minilm.train.config import Config, TrainConfig, validate
 from minilm.train.data import PreparedData, get_batch, prepare
-from minilm.train.finetune import Source, initial_model, resolve_init_from
-from minilm.train.tracking import Timer, Tracker, make_tracker
+from minilm.train.finetune import initial_model, resolve_init_from
+from minilm.train.tracking import Timer, Tracker, console_log, make_tracker
 
 
 @dataclass
@@ -155,7 +156,8 @@ def configure_optimizer(model: torch.nn.Module, t: TrainConfig,
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr over lr_decay_iters."""
+    """Linear warmup to learning_rate, then cosine decay to min_lr over lr_decay_iters (nanoGPT's
+    get_lr). A run that ends within its warmup warms up all the way and never decays."""
     if step < t.warmup_iters:
         return t.learning_rate * (step + 1) / (t.warmup_iters + 1)
     decay_iters = t.lr_decay_iters or t.max_iters
@@ -163,6 +165,17 @@ def lr_at(step: int, t: TrainConfig) -> float:
         return t.min_lr
     progress = (step - t.warmup_iters) / max(decay_iters - t.warmup_iters, 1)
     return t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (t.learning_rate - t.min_lr)
+
+
+def warmup_warning(t: TrainConfig) -> str | None:
+    """The line that says a run ends within its warmup (train.max_iters=40 on the shipped warmup
+    of 100, the usual way to try a config): it trains, warming up all the way as nanoGPT and HF's
+    Trainer do, but never at train.learning_rate."""
+    if t.warmup_iters < t.max_iters:
+        return None
+    return (f"train.warmup_iters ({t.warmup_iters}) >= train.max_iters ({t.max_iters}): the whole "
+            f"run is warmup, the learning rate rises linearly to {lr_at(t.max_iters - 1, t):.3g} "
+            f"and never reaches train.learning_rate {t.learning_rate}")
 
 
 def batch_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
@@ -232,8 +245,9 @@ def claim_out_dir(cfg: Config, is_main: bool) -> Path | None:
     checkpoint to resume from (None for a fresh run).
 
     resume: out_dir/last must hold a complete checkpoint (an interrupted swap is recovered).
-    fresh: out_dir must not hold a run (records or checkpoints), unless train.overwrite deletes
-    it: a fresh run never mixes its records and checkpoints with another run's."""
+    fresh: out_dir must not hold a run (records or checkpoints), unless train.overwrite: then
+    clear_out_dir deletes it once the new run has passed its checks. A fresh run never mixes its
+    records and checkpoints with another run's."""
     out_dir = Path(cfg.out_dir)
     last = out_dir / "last"
     if cfg.train.resume:
@@ -245,12 +259,28 @@ def claim_out_dir(cfg: Config, is_main: bool) -> Path | None:
         raise ConfigError(f"out_dir {out_dir} already holds a run ({', '.join(found)}): continue "
                           "it with --train.resume=true, choose another --out_dir, or replace it "
                           "with --train.overwrite=true")
-    if found and is_main:
-        for name in CHECKPOINTS:
-            remove_checkpoint(out_dir / name)
-        for name in RUN_FILES:
-            (out_dir / name).unlink(missing_ok=True)
     return None
+
+
+def clear_out_dir(out_dir: Path) -> None:
+    """Delete the run that train.overwrite replaces: its checkpoints and records."""
+    for name in CHECKPOINTS:
+        remove_checkpoint(out_dir / name)
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def resume_step(ckpt: Path, state: dict[str, Any], max_iters: int) -> int:
+    """The step a resumed run continues from; refused when it leaves nothing to train, since
+    such a run would only rewrite the run's config, records and wandb run."""
+    step = state.get("step")
+    if not isinstance(step, int):
+        raise CheckpointError(f"corrupt checkpoint {ckpt}: state.json has no step")
+    if step >= max_iters:
+        where = "past" if step > max_iters else "already at"
+        raise ConfigError(f"{ckpt} is at step {step}, {where} train.max_iters {max_iters}: "
+                          "nothing to do; raise --train.max_iters")
+    return step
 
 
 def _diverged(step: int, loss: float, last: Path, saved_step: int | None,
@@ -272,43 +302,89 @@ def _interrupted(signum: int, step: int, last: Path, show: bool = True) -> Train
 
 def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by cfg; returns the run summary. Raises
-    TrainingStopped when a signal or a diverged loss ends the run early."""
+    TrainingStopped when a signal or a diverged loss ends the run early.
+
+    Everything that can be checked is checked before the run writes anything (see start_run):
+    a run that cannot start leaves out_dir as it was, and no wandb run."""
     validate(cfg)
     ddp, device = setup_distributed(cfg.train.device)
-    ckpt = claim_out_dir(cfg, ddp.is_main)
-    # read once, by every rank, from the complete version (rank 0 may still be renaming it back)
-    state = read_state(complete_checkpoint(ckpt)) if ckpt is not None else None
-    source = resolve_init_from(cfg, state)  # the source's shape and tokenizer enter cfg
-    tracker = tracker or make_tracker(cfg, enabled=ddp.is_main,
-                                      resume_step=state["step"] if state else None)
     try:
-        return _train(cfg, tracker, ddp, device, ckpt, state, source)
-    except BaseException as e:
-        # a stop, a setting found wrong late, a crash: the run is closed (wandb marks it failed),
-        # so that none stays open in this process for the next wandb.init to continue
-        tracker.close(exit_code=getattr(e, "exit_code", 1))
-        raise
+        start = start_run(cfg, ddp, device,
+                          tracker.info if tracker is not None else console_log(ddp.is_main))
+        if cfg.train.overwrite and ddp.is_main:
+            clear_out_dir(Path(cfg.out_dir))
+        tracker = tracker or make_tracker(cfg, enabled=ddp.is_main,
+                                          resume_step=start.step if start.resumed else None)
+        try:
+            return _train(cfg, tracker, ddp, device, start)
+        except BaseException as e:
+            # a stop, a crash: the run is closed (wandb marks it failed), so that none stays open
+            # in this process for the next wandb.init to continue
+            tracker.close(exit_code=getattr(e, "exit_code", 1))
+            raise
     finally:
         if ddp.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device,
-           ckpt: Path | None, state: dict[str, Any] | None, source: Source | None
-           ) -> dict[str, Any]:
-    """train()'s work, from data preparation to the last checkpoint."""
+@dataclass
+class Start:
+    """What a run starts from, checked and loaded before anything of the run is written."""
+    data: PreparedData
+    model: GPT
+    optimizer: torch.optim.AdamW
+    step: int = 0
+    best_val: float = math.inf
+    resumed: bool = False  # from out_dir/last
+
+
+def start_run(cfg: Config, ddp: Distributed, device: torch.device,
+              log: Callable[[str], None]) -> Start:
+    """Every check a run can make before it writes anything, in the order of their cost: out_dir
+    (resume, overwrite), the checkpoint resumed from, train.init_from, the data (preparation,
+    tokenizer, split lengths), a char vocabulary against the source's; then the model and the
+    optimizer, loaded from the checkpoint when resuming."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dtype = resolve_dtype(cfg.train.dtype, device)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
-    out_dir = Path(cfg.out_dir)
-    last = out_dir / "last"
+    ckpt = claim_out_dir(cfg, ddp.is_main)
+    # read once, by every rank, from the complete version (rank 0 may still be renaming it back)
+    state = read_state(complete_checkpoint(ckpt)) if ckpt is not None else None
+    step = resume_step(ckpt, state, cfg.train.max_iters) if ckpt is not None else 0
+    source = resolve_init_from(cfg, state)  # the source's shape and tokenizer enter cfg
+    if ckpt is not None:
+        _check_resumable(cfg, state)
+    warning = warmup_warning(cfg.train)
+    if warning and ddp.is_main:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    data = _prepare_data(cfg, ddp, log)
 
-    # Data: rank 0 prepares, the others wait and then read the cached files.
+    torch.manual_seed(cfg.train.seed + ddp.rank)
+    model = initial_model(cfg, data, source)
+    if source is not None and source.model is not None:
+        log(f"initialised from {source.label}")
+    model.to(device)
+    optimizer = configure_optimizer(model, cfg.train, device)
+    if ckpt is None:
+        return Start(data, model, optimizer)
+    load_weights(ckpt, model)
+    opt_state, rng = load_training_state(ckpt)
+    optimizer.load_state_dict(opt_state)
+    if ddp.is_main:
+        set_rng_states(rng)
+    else:
+        torch.manual_seed(cfg.train.seed + ddp.rank + 7919 * step)
+    log(f"resuming from {ckpt} at step {step}")
+    best_val = state.get("best_val_loss")
+    return Start(data, model, optimizer, step, math.inf if best_val is None else best_val,
+                 resumed=True)
+
+
+def _prepare_data(cfg: Config, ddp: Distributed, log: Callable[[str], None]) -> PreparedData:
+    """The run's tokens, each split checked to hold a window. Rank 0 prepares, the others wait
+    and then read the cached files."""
     data_args = dataclasses.asdict(cfg.data)
     if ddp.is_main:
-        data = prepare(**data_args, log=tracker.info)
+        data = prepare(**data_args, log=log)
     if ddp.world_size > 1:
         dist.barrier()
     if not ddp.is_main:
@@ -316,30 +392,22 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
     splits = eval_splits(cfg)
     data.check_windows(splits, cfg.model.block_size)
     if "val" not in splits:
-        tracker.info("data.val_fraction is 0: no val split; evals report the train loss only "
-                     "and best/ is not written")
+        log("data.val_fraction is 0: no val split; evals report the train loss only and best/ "
+            "is not written")
+    return data
 
-    torch.manual_seed(cfg.train.seed + ddp.rank)
-    model = initial_model(cfg, data, source)
-    if source is not None and source.model is not None:
-        tracker.info(f"initialised from {source.label}")
-        source.model = None  # free the source's own copy of the weights (train() holds source)
-    model.to(device)
-    optimizer = configure_optimizer(model, cfg.train, device)
-    step, best_val = 0, math.inf
-    saved_step = None  # the step out_dir/last holds
-    if ckpt is not None:
-        _check_resumable(cfg, state)
-        load_weights(ckpt, model)
-        opt_state, rng = load_training_state(ckpt)
-        optimizer.load_state_dict(opt_state)
-        step = saved_step = state["step"]
-        best_val = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
-        if ddp.is_main:
-            set_rng_states(rng)
-        else:
-            torch.manual_seed(cfg.train.seed + ddp.rank + 7919 * step)
-        tracker.info(f"resuming from {ckpt} at step {step}")
+
+def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device,
+           start: Start) -> dict[str, Any]:
+    """train()'s work, from the run's first record to the last checkpoint."""
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    out_dir = Path(cfg.out_dir)
+    last = out_dir / "last"
+    data, model, optimizer = start.data, start.model, start.optimizer
+    step, best_val = start.step, start.best_val
+    saved_step = step if start.resumed else None  # the step out_dir/last holds
 
     counts = model.param_counts()
     compile_model = resolve_compile(cfg.train.compile, device)
@@ -391,7 +459,7 @@ def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device
     stop = StopSignals(once=ddp.world_size == 1)
     try:
         with stop:
-            if step == 0 and ckpt is None and ddp.is_main:
+            if not start.resumed and ddp.is_main:
                 eval_and_checkpoint(0)
             timer = Timer()
             timer.restart(step)
