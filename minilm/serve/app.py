@@ -5,6 +5,7 @@
     GET  /v1/models           the served model
     POST /v1/completions      OpenAI's completions (completions.py), streamed or whole
     POST /v1/distribution     the next-token table through the sampler's stages (the page's data)
+    POST /v1/lens             the logit lens at one position: each layer's next-token readings
 
 Every error is in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad
 field (named in `param`), 404 for an unknown model or path, 500 for a failure of the server.
@@ -23,8 +24,10 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from minilm.errors import SettingError
 from minilm.model.gpt import GPT
 from minilm.sampling.generation import next_token_table
+from minilm.sampling.lens import logit_lens
 from minilm.serve import completions
 from minilm.serve.engine import Engine
 from minilm.serve.protocol import (
@@ -33,6 +36,8 @@ from minilm.serve.protocol import (
     APIError,
     CompletionRequest,
     DistributionRequest,
+    Int,
+    _Body,
     bad_request,
     validation_error,
 )
@@ -41,6 +46,15 @@ from minilm.tokenizer import Tokenizer
 
 STATIC = Path(__file__).resolve().parent / "static"
 log = logging.getLogger("minilm.serve")
+
+
+class LensRequest(_Body):
+    """POST /v1/lens: one prompt, the position to read (-1: the last token) and the tokens shown
+    per layer."""
+    model: str | None = None
+    prompt: str | list[Int]
+    position: Int | None = -1
+    top_n: Int | None = 10
 
 
 def create_app(model: GPT, tokenizer: Tokenizer, name: str, max_batch: int = 16,
@@ -102,6 +116,10 @@ def create_app(model: GPT, tokenizer: Tokenizer, name: str, max_batch: int = 16,
     async def distribution(body: DistributionRequest) -> dict[str, Any]:
         return await next_token_distribution(body, served)
 
+    @app.post("/v1/lens")
+    async def lens(body: LensRequest) -> dict[str, Any]:
+        return await logit_lens_readings(body, served)
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
@@ -113,9 +131,7 @@ def create_app(model: GPT, tokenizer: Tokenizer, name: str, max_batch: int = 16,
 async def next_token_distribution(body: DistributionRequest, served: Served) -> dict[str, Any]:
     """The next-token table (generation.next_token_table, as generate.py --show_distribution)."""
     served.check_model(body.model)
-    top_n = 20 if body.top_n is None else body.top_n
-    if not 1 <= top_n <= MAX_TOP_N:
-        raise bad_request(f"top_n must be in [1, {MAX_TOP_N}], got {top_n}", "top_n")
+    top_n = checked_top_n(body.top_n, 20)
     (ids,), (text,) = served.read_prompts(body.prompt)
     sampler = body.sampler(served.vocab_size, served.tokenizer.encode)
     include = sorted(body.bias(served.tokenizer.encode))
@@ -129,3 +145,24 @@ async def next_token_distribution(body: DistributionRequest, served: Served) -> 
         tokens=[dict(id=t, text=served.token_text(t), logit=z, probs=p, kept=k)
                 for t, z, p, k in zip(table.tokens, table.logits, table.probs, table.kept)])
 
+
+async def logit_lens_readings(body: LensRequest, served: Served) -> dict[str, Any]:
+    """The logit lens (sampling.lens.logit_lens, as minilm-lens --json) of the served model."""
+    served.check_model(body.model)
+    top_n = checked_top_n(body.top_n, 10)
+    (ids,), (text,) = served.read_prompts(body.prompt)
+    position = -1 if body.position is None else body.position
+    try:
+        lens = await served.engine.call(lambda: logit_lens(served.model, ids, position, top_n))
+    except SettingError as e:
+        raise bad_request(str(e), e.param) from None
+    return dict(object="lens", model=served.name, prompt=text,
+                **lens.to_dict(served.token_text))
+
+
+def checked_top_n(top_n: int | None, default: int) -> int:
+    """A request's top_n (None: `default`); outside [1, MAX_TOP_N] it is a 400 naming it."""
+    top_n = default if top_n is None else top_n
+    if not 1 <= top_n <= MAX_TOP_N:
+        raise bad_request(f"top_n must be in [1, {MAX_TOP_N}], got {top_n}", "top_n")
+    return top_n
