@@ -15,7 +15,12 @@ from minilm.cli.lens import main as lens_main
 from minilm.errors import SettingError
 from minilm.interop.loading import load_model
 from minilm.model.gpt import GPT, GPTConfig
-from minilm.sampling.lens import logit_lens
+from minilm.sampling.lens import (
+    SWEEP_TEMPERATURES,
+    logit_lens,
+    next_token_logits,
+    temperature_sweep,
+)
 
 from hf_models import gpt2_bpe, hf_gpt2
 
@@ -121,6 +126,32 @@ def test_bad_arguments_name_the_setting(kwargs, param, message):
     assert (e.value.param, str(e.value)) == (param, message)
     with pytest.raises(SettingError, match="the prompt is empty"):
         logit_lens(model, [])
+
+
+def test_temperature_sweep_is_softmax_of_z_over_t_in_float64():
+    z = [2.0, 1.0, 0.5, -1.0, -3.0]
+    entropy, top_prob = temperature_sweep(torch.tensor(z), [0.1, 0.7, 1.0, 2.0])
+    for T, h, p in zip([0.1, 0.7, 1.0, 2.0], entropy, top_prob):
+        weights = [math.exp((x - max(z)) / T) for x in z]
+        probs = [w / sum(weights) for w in weights]
+        assert h == pytest.approx(-sum(q * math.log(q) for q in probs), abs=1e-12)
+        assert p == pytest.approx(max(probs), abs=1e-12)
+    assert SWEEP_TEMPERATURES[0] == 0.1 and SWEEP_TEMPERATURES[-1] == 2.0
+    assert len(SWEEP_TEMPERATURES) == 39
+    for bad in ([], [0.0], [1.0, -1.0], [float("nan")], [True]):
+        with pytest.raises(SettingError, match="temperatures must be a non-empty list"):
+            temperature_sweep(torch.tensor(z), bad)
+
+
+def test_next_token_logits_is_the_lens_last_layer():
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=25, n_layer=2, n_head=2, n_embd=16, block_size=5)).eval()
+    ids = [1, 7, 3, 9, 4, 2, 8]
+    for position in (0, 3, -1):
+        logp = torch.log_softmax(next_token_logits(model, ids, position).double(), dim=-1)
+        lens = logit_lens(model, ids, position, top_n=25)
+        assert dict(lens.layers[-1].top) == pytest.approx(dict(enumerate(logp.tolist())),
+                                                          abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,3 +287,64 @@ def test_endpoint_errors_in_openai_shape(http, body, status, param):
     error = r.json()["error"]
     assert error["param"] == param and error["message"] and "\n" not in error["message"]
     assert error["type"] == "invalid_request_error"
+
+
+# ------------------------------------------------------------------------------------------------
+# POST /v1/temperature_sweep and POST /v1/score (the page's sweep chart and rank colours)
+
+
+def test_sweep_endpoint(http, char_model):
+    model, tokenizer = char_model
+    answer = http.post("/v1/temperature_sweep", json=dict(prompt=PROMPT, position=5)).json()
+    ids = tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        z = model(torch.tensor([ids]))[0, 5].double()
+    assert answer["temperatures"] == list(SWEEP_TEMPERATURES) and answer["position"] == 5
+    assert answer["top_token"]["id"] == int(z.argmax())
+    for T, h, p in zip(answer["temperatures"], answer["entropy"], answer["top_prob"]):
+        probs = torch.softmax(z / T, dim=-1)
+        assert h == pytest.approx(float(-(probs * probs.log()).sum()), abs=1e-5)
+        assert p == pytest.approx(float(probs.max()), abs=1e-6)
+    chosen = http.post("/v1/temperature_sweep", json=dict(prompt=PROMPT, temperatures=[0.5]))
+    assert chosen.json()["temperatures"] == [0.5] and len(chosen.json()["entropy"]) == 1
+
+
+@pytest.mark.parametrize("body, param", [
+    (dict(prompt="abc", temperatures=[0]), "temperatures"),
+    (dict(prompt="abc", temperatures=[]), "temperatures"),
+    (dict(prompt="abc", temperatures=[1.0] * 201), "temperatures"),
+    (dict(prompt="abc", temperatures="hot"), "temperatures"),
+    (dict(prompt="abc", position=9), "position"),
+])
+def test_sweep_endpoint_errors(http, body, param):
+    r = http.post("/v1/temperature_sweep", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_score_endpoint_ranks_each_token_with_generations_window(http, char_model):
+    """Past block_size each token is read from the block_size tokens before it, as generated."""
+    model, tokenizer = char_model
+    text = "ROMEO:\nWhat say you, my lord? Speak, speak, I pray thee now."
+    ids = tokenizer.encode(text)
+    block = model.config.block_size
+    assert len(ids) > block + 5
+    answer = http.post("/v1/score", json=dict(prompt=text)).json()
+    assert [t["id"] for t in answer["tokens"]] == ids[1:]
+    for i, t in enumerate(answer["tokens"], start=1):
+        with torch.no_grad():
+            z = model(torch.tensor([ids[max(0, i - block):i]]))[0, -1].double()
+        logp = torch.log_softmax(z, dim=-1)
+        assert t["token"] == tokenizer.decode([ids[i]])
+        assert t["logprob"] == pytest.approx(float(logp[ids[i]]), abs=1e-4)
+        assert t["rank"] == 1 + int((logp > logp[ids[i]]).sum())
+        assert t["entropy"] == pytest.approx(float(-(logp.exp() * logp).sum()), abs=1e-4)
+    assert len({t["rank"] for t in answer["tokens"]}) > 3  # random weights: ranks spread
+
+
+def test_score_endpoint_errors(http, char_model):
+    r = http.post("/v1/score", json=dict(prompt=""))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = http.post("/v1/score", json=dict(prompt="a" * (32 + 4096 + 1)))
+    assert r.status_code == 400 and r.json()["error"] == dict(
+        message="prompt is 4129 tokens; at most 4128 (block_size + --max_tokens_limit) are scored",
+        type="invalid_request_error", param="prompt", code=None)

@@ -1,6 +1,8 @@
-"""The logit lens (nostalgebraist, 2020): what the model would predict if it stopped early.
+"""Readings of one position's next-token distribution: through depth (the logit lens) and through
+temperature (the sweep).
 
-The residual stream after the embeddings and after each block, read through the model's own
+The logit lens (nostalgebraist, 2020) is what the model would predict if it stopped early. The
+residual stream after the embeddings and after each block, read through the model's own
 output function (the final layer norm, then the LM head, softcap included), gives n_layer + 1
 next-token distributions for one position; the last is the model's own. Where the model's final
 choice climbs to rank 1 shows where, in depth, the prediction forms.
@@ -11,6 +13,13 @@ choice climbs to rank 1 shows where, in depth, the prediction forms.
 
 One forward pass of the prompt collects the whole stream (forward hooks on the embedding's dropout
 and on each block), and only the n_layer + 1 vectors of the one position go through the head.
+
+    entropy, top_prob = temperature_sweep(next_token_logits(model, ids), SWEEP_TEMPERATURES)
+
+The sweep is softmax(z / T) of the raw logits z for each T, in float64: how temperature alone
+spreads or sharpens the distribution (its entropy, in nats, and the top token's probability).
+
+Like generation, the model reads at most block_size tokens: the window ending at the position.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from minilm.errors import SettingError
 from minilm.model.gpt import GPT
 from minilm.sampling.generation import prompt_lists
 
+SWEEP_TEMPERATURES = tuple(round(0.1 + 0.05 * i, 2) for i in range(39))  # 0.1, 0.15, ..., 2.0
+
 
 @dataclass
 class LensLayer:
@@ -40,10 +51,8 @@ class LensLayer:
 @dataclass
 class LogitLens:
     """The lens at `position` of `prompt_ids`: layers[0] reads the embeddings, layers[i] the
-    stream after block i, layers[-1] is the model's own next-token distribution.
-
-    Like generation, the model reads at most block_size tokens: the window `start`..`position`
-    (start > 0 only for a position past block_size)."""
+    stream after block i, layers[-1] is the model's own next-token distribution. The model reads
+    the window `start`..`position` (start > 0 only for a position past block_size)."""
     prompt_ids: list[int]
     position: int  # index into prompt_ids, >= 0
     start: int     # the first token of the window the model reads
@@ -69,13 +78,9 @@ def logit_lens(model: GPT, ids: Sequence[int], position: int = -1, top_n: int = 
     last token), with the `top_n` most likely tokens of each layer (at most the vocabulary).
 
     A bad position or top_n is a SettingError naming it."""
-    if not len(ids):
-        raise SettingError("prompt", "the prompt is empty: the lens reads at least one token")
-    (ids,) = prompt_lists([list(ids)], model.config.vocab_size)  # (ids outside the vocabulary)
-    position = check_position(position, len(ids))
+    ids, position, start = read_window(model, ids, position)
     if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
         raise SettingError("top_n", f"top_n must be a positive integer, got {top_n!r}")
-    start = max(0, position + 1 - model.config.block_size)
     with model.inference():
         stream = residual_stream(model, ids[start:position + 1])  # [n_layer + 1, d]
         logits = model.logits_from_hidden(model.transformer.ln_f(stream))  # [n_layer + 1, V]
@@ -83,6 +88,38 @@ def logit_lens(model: GPT, ids: Sequence[int], position: int = -1, top_n: int = 
     names = ["embeddings"] + [f"block {i}" for i in range(1, len(logits))]
     return LogitLens(prompt_ids=ids, position=position, start=start, choice=choice,
                      layers=[read_layer(name, z, choice, top_n) for name, z in zip(names, logits)])
+
+
+def next_token_logits(model: GPT, ids: Sequence[int], position: int = -1) -> Tensor:
+    """The model's raw logits [V] for the token after `position` of `ids` (the lens's last layer)."""
+    ids, position, start = read_window(model, ids, position)
+    device = next(model.parameters()).device
+    with model.inference():
+        return model.logits(torch.tensor([ids[start:position + 1]], device=device))[0, -1]
+
+
+def temperature_sweep(logits: Tensor, temperatures: Sequence[float]
+                      ) -> tuple[list[float], list[float]]:
+    """The entropy (nats) and the top token's probability of softmax(logits / T) for each T
+    of `temperatures`, from raw logits [V], in float64. A bad temperature is a SettingError."""
+    bad = [t for t in temperatures if isinstance(t, bool) or not 0.01 <= t <= 100]
+    if bad or not temperatures:
+        raise SettingError("temperatures", "temperatures must be a non-empty list of numbers in "
+                                           f"[0.01, 100], got {bad[0] if bad else []!r}")
+    t = torch.tensor(temperatures, dtype=torch.float64)[:, None]  # [n, 1]
+    logp = torch.log_softmax(logits.double()[None] / t, dim=-1)  # [n, V]
+    entropy = -(logp.exp() * logp).nan_to_num().sum(dim=-1)
+    return entropy.tolist(), logp.amax(dim=-1).exp().tolist()
+
+
+def read_window(model: GPT, ids: Sequence[int], position: int) -> tuple[list[int], int, int]:
+    """The checked token ids, `position` as an index >= 0, and the first token of the window the
+    model reads to predict the token after it (generation's rule: at most block_size tokens)."""
+    if not len(ids):
+        raise SettingError("prompt", "the prompt is empty: there must be at least one token to read")
+    (ids,) = prompt_lists([list(ids)], model.config.vocab_size)  # (ids outside the vocabulary)
+    position = check_position(position, len(ids))
+    return ids, position, max(0, position + 1 - model.config.block_size)
 
 
 def check_position(position: int, length: int) -> int:
