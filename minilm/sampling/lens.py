@@ -84,10 +84,10 @@ def logit_lens(model: GPT, ids: Sequence[int], position: int = -1, top_n: int = 
     with model.inference():
         stream = residual_stream(model, ids[start:position + 1])  # [n_layer + 1, d]
         logits = model.logits_from_hidden(model.transformer.ln_f(stream))  # [n_layer + 1, V]
-    choice = int(logits[-1].argmax())
     names = ["embeddings"] + [f"block {i}" for i in range(1, len(logits))]
+    choice = int(logits[-1].argmax())
     return LogitLens(prompt_ids=ids, position=position, start=start, choice=choice,
-                     layers=[read_layer(name, z, choice, top_n) for name, z in zip(names, logits)])
+                     layers=read_layers(names, logits, choice, top_n))
 
 
 def next_token_logits(model: GPT, ids: Sequence[int], position: int = -1) -> Tensor:
@@ -153,11 +153,12 @@ def _recording_outputs(modules: Sequence[torch.nn.Module]) -> Iterator[list[Tens
             handle.remove()
 
 
-def read_layer(name: str, logits: Tensor, choice: int, top_n: int) -> LensLayer:
-    """One layer's reading from its logits [V] (softmax in float64)."""
+def read_layers(names: list[str], logits: Tensor, choice: int, top_n: int) -> list[LensLayer]:
+    """Each layer's reading from its logits [n_layer + 1, V] (softmax in float64)."""
     logp = torch.log_softmax(logits.double(), dim=-1)
-    top = logp.topk(min(top_n, logp.numel()))
-    entropy = -(logp.exp() * logp).nan_to_num().sum()  # exp(-inf) * -inf = nan: a p = 0 adds 0
-    return LensLayer(name=name, top=list(zip(top.indices.tolist(), top.values.tolist())),
-                     entropy=float(entropy), rank=1 + int((logits > logits[choice]).sum()),
-                     choice_logprob=float(logp[choice]))
+    top = logp.topk(min(top_n, logp.size(-1)), dim=-1)
+    entropy = -(logp.exp() * logp).nan_to_num().sum(dim=-1)  # exp(-inf) * -inf = nan: p = 0 adds 0
+    ranks = 1 + (logits > logits[:, choice, None]).sum(dim=-1)
+    return [LensLayer(name, list(zip(ids, lps)), h, rank, lp) for name, ids, lps, h, rank, lp in zip(
+        names, top.indices.tolist(), top.values.tolist(), entropy.tolist(), ranks.tolist(),
+        logp[:, choice].tolist())]
