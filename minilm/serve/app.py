@@ -5,6 +5,8 @@
     GET  /v1/models           the served model
     POST /v1/completions      OpenAI's completions (completions.py), streamed or whole
     POST /v1/distribution     the next-token table through the sampler's stages (the page's data)
+    GET  /v1/sampler_settings every sampler knob (type, default, range, help, stage, slider span)
+                              and the stage orders: what the page builds its controls from
 
 Every error is in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad
 field (named in `param`), 404 for an unknown model or path, 500 for a failure of the server.
@@ -25,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from minilm.model.gpt import GPT
 from minilm.sampling.generation import next_token_table
+from minilm.sampling.settings import describe
 from minilm.serve import completions
 from minilm.serve.engine import Engine
 from minilm.serve.protocol import (
@@ -102,6 +105,10 @@ def create_app(model: GPT, tokenizer: Tokenizer, name: str, max_batch: int = 16,
     async def distribution(body: DistributionRequest) -> dict[str, Any]:
         return await next_token_distribution(body, served)
 
+    @app.get("/v1/sampler_settings")
+    async def sampler_settings() -> dict[str, Any]:
+        return describe()
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
@@ -117,7 +124,7 @@ async def next_token_distribution(body: DistributionRequest, served: Served) -> 
     if not 1 <= top_n <= MAX_TOP_N:
         raise bad_request(f"top_n must be in [1, {MAX_TOP_N}], got {top_n}", "top_n")
     (ids,), (text,) = served.read_prompts(body.prompt)
-    sampler = body.sampler(served.vocab_size, served.tokenizer.encode)
+    sampler = body.sampler(served.vocab_size, served.tokenizer)
     include = sorted(body.bias(served.tokenizer.encode))
     table = await served.engine.call(
         lambda: next_token_table(served.model, ids, sampler, top_n, include))
