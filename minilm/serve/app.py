@@ -5,6 +5,8 @@
     GET  /v1/models               the served model
     POST /v1/completions          OpenAI's completions (completions.py), streamed or whole
     POST /v1/distribution         the next-token table through the sampler's stages
+    GET  /v1/sampler_settings     every sampler knob (type, default, range, help, stage, slider
+                                  span) and the stage orders: what the page builds its controls from
     POST /v1/lens                 the logit lens at one position: each layer's next-token reading
     POST /v1/temperature_sweep    entropy and top probability of one position's softmax(z / T)
     POST /v1/score                each token's log-prob, rank and entropy (what GLTR colours by)
@@ -36,6 +38,7 @@ from minilm.sampling.lens import (
     next_token_logits,
     temperature_sweep,
 )
+from minilm.sampling.settings import describe
 from minilm.serve import completions
 from minilm.serve.engine import Engine
 from minilm.serve.protocol import (
@@ -142,6 +145,10 @@ def create_app(model: GPT, tokenizer: Tokenizer, name: str, max_batch: int = 16,
     async def distribution(body: DistributionRequest) -> dict[str, Any]:
         return await next_token_distribution(body, served)
 
+    @app.get("/v1/sampler_settings")
+    async def sampler_settings() -> dict[str, Any]:
+        return describe()
+
     @app.post("/v1/lens")
     async def lens(body: LensRequest) -> dict[str, Any]:
         return await logit_lens_readings(body, served)
@@ -167,7 +174,7 @@ async def next_token_distribution(body: DistributionRequest, served: Served) -> 
     served.check_model(body.model)
     top_n = checked_top_n(body.top_n, 20)
     (ids,), (text,) = served.read_prompts(body.prompt)
-    sampler = body.sampler(served.vocab_size, served.tokenizer.encode)
+    sampler = body.sampler(served.vocab_size, served.tokenizer)
     include = sorted(body.bias(served.tokenizer.encode))
     table = await served.engine.call(
         lambda: next_token_table(served.model, ids, sampler, top_n, include))
