@@ -128,18 +128,59 @@ def test_explorer_page(browser, server, tmp_path):
     page.close()
 
 
+OWN_CONTROL = ("token_bias", "order")  # knobs with a control of their own (bias editor, order list)
+
+
+def test_the_controls_are_the_servers_description_of_the_sampler(browser, server):
+    """Every knob GET /v1/sampler_settings describes is a control with its slider span; the stage
+    list is the default order; a stage's parameters show while it is on; a new stage's effect is
+    the server's."""
+    schema = httpx.get(f"{server.url}/v1/sampler_settings").json()
+    errors = []
+    page = open_page(browser, server, errors)
+    controls = page.eval_on_selector_all("#knobs .knob", "ks => ks.map(k => k.dataset.knob)")
+    knobs = [k for k in schema["knobs"] if k["type"] not in OWN_CONTROL]
+    assert sorted(controls) == sorted(k["name"] for k in knobs)
+    for k in knobs:
+        control = page.locator(f"#ctl-{k['name']}")
+        if k["ui"]:
+            span = control.evaluate("c => [c.type, Number(c.min), Number(c.max), Number(c.step)]")
+            assert span == ["range", k["ui"]["min"], k["ui"]["max"], k["ui"]["step"]]
+        assert page.locator(f"[data-knob={k['name']}]").get_attribute("title") == k["help"]
+        assert page.is_visible(f"[data-knob={k['name']}]") == k["switch"]  # all stages are off
+    order = page.eval_on_selector_all("#stage-order li", "li => li.map(x => x.dataset.stage)")
+    assert order == schema["orders"]["default"]
+    pinned = page.eval_on_selector_all("#stage-order li[draggable=false]",
+                                       "li => li.map(x => x.dataset.stage)")
+    assert pinned == [schema["first_stage"], schema["last_stage"]]
+
+    # XTC on: its threshold shows; top-nσ on: a stage of the table, with the server's numbers
+    settled(page, lambda: page.fill("#ctl-xtc_probability", "0.5"), "#dist")
+    assert page.is_visible("[data-knob=xtc_threshold]")
+    settled(page, lambda: page.fill("#ctl-xtc_probability", "0"), "#dist")
+    assert page.is_hidden("[data-knob=xtc_threshold]")
+    settled(page, lambda: page.fill("#ctl-top_n_sigma", "1"), "#dist")
+    assert stage_names(page) == ["model (T = 1)", "top_n_sigma"]
+    table = api(server, "/v1/distribution", prompt="ROMEO:", top_n_sigma=1.0)
+    assert final_probs(page) == pytest.approx([t["probs"][-1] for t in table["tokens"]],
+                                              abs=1e-12)
+    assert errors == []
+    page.close()
+
+
 def test_a_new_stage_in_the_servers_description_becomes_a_control(browser, server):
     """The page holds no copy of the knobs: whatever the server describes is a control, its value
     goes into every request and its stage into the order."""
-    schema = page_schema(browser, server)
-    schema = {**schema, "knobs": schema["knobs"] + [
+    schema = httpx.get(f"{server.url}/v1/sampler_settings").json()
+    schema["knobs"] += [
         dict(name="wobble_strength", type="number", default=0, stage="wobble", switch=True,
              off=dict(equals=0), help="a stage the page has never heard of",
              ui=dict(min=0, max=3, step=0.5)),
         dict(name="wobble_mode", type="choice", default=0, choices=[0, 1], stage="wobble",
-             switch=False)]}
-    schema["stages"] = schema["stages"] + ["wobble"]
-    schema["orders"] = {name: order + ["wobble"] for name, order in schema["orders"].items()}
+             switch=False, off=None, help="its parameter", ui=None)]
+    schema["stages"].insert(-1, "wobble")
+    for order in schema["orders"].values():
+        order.insert(-1, "wobble")  # before the last stage, which stays last
     page = browser.new_page(viewport={"width": 1360, "height": 1000})
     page.route("**/v1/sampler_settings", lambda route: route.fulfill(
         status=200, content_type="application/json", body=json.dumps(schema)))
@@ -150,7 +191,7 @@ def test_a_new_stage_in_the_servers_description_becomes_a_control(browser, serve
     version = wait_for_render(page, 0)
 
     controls = page.eval_on_selector_all("#knobs .knob", "ks => ks.map(k => k.dataset.knob)")
-    assert controls == [k["name"] for k in schema["knobs"] if k["type"] != "token_bias"]
+    assert controls[-2:] == ["wobble_strength", "wobble_mode"]
     assert page.locator("[data-knob=wobble_strength]").get_attribute("title") == \
         "a stage the page has never heard of"
     assert page.is_hidden("[data-knob=wobble_mode]")  # a parameter shows while its stage is on
@@ -165,16 +206,6 @@ def test_a_new_stage_in_the_servers_description_becomes_a_control(browser, serve
     assert sent[-1]["order"] == "default"  # a preset goes by its name
     assert "wobble" in page.inner_text("#chain")
     page.close()
-
-
-def page_schema(browser, server) -> dict:
-    """The sampler's description the page builds its controls from."""
-    page = browser.new_page()
-    page.goto(server.url + "/")
-    page.wait_for_selector("#knobs[data-ready=true]")
-    schema = page.evaluate("samplerSchema()")
-    page.close()
-    return schema
 
 
 def test_the_stage_order_drags_and_its_presets_are_one_click(browser, server):
@@ -207,13 +238,15 @@ def test_the_stage_order_drags_and_its_presets_are_one_click(browser, server):
     assert stage_names(page) == ["model (T = 1)", "top_k", "temperature"]
     assert page.get_attribute("#stage-order", "data-preset") == "llama.cpp"
     llama = page.eval_on_selector_all("#stage-order li", "li => li.map(x => x.dataset.stage)")
-    assert llama == page_schema(browser, server)["orders"]["llama.cpp"]
+    schema = httpx.get(f"{server.url}/v1/sampler_settings").json()
+    assert llama == schema["orders"]["llama.cpp"]
 
     # and without a mouse: Alt + arrow keys
     page.focus("#stage-order li[data-stage=temperature]")
     settled(page, lambda: page.keyboard.press("Alt+ArrowUp"), "#dist")
     order = page.eval_on_selector_all("#stage-order li", "li => li.map(x => x.dataset.stage)")
-    assert order == llama[:-2] + ["temperature", llama[-2]]
+    i = llama.index("temperature")
+    assert order == llama[:i - 1] + ["temperature", llama[i - 1]] + llama[i + 1:]
     assert errors == []
     page.close()
 

@@ -36,31 +36,16 @@ const state = {
 // ---------------------------------------------------------------------------------------------
 // the sampler's description: the one place that says where the knobs come from
 
-// Until the server describes its knobs (the settings endpoint), the page knows today's API: the
-// same shape, so that only this function changes when the endpoint arrives.
-const TODAYS_API = {
-  knobs: [
-    { name: "logit_bias", type: "token_bias", default: null, stage: "logit_bias", switch: true },
-    { name: "repetition_penalty", type: "number", default: 1, stage: "repetition_penalty", switch: true, off: { equals: 1 }, ui: { min: 0.5, max: 2, step: 0.01 } },
-    { name: "presence_penalty", type: "number", default: 0, stage: "presence_penalty", switch: true, off: { equals: 0 }, ui: { min: -2, max: 2, step: 0.05 } },
-    { name: "frequency_penalty", type: "number", default: 0, stage: "frequency_penalty", switch: true, off: { equals: 0 }, ui: { min: -2, max: 2, step: 0.05 } },
-    { name: "temperature", type: "number", default: 1, stage: "temperature", switch: true, off: { equals: 1 }, help: "z / t; 0 = greedy", ui: { min: 0, max: 2, step: 0.01 } },
-    { name: "top_k", type: "integer", default: 0, stage: "top_k", switch: true, off: { at_most: 0 }, ui: { min: 0, max: 100, step: 1 } },
-    { name: "top_p", type: "number", default: 1, stage: "top_p", switch: true, off: { equals: 1 }, ui: { min: 0.01, max: 1, step: 0.01 } },
-    { name: "min_p", type: "number", default: 0, stage: "min_p", switch: true, off: { equals: 0 }, ui: { min: 0, max: 1, step: 0.01 } },
-    { name: "typical_p", type: "number", default: 1, stage: "typical_p", switch: true, off: { equals: 1 }, ui: { min: 0.01, max: 1, step: 0.01 } },
-  ],
-  stages: ["logit_bias", "repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k", "top_p", "min_p", "typical_p"],
-  orders: {
-    "default": ["logit_bias", "repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k", "top_p", "min_p", "typical_p"],
-    "llama.cpp": ["logit_bias", "repetition_penalty", "presence_penalty", "frequency_penalty", "top_k", "typical_p", "top_p", "min_p", "temperature"],
-  },
-};
-
+// The knobs and stage orders as the server describes them (GET /v1/sampler_settings: the settings
+// dataclass's describe()), so the page holds no copy of them and a new stage appears here by itself.
 async function samplerSchema() {
   const response = await fetch("/v1/sampler_settings");
-  return response.ok ? response.json() : TODAYS_API;
+  if (!response.ok) throw new Error(`GET /v1/sampler_settings: ${response.status} ${response.statusText}`);
+  return response.json();
 }
+
+// Knobs with a control of their own elsewhere: the logit bias editor, the stage order list.
+const OWN_CONTROL = ["token_bias", "order"];
 
 // ---------------------------------------------------------------------------------------------
 // talking to the server
@@ -80,9 +65,9 @@ async function postJSON(path, body) { return (await post(path, body)).json(); }
 
 function settings() { // the sampler fields of a request: every knob, the order, the logit bias
   const out = {};
-  for (const k of state.schema.knobs) {
+  for (const k of knobs()) {
     const value = state.values.get(k.name);
-    if (value !== undefined && value !== null && value !== "") out[k.name] = value;
+    if (value !== null && value !== "") out[k.name] = value;
   }
   out.order = presetOf(state.order) || state.order;
   out.logit_bias = Object.fromEntries([...state.bias].map(([key, b]) => [key, b.value]));
@@ -197,11 +182,11 @@ function isOn(k, value) { // whether this switch knob's value turns its stage on
   return JSON.stringify(value) !== JSON.stringify(k.off.equals);
 }
 
+function knobs() { return state.schema.knobs.filter((k) => !OWN_CONTROL.includes(k.type)); }
+
 function stagesInUse() {
   const used = new Set(state.bias.size ? ["logit_bias"] : []);
-  for (const k of state.schema.knobs) {
-    if (k.switch && k.type !== "token_bias" && isOn(k, state.values.get(k.name))) used.add(k.stage);
-  }
+  for (const k of knobs()) if (k.switch && isOn(k, state.values.get(k.name))) used.add(k.stage);
   return used;
 }
 
@@ -209,8 +194,7 @@ function buildKnobs() {
   const box = $("#knobs");
   box.replaceChildren();
   const groups = new Map(); // stage -> its knobs, switch first
-  for (const k of state.schema.knobs) {
-    if (k.type === "token_bias") continue; // the logit bias editor below
+  for (const k of knobs()) {
     if (!groups.has(k.stage)) groups.set(k.stage, []);
     groups.get(k.stage)[k.switch ? "unshift" : "push"](k);
   }
@@ -231,13 +215,13 @@ function knobControl(k) {
   div.dataset.knob = k.name;
   div.title = k.help || "";
   const id = `ctl-${k.name}`;
-  div.innerHTML = `<div class="top"><label for="${id}">${label(k.name)}</label><output id="out-${k.name}"></output></div>`;
+  div.innerHTML = `<label for="${id}">${label(k.name)}</label>`;
   let input;
   if ((k.type === "number" || k.type === "integer") && k.ui) {
     input = Object.assign(document.createElement("input"), { type: "range", min: k.ui.min, max: k.ui.max, step: k.ui.step });
   } else if (k.type === "choice") {
     input = document.createElement("select");
-    for (const c of k.choices) input.append(new Option(c === k.default ? `${c} (off)` : String(c), String(c)));
+    for (const c of k.choices) input.append(new Option(String(c), String(c)));
   } else {
     input = Object.assign(document.createElement("input"), { type: k.type === "number" || k.type === "integer" ? "number" : "text" });
     if (k.type === "texts") input.placeholder = 'JSON list, e.g. ["\\n", ":"]';
@@ -246,7 +230,7 @@ function knobControl(k) {
   input.id = id;
   input.value = shownValue(k, k.default);
   state.values.set(k.name, k.default);
-  div.append(input);
+  div.append(input, Object.assign(document.createElement("output"), { id: `out-${k.name}` }));
   input.addEventListener(input.tagName === "SELECT" ? "change" : "input", () => {
     try {
       state.values.set(k.name, readValue(k, input.value));
@@ -284,15 +268,13 @@ function setKnob(k, value) {
 
 function showKnobs() { // each knob's value, "off" on a switch at its no-op value, the parameters of the stages in use
   const used = stagesInUse();
-  for (const k of state.schema.knobs) {
-    if (k.type === "token_bias") continue;
+  for (const k of knobs()) {
     const value = state.values.get(k.name);
     const out = $(`#out-${k.name}`);
     const off = k.switch && !isOn(k, value);
-    const step = k.ui ? k.ui.step : 1;
-    out.textContent = off ? "off" : (k.type === "number" && k.ui ? value.toFixed(Math.max(0, -Math.floor(Math.log10(step)))) :
-      k.type === "texts" || k.type === "prompt" ? "" : String(value)) +
-      (k.name === "temperature" && value === 0 ? " (greedy)" : "");
+    out.textContent = off ? "off" : k.name === "temperature" && value === 0 ? "greedy" :
+      k.type === "number" && k.ui ? value.toFixed(Math.max(0, -Math.floor(Math.log10(k.ui.step)))) :
+      k.type === "texts" || k.type === "prompt" ? "" : String(value);
     out.className = off ? "off" : "";
     if (!k.switch) document.querySelector(`[data-knob="${k.name}"]`).hidden = !used.has(k.stage);
   }
@@ -345,7 +327,10 @@ function setOrder(order) {
     li.textContent = stage;
     li.tabIndex = 0;
     li.draggable = !pinned(stage);
-    if (pinned(stage)) li.title = `${stage} always runs ${stage === first ? "first" : "last"}`;
+    if (pinned(stage)) {
+      li.dataset.pin = stage === first ? "first" : "last";
+      li.title = `${stage} always runs ${li.dataset.pin}`;
+    }
     li.addEventListener("dragstart", (event) => {
       li.classList.add("dragging");
       event.dataTransfer.effectAllowed = "move";
@@ -420,7 +405,7 @@ function addBiasFromEditor() {
 }
 
 function reset() {
-  for (const k of state.schema.knobs) if (k.type !== "token_bias") setKnob(k, k.default);
+  for (const k of knobs()) setKnob(k, k.default);
   setOrder(state.schema.orders.default);
   state.bias.clear();
   showBias();
