@@ -18,7 +18,8 @@ def test_defaults_yaml_and_overrides(tmp_path):
     cfg = load_config(path, ["--model.n_layer=5", "--train.dtype=bfloat16", "--loss.softcap=30",
                              "--data.name=null"])
     assert cfg.model.n_layer == 5 and cfg.train.learning_rate == 3e-4
-    assert cfg.train.dtype == "bfloat16" and cfg.loss.softcap == 30.0 and cfg.data.name is None
+    assert cfg.train.dtype == "bfloat16" and cfg.model.logit_softcap == 30.0
+    assert cfg.data.name is None
     assert cfg.model.n_head == 4  # untouched default
 
 
@@ -325,3 +326,60 @@ def test_merge_keys_may_override_what_they_merge():
 
     values = read_yaml("base: &b {n_layer: 2, n_head: 2}\nmodel:\n  <<: *b\n  n_layer: 3\n")
     assert values["model"] == {"n_layer": 3, "n_head": 2}
+
+
+# ---------------------------------------------------------------- model.logit_softcap and its alias
+
+
+def test_softcap_is_a_model_key_and_loss_softcap_its_alias(tmp_path):
+    assert load_config(None, ["--model.logit_softcap=30"]).model.logit_softcap == 30.0
+    assert load_config(None, ["--loss.softcap=30"]).model.logit_softcap == 30.0
+    assert load_config(None, ["--loss.softcap=30", "--model.logit_softcap=30"]
+                       ).model.logit_softcap == 30.0  # both, agreeing
+    cfg = load_config(None, ["--loss.softcap=30"])
+    assert "softcap" not in cfg.to_dict()["loss"]  # one value, under its key
+    assert cfg.to_dict()["model"]["logit_softcap"] == 30.0
+    old = tmp_path / "old.yaml"  # a config file of the code before (and a saved config.yaml)
+    old.write_text("loss:\n  softcap: 20\n  z_loss: 0.001\n")
+    assert load_config(old).model.logit_softcap == 20.0 and load_config(old).loss.z_loss == 1e-3
+    assert load_config(old, ["--model.logit_softcap=10"]).model.logit_softcap == 10.0  # override
+    both = tmp_path / "both.yaml"
+    both.write_text("model:\n  logit_softcap: 20\nloss:\n  softcap: null\n")
+    assert load_config(both).model.logit_softcap == 20.0  # a null alias is no value
+
+
+@pytest.mark.parametrize("args, text, message", [
+    (["--loss.softcap=30", "--model.logit_softcap=20"], None,
+     "the command line: loss.softcap is 30 but model.logit_softcap is 20 (loss.softcap is the old "
+     "name of model.logit_softcap): give one of them"),
+    (["--model.logit_softcap=20", "--loss.softcap=30"], None,
+     "the command line: loss.softcap is 30 but model.logit_softcap is 20 (loss.softcap is the old "
+     "name of model.logit_softcap): give one of them"),
+    ([], "model:\n  logit_softcap: 20\nloss:\n  softcap: 30\n",
+     "config file {path}: loss.softcap is 30 but model.logit_softcap is 20 (loss.softcap is the "
+     "old name of model.logit_softcap): give one of them"),
+    (["--model.logit_softcap=0"], None, r"model.logit_softcap must be > 0 \(or null: off\), got "
+                                        "0.0"),
+    (["--loss.softcap=-1"], None, r"model.logit_softcap must be > 0 \(or null: off\), got -1.0"),
+])
+def test_softcap_given_twice_or_out_of_range_is_one_line(tmp_path, capsys, args, text, message):
+    from minilm.cli.common import run_cli
+    from minilm.cli.train import train_main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text or "{}\n")
+    message = message.replace("{path}", str(path))
+    with pytest.raises(ConfigError, match=message if "\\(" in message else None) as e:
+        load_config(path, args)
+    if "\\(" not in message:
+        assert str(e.value) == message
+    assert run_cli(train_main, [str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_help_lists_the_alias():
+    from minilm.train.config import Config, config_help
+
+    (line,) = [ln for ln in config_help(Config).splitlines() if ln.split()[:1] == ["loss.softcap"]]
+    assert "float | null = null" in line and "the old name of model.logit_softcap" in line

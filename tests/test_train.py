@@ -159,8 +159,8 @@ def test_resume_with_changed_softcap_is_refused(corpus_file, tmp_path):
     train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4})))
     cfg = load_config(None, tiny_overrides(tmp_path, corpus_file, **{"train.resume": True,
                                                                      "loss.softcap": 30}))
-    with pytest.raises(ConfigError, match="loss.softcap is 30.0 but the checkpoint was trained "
-                                          "with None"):
+    with pytest.raises(ConfigError, match="model.logit_softcap is 30.0 but the checkpoint was "
+                                          "trained with None"):
         train_run(cfg)
 
 
