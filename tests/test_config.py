@@ -6,7 +6,11 @@ import sys
 
 import pytest
 
+from minilm.cli import train as cli_train
+from minilm.cli.common import run_cli
+from minilm.cli.train import train_main
 from minilm.errors import ConfigError
+from minilm.train import config as train_config
 from minilm.train.config import load_config
 
 from conftest import ROOT
@@ -56,13 +60,12 @@ def test_shipped_configs_are_valid():
             load_config(path)
 
 
-def test_cli_exits_2_with_one_line():
-    proc = subprocess.run([sys.executable, "train.py", "--train.max_iter=5"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+def test_cli_exits_2_with_one_line(capsys):
+    assert run_cli(train_main, ["--train.max_iter=5"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and "did you mean train.max_iters" in lines[0]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
 
 
 # ---------------------------------------------------------------- YAML 1.2 numbers (issue 8.1)
@@ -188,6 +191,7 @@ def test_configs_by_name_and_default():
         load_config("shakespear_char")
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_the_configs_and_finds_them(tmp_path):
     """A non-editable build: the wheel holds minilm/configs (built from configs/) and, unpacked
     away from the repository, minilm finds its configs there."""
@@ -227,28 +231,33 @@ def test_the_wheel_ships_the_configs_and_finds_them(tmp_path):
     assert out_dir == "out/shakespeare_char"
 
 
-def test_train_finds_a_config_by_name(tmp_path):
+def test_train_finds_a_config_by_name(tmp_path, capsys, monkeypatch):
     """train.py NAME, and train.py with no config, use the shipped configs (checked here up to
     the one-line refusal of an out_dir that already holds a run)."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    read = []
+    real = train_config.load_config
+    monkeypatch.setattr(cli_train, "load_config",
+                        lambda path, *a, **kw: read.append(path) or real(path, *a, **kw))
     for argv in (["shakespeare_gpt2"], []):
-        proc = subprocess.run([sys.executable, "train.py", *argv, f"--out_dir={out}"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr
+        assert run_cli(train_main, [*argv, f"--out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert "already holds a run" in err, err
+    assert read == ["shakespeare_gpt2", "shakespeare_char"]
 
 
-def test_help_anywhere_lists_every_key():
+def test_help_anywhere_lists_every_key(capsys):
     from minilm.train.config import Config, config_keys, flatten
 
     for argv in (["--help"], ["shakespeare_char", "--train.max_iters=5", "-h"]):
-        proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0 and proc.stderr == ""
-        lines = proc.stdout.splitlines()
+        assert run_cli(train_main, argv) == 0
+        stdout, err = capsys.readouterr()
+        assert err == ""
+        lines = stdout.splitlines()
         assert lines[0] == "usage: train.py [CONFIG] [--section.key=value ...]"
-        assert "Sections: out_dir, model, data, train, loss, wandb." in proc.stdout
+        assert "Sections: out_dir, model, data, train, loss, wandb." in stdout
         keys = config_keys(Config)
         assert [k.key for k in keys] == list(flatten(Config().to_dict()))  # every key, in order
         for k in keys:  # one line each: key, type = default, description
