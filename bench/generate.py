@@ -27,6 +27,7 @@ On a 2-core machine shared with other jobs use --threads 1: with two OpenMP thre
 each parallel op may wait a whole scheduler slice (~8 ms) for its second thread.
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,10 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minilm.model.gpt import GPT, GPTConfig, KVCache  # noqa: E402
 from minilm.sampling.generation import Request, RunningBatch, complete, greedy  # noqa: E402
 from minilm.sampling.history import History  # noqa: E402
+from minilm.sampling.settings import SamplerSettings  # noqa: E402
 from minilm.sampling.stack import SamplerStack  # noqa: E402
+from minilm.tokenizer import TiktokenTokenizer  # noqa: E402
 
 V, N_LAYER, N_HEAD, N_EMBD, BLOCK = 50257, 12, 12, 768, 1024
 STACK = dict(repetition_penalty=1.1, temperature=0.8, top_k=50, top_p=0.95)
+NEW_STACK = dict(guidance_scale=1.5, repetition_penalty=1.1, dry_multiplier=0.8, temperature=0.8,
+                 top_n_sigma=2.0, top_h=0.95, top_k=50, top_p=0.95, min_p=0.02, typical_p=0.98,
+                 epsilon_cutoff=3e-4, eta_cutoff=3e-4, xtc_probability=0.5, xtc_threshold=0.1,
+                 mirostat=2)
 
 
 def best_time(fn, reps: int) -> float:
@@ -146,6 +153,57 @@ def stack_overhead(ours: GPT, reps: int, steps: int = 16) -> list[dict]:
     return rows
 
 
+def new_stack_overhead(ours: GPT, reps: int, steps: int = 16, prompt_len: int = 512) -> list[dict]:
+    """A decode step (1 token, cache at 128) vs a step of the full stack of issue 20 (NEW_STACK:
+    every stage on, classifier-free guidance on a second logits tensor): sample() then
+    History.append, on a History of `prompt_len` tokens with a 128-token passage repeated (DRY
+    finds long matches). Interleaved: each rep times the decode steps, then the sampling steps."""
+    ours.set_decode_layout(True)
+    tokenizer = TiktokenTokenizer("gpt2")
+    stack = SamplerStack.from_settings(SamplerSettings(**NEW_STACK), tokenizer=tokenizer)
+    rows = []
+    for batch in (1, 8):
+        g = torch.Generator().manual_seed(6)
+        ids = torch.randint(0, V, (batch, 128), generator=g)
+        cache = KVCache(ours.config, batch, max_len=128 + steps)
+        passage = torch.randint(0, V, (batch, 128), generator=g)
+        context = torch.cat([torch.randint(0, V, (batch, prompt_len - 256), generator=g), passage,
+                             passage], dim=1)
+        with torch.inference_mode():
+            ours.logits(ids[:, :-1], cache)
+            start = cache.length
+
+            def decode():
+                cache.length = start
+                for _ in range(steps):
+                    z = ours.logits(ids[:, -1:], cache)[:, -1]
+                return z
+
+            logits = decode()
+            uncond = logits.roll(1, dims=-1)
+
+            def sampling():
+                history = History(context, prompt_lens=torch.full((batch,), prompt_len),
+                                  generators=[torch.Generator().manual_seed(i) for i in range(batch)])
+                stack.sample(logits, history, unconditional_logits=uncond)  # prefill the caches
+                t = time.perf_counter()
+                for _ in range(steps):
+                    tokens, _ = stack.sample(logits, history, unconditional_logits=uncond)
+                    history.append(tokens)
+                return time.perf_counter() - t
+
+            t_step, t_stack = [], []
+            for _ in range(reps):
+                t = time.perf_counter()
+                decode()
+                t_step.append((time.perf_counter() - t) / steps)
+                t_stack.append(sampling() / steps)
+            rows.append(dict(batch=batch, step=statistics.median(t_step),
+                             stack=statistics.median(t_stack), share=[b / a for a, b in
+                                                                       zip(t_step, t_stack)]))
+    return rows
+
+
 def kv_vs_recompute(ours: GPT, samples: int | None, reps: int, prompt_len: int = 512,
                     new: int = 256) -> tuple[float, float, int]:
     """Seconds for `new` greedy tokens through the KV cache, and by recomputing every step."""
@@ -235,6 +293,7 @@ def main() -> None:
     p.add_argument("--full_recompute", action="store_true")
     p.add_argument("--window_steps", type=int, default=5)
     p.add_argument("--window_only", action="store_true", help="only table 4")
+    p.add_argument("--new_stack_only", action="store_true", help="only table 5")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -242,6 +301,8 @@ def main() -> None:
     window_models = {"124M": ours, "char": char_model()}
     if args.window_only:
         return print_past_block_size(window_models, args)
+    if args.new_stack_only:
+        return print_new_stack(ours, args)
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     floor_step = weight_bytes / bw
@@ -273,6 +334,19 @@ def main() -> None:
     print(f"| KV cache speed-up | {t_re / t_kv:.1f}x | |")
 
     print_past_block_size(window_models, args)
+    print_new_stack(ours, args)
+
+
+def print_new_stack(ours: GPT, args: argparse.Namespace) -> None:
+    """Table 5: the full stack of issue 20 beside a decode step."""
+    print("\n| batch | decode step ms | full new stack ms (sample + append) | share of a step "
+          "(median) | shares per rep |")
+    print("|---|---|---|---|---|")
+    for r in new_stack_overhead(ours, args.reps):
+        print(f"| {r['batch']} | {r['step'] * 1e3:.1f} | {r['stack'] * 1e3:.2f} | "
+              f"{statistics.median(r['share']):.1%} | "
+              f"{', '.join(f'{x:.1%}' for x in r['share'])} |")
+
 
 if __name__ == "__main__":
     main()

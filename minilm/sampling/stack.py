@@ -22,8 +22,14 @@ from minilm.sampling.history import History
 from minilm.sampling.settings import SamplerSettings
 from minilm.sampling.stages import (
     STAGES,
+    XTC,
+    EpsilonCutoff,
+    EtaCutoff,
+    MinP,
+    Mirostat,
     Processor,
     Temperature,
+    TopH,
     TopK,
     TopP,
     TypicalP,
@@ -34,11 +40,12 @@ NEG_INF = float("-inf")
 LOGPROBS_MODES = ("raw", "processed")
 
 # The processors that read nothing but each row's logit values (not token ids, V or the History), so
-# give the same values on a row's candidate tokens as on the whole row with the rest at -inf: after a
-# TopK, sample() runs them on its kept tokens only. Not MinP (nor the other probability thresholds):
-# its softmax over the whole row rounds differently from one over the candidates, which could flip a
-# token at the boundary.
-ON_CANDIDATES = (Temperature, TopK, TopP, TypicalP)
+# give the same kept set on a row's candidate tokens (kept first, in token order) as on the whole row
+# with the rest at -inf: after a TopK, sample() runs them on its kept tokens only. Top-H ranks with
+# topk (the same sorted values either way); the probability thresholds sum the row in float64
+# (stages._probs64), which rounds at ~1e-16 whichever order the tokens come in.
+ON_CANDIDATES = (Temperature, TopK, TopP, TypicalP, TopH, MinP, EpsilonCutoff, EtaCutoff, XTC,
+                 Mirostat)
 # The fewest candidates a row gets (the rest padded with removed tokens): torch's softmax sums a row
 # shorter than a SIMD register (8 or 16 floats) in another order than a longer one, so a row's
 # probabilities would depend on how many candidates the other rows of the batch need; from 64 on,

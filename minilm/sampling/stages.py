@@ -14,7 +14,6 @@ A stage may also take per-step inputs the stack hands it as keywords (``inputs``
 """
 from __future__ import annotations
 
-import bisect
 import math
 from functools import lru_cache
 from typing import Any, Callable, Sequence
@@ -56,6 +55,19 @@ def _wide(logits: Tensor) -> Tensor:
 def softmax_probs(logits: Tensor) -> Tensor:
     """softmax in float32 or wider (torch subtracts the row max first, so logits of ±1e4 are safe)."""
     return torch.softmax(_wide(logits), dim=-1)
+
+
+def _probs64(logits: Tensor) -> Tensor:
+    """softmax in float64. The probability thresholds (min-p, epsilon, eta, XTC, Mirostat) read it:
+    its one row-wide sum rounds at ~1e-16, so a row gives the same kept set whether it comes whole
+    or as its candidates after a top-k (the rest at -inf), where a float32 sum, added in another
+    order, could flip a token at the threshold."""
+    return torch.softmax(logits.double(), dim=-1)
+
+
+def _logprobs64(logits: Tensor) -> Tensor:
+    """log_softmax in float64 (as _probs64)."""
+    return torch.log_softmax(logits.double(), dim=-1)
 
 
 def _entropy(logp: Tensor) -> Tensor:
@@ -309,7 +321,7 @@ class DRY(Stage):
         self.single = sorted({b[0] for b in sequences if len(b) == 1})
         self.multi = sorted({b for b in sequences if len(b) > 1})
         self.max_exponent = int(FLOAT_MAX_LOG / math.log(self.base)) if self.base > 1.000001 else None
-        self._single_ids: Tensor | None = None
+        self._single_tables: dict[tuple[int, torch.device], Tensor] = {}
 
     @classmethod
     def from_settings(cls, settings: SamplerSettings, tokenizer: Any = None,
@@ -325,7 +337,7 @@ class DRY(Stage):
         h = _require_history(history, logits, "DRY", build=False)
         if self.multiplier == 0 or self.penalty_last_n == 0 or h.tokens.size(1) < 2:
             return logits
-        B, V = logits.shape
+        V = logits.size(-1)
         real = h.real()
         H = torch.where(real, h.tokens, -1)                      # (B, T): padding never matches
         T = H.size(1)
@@ -347,13 +359,14 @@ class DRY(Stage):
         exponent = (length - a).clamp(min=0)
         if self.max_exponent is not None:
             exponent = exponent.clamp(max=self.max_exponent)
-        # the penalty grows with L: the largest per token is that of its longest repeat
-        penalty = torch.where(ok, self.multiplier * self.base ** exponent.double(), 0.0)
-        per_token = torch.zeros(B, V + 1, dtype=torch.float64, device=H.device)
-        per_token.scatter_reduce_(1, torch.where(ok, nxt, V), penalty, "amax")
-        if self.single:
-            per_token[:, self._single(H.device, V)] = 0.0    # one-token breakers go unpenalised
-        return logits - per_token[:, :V].to(logits.dtype)
+        if self.single:                                      # one-token breakers go unpenalised
+            ok &= ~self._single_table(V, H.device)[torch.where(ok, nxt, V)]
+        penalty = (self.multiplier * self.base ** exponent.double()).to(logits.dtype)
+        # x - (the largest penalty of t) = min over t's repeats of x - penalty: the penalty grows
+        # with L, so t's longest repeat sets it; positions that are not ok leave x as it is
+        at = torch.where(ok, nxt, 0)
+        lowered = torch.where(ok, logits.gather(1, at) - penalty, math.inf).to(logits.dtype)
+        return logits.scatter_reduce(1, at, lowered, "amin")
 
     def _matches(self, h: History, H: Tensor) -> Tensor:
         """(B, T - 1): for each end position e, the longest common suffix of H[..e] and H (its
@@ -372,8 +385,7 @@ class DRY(Stage):
         T = H.size(1)
         tails = torch.full_like(H, -1)
         if self.single:
-            is_single = torch.zeros(V + 1, dtype=torch.bool, device=H.device)
-            is_single[self._single(H.device, V)] = True
+            is_single = self._single_table(V, H.device)
             tails = torch.where(is_single[torch.where((H >= 0) & (H < V), H, V)], 0, tails)
         for seq in self.multi:
             k = len(seq) - 1
@@ -385,11 +397,15 @@ class DRY(Stage):
             tails[:, :T - k] = torch.where(hit, tails[:, :T - k].clamp(min=k), tails[:, :T - k])
         return tails
 
-    def _single(self, device: torch.device, V: int) -> Tensor:
-        """The one-token breakers in [0, V), as a tensor on ``device`` (made once)."""
-        if self._single_ids is None or self._single_ids.device != device:
-            self._single_ids = torch.tensor(self.single, dtype=torch.long, device=device)
-        return self._single_ids[:bisect.bisect_left(self.single, V)]
+    def _single_table(self, V: int, device: torch.device) -> Tensor:
+        """BoolTensor[V + 1]: whether each token is a one-token breaker (the last entry, for
+        padding and ids outside the vocabulary, is not); made once per V and device."""
+        table = self._single_tables.get((V, device))
+        if table is None:
+            table = torch.zeros(V + 1, dtype=torch.bool, device=device)
+            table[[t for t in self.single if t < V]] = True
+            self._single_tables[(V, device)] = table
+        return table
 
 
 def breaker_sequences(texts: Sequence[str], tokenizer: Any) -> list[tuple[int, ...]]:
@@ -457,13 +473,14 @@ class TopNSigma(Stage):
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         if self.n <= 0:
             return logits
-        kept = logits > NEG_INF
+        x = _wide(logits)
+        kept = x > NEG_INF
         count = kept.sum(dim=-1, keepdim=True)
-        x = torch.where(kept, logits.double(), 0.0)
-        mean = x.sum(dim=-1, keepdim=True) / count.clamp(min=1)
-        var = torch.where(kept, x - mean, 0.0).square().sum(dim=-1, keepdim=True) / count.clamp(min=1)
-        cut = logits.amax(dim=-1, keepdim=True).double() - self.n * var.sqrt()
-        return _remove(logits, (logits.double() < cut) & (count > 1))
+        mean = torch.where(kept, x, 0.0).sum(dim=-1, keepdim=True) / count
+        deviation = torch.where(kept, x - mean, 0.0)
+        sigma = (deviation.square().sum(dim=-1, keepdim=True) / count).sqrt()
+        # one token left: σ = 0 and the cut is that token; none left: the cut is nan, removes none
+        return _remove(logits, x < x.amax(dim=-1, keepdim=True) - self.n * sigma)
 
 
 class TopH(Stage):
@@ -487,7 +504,8 @@ class TopH(Stage):
         tau = -(normed.clamp(min=torch.finfo(x.dtype).min) * q).sum(dim=-1, keepdim=True) * self.tau
         keep = torch.cumsum(-q * torch.log(q), dim=-1) <= tau              # 0·log 0 = nan: False
         keep[:, 0] = True
-        return _remove(logits, ~torch.zeros_like(logits, dtype=torch.bool).scatter(-1, ids, keep))
+        kept = torch.where(keep, logits.gather(-1, ids), NEG_INF)
+        return torch.full_like(logits, NEG_INF).scatter(-1, ids, kept)
 
 
 class TopK(Stage):
@@ -548,7 +566,8 @@ class MinP(Stage):
     """Min-p sampling (Nguyen et al. 2024), as HF's ``MinPLogitsWarper``.
 
     Remove the tokens with ``prob[j] < p · max_i prob[i]``. p in [0, 1]; p = 0 keeps every token, p = 1
-    only the most likely one(s). The most likely token is never removed.
+    only the most likely one(s). The most likely token is never removed. (Probabilities in float64,
+    _probs64; HF's are float32: they differ only for a token within float32 rounding of the cut.)
     """
     name = "min_p"
 
@@ -558,7 +577,7 @@ class MinP(Stage):
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         if self.p == 0.0:
             return logits
-        probs = softmax_probs(logits)
+        probs = _probs64(logits)
         return _remove(logits, probs < self.p * probs.amax(dim=-1, keepdim=True))
 
 
@@ -600,7 +619,8 @@ class EpsilonCutoff(Stage):
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         if self.epsilon == 0:
             return logits
-        return _remove(logits, (softmax_probs(logits) < self.epsilon) & ~_not_below_kth(logits))
+        probs = _probs64(logits)
+        return _remove(logits, (probs < self.epsilon) & ~_not_below_kth(logits))
 
 
 class EtaCutoff(Stage):
@@ -615,9 +635,9 @@ class EtaCutoff(Stage):
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         if self.epsilon == 0:
             return logits
-        logp = torch.log_softmax(_wide(logits), dim=-1)
-        eta = (math.sqrt(self.epsilon) * torch.exp(-_entropy(logp))).clamp(max=self.epsilon)
-        return _remove(logits, (logp.exp() < eta) & ~_not_below_kth(logits))
+        eta = (math.sqrt(self.epsilon) * torch.exp(-_entropy(_logprobs64(logits))))
+        eta = eta.clamp(max=self.epsilon)
+        return _remove(logits, (_probs64(logits) < eta) & ~_not_below_kth(logits))
 
 
 class XTC(Stage):
@@ -647,7 +667,7 @@ class XTC(Stage):
                  coins: Tensor | None = None) -> Tensor:
         if self.probability == 0 or self.threshold > 0.5:
             return logits
-        above = (softmax_probs(logits) >= self.threshold) & (logits > NEG_INF)
+        above = (_probs64(logits) >= self.threshold) & (logits > NEG_INF)
         act = above.sum(dim=-1, keepdim=True) >= 2
         if coins is not None:
             act &= (coins.to(logits.device) < self.probability)[:, None]
@@ -690,7 +710,7 @@ class Mirostat(Stage):
         return torch.where(torch.isnan(mu), 2 * self.tau, mu)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
-        logp = torch.log_softmax(_wide(logits), dim=-1)
+        logp = _logprobs64(logits)
         keep = (-logp / LN2 <= self.mu(history, logits)[:, None]) & (logp > NEG_INF)
         keep.scatter_(-1, logits.argmax(dim=-1, keepdim=True), True)  # the first argmax: surprise
         return _remove(logits, ~keep)                                 # lowest, kept if none is
