@@ -187,8 +187,9 @@ def new_stack_overhead(ours: GPT, reps: int, steps: int = 16, prompt_len: int = 
             uncond = logits.roll(1, dims=-1)
 
             def sampling(stack: SamplerStack) -> float:
+                generators = [torch.Generator().manual_seed(i) for i in range(batch)]
                 history = History(context, prompt_lens=torch.full((batch,), prompt_len),
-                                  generators=[torch.Generator().manual_seed(i) for i in range(batch)])
+                                  generators=generators)
                 stack.sample(logits, history, unconditional_logits=uncond)  # fills the caches
                 t = time.perf_counter()
                 for _ in range(steps):

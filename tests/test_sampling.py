@@ -1172,6 +1172,8 @@ NEW_ON_CANDIDATES = [
     [TopK(40), TopH(0.7), XTC(0.03, 1.0), Temperature(0.8)],
     [Temperature(0.7), TopK(60), TopP(0.9), TopH(0.95), XTC(0.02, 1.0), Mirostat(2.0, 0.1)],
     [TopK(20), Mirostat(0.5, 0.1)],
+    [Temperature(0.8), TopH(0.9), TopK(40), MinP(0.05), XTC(0.05, 1.0)],  # top-H narrows first
+    [TopH(0.5), EtaCutoff(0.01), Mirostat(2.0, 0.1)],
 ]
 
 

@@ -54,7 +54,7 @@ def _wide(logits: Tensor) -> Tensor:
 
 
 def softmax_probs(logits: Tensor) -> Tensor:
-    """softmax in float32 or wider (torch subtracts the row max first, so logits of ±1e4 are safe)."""
+    """softmax in float32 or wider (torch subtracts the row max first: logits of ±1e4 are safe)."""
     return torch.softmax(_wide(logits), dim=-1)
 
 
@@ -144,9 +144,12 @@ def classifier_free_guidance(cond_logits: Tensor, uncond_logits: Tensor, scale: 
     """``s · (log_softmax(cond) − log_softmax(uncond)) + log_softmax(uncond)``, as HF's
     ``UnbatchedClassifierFreeGuidanceLogitsProcessor``: s = 1 gives the conditional log-probs,
     s = 0 the unconditional ones, s > 1 pushes away from the unconditional context."""
-    cond = torch.log_softmax(_wide(cond_logits), dim=-1)
-    uncond = torch.log_softmax(_wide(uncond_logits), dim=-1)
-    return (scale * (cond - uncond) + uncond).to(cond_logits.dtype)
+    cond, uncond = _wide(cond_logits), _wide(uncond_logits)
+    # = s·c + (1 − s)·u − (s·lse(c) + (1 − s)·lse(u)): two sums and one pass over the logits
+    # instead of two log-softmaxes and three passes (half the time at batch 8 on CPU)
+    shift = scale * cond.logsumexp(dim=-1, keepdim=True) \
+        + (1 - scale) * uncond.logsumexp(dim=-1, keepdim=True)
+    return (torch.add(cond * scale, uncond, alpha=1 - scale) - shift).to(cond_logits.dtype)
 
 
 class ClassifierFreeGuidance(Stage):
@@ -184,8 +187,9 @@ class ClassifierFreeGuidance(Stage):
             raise ValueError("classifier-free guidance needs the unconditional rows' logits "
                              "(sample(..., unconditional_logits=...))")
         if unconditional_logits.shape != logits.shape:
-            raise ValueError(f"unconditional_logits have shape {tuple(unconditional_logits.shape)}, "
-                             f"the logits {tuple(logits.shape)}")
+            shape = tuple(unconditional_logits.shape)
+            raise ValueError(f"unconditional_logits have shape {shape}, the logits "
+                             f"{tuple(logits.shape)}")
         return classifier_free_guidance(logits, unconditional_logits, self.scale)
 
 
@@ -215,8 +219,8 @@ class LogitBias(Stage):
         self.bias = check_knob(self.name, bias) or {}
         self._max_id = max(self.bias, default=-1)
         if vocab_size is not None and self._max_id >= vocab_size:
-            raise SettingError(self.name, f"logit_bias key {self._max_id} is outside the vocabulary "
-                                          f"[0, {vocab_size - 1}]")
+            raise SettingError(self.name, f"logit_bias key {self._max_id} is outside the "
+                                          f"vocabulary [0, {vocab_size - 1}]")
         self._ids = torch.tensor(list(self.bias), dtype=torch.long)
         self._values = torch.tensor(list(self.bias.values()), dtype=torch.float32)
 
@@ -321,8 +325,10 @@ class DRY(Stage):
             raise ValueError("DRY breakers must be non-empty sequences of token ids")
         self.single = sorted({b[0] for b in sequences if len(b) == 1})
         self.multi = sorted({b for b in sequences if len(b) > 1})
-        self.max_exponent = int(FLOAT_MAX_LOG / math.log(self.base)) if self.base > 1.000001 else None
+        self.max_exponent = (int(FLOAT_MAX_LOG / math.log(self.base)) if self.base > 1.000001
+                             else None)
         self._single_tables: dict[tuple[int, torch.device], Tensor] = {}
+        self._penalty_tables: dict[tuple, Tensor] = {}  # the last one only
 
     @classmethod
     def from_settings(cls, settings: SamplerSettings, tokenizer: Any = None,
@@ -338,36 +344,47 @@ class DRY(Stage):
         h = _require_history(history, logits, "DRY", build=False)
         if self.multiplier == 0 or self.penalty_last_n == 0 or h.tokens.size(1) < 2:
             return logits
-        V = logits.size(-1)
-        real = h.real()
-        H = torch.where(real, h.tokens, -1)                      # (B, T): padding never matches
-        T = H.size(1)
-        pos = torch.arange(T, device=H.device)
-        n = real.sum(dim=1)                                      # (B,) real tokens
+        V, a = logits.size(-1), self.allowed_length
+        if h.attention_mask is None:
+            H, n = h.tokens, torch.full_like(h.prompt_lens, h.tokens.size(1))
+        else:
+            H, n = torch.where(h.attention_mask, h.tokens, -1), h.attention_mask.sum(dim=1)
+        T = H.size(1)                                            # H: (B, T), padding -1 (no match)
         if self.penalty_last_n > 0:
-            n = n.clamp(max=self.penalty_last_n)
-        start = (T - n)[:, None]                                 # (B, 1) the window's first column
+            n = n.clamp(max=self.penalty_last_n)                 # (B,) the window's length
+        start = (T - n)[:, None]                                 # (B, 1) its first column
+        pos = torch.arange(T, device=H.device)
         tails = self._breaker_tails(H, V)                        # (B, T)
         head = torch.where((tails >= 0) & (pos >= start), pos, -1).amax(dim=1, keepdim=True)
         after = T - 1 - head - tails.gather(1, head.clamp(min=0))
         rep_limit = torch.where(head >= 0, after, n[:, None])    # (B, 1) tokens after the breaker
+        # a row with a window of at most a tokens, or a repeat limit under a, gets nothing
+        start = torch.where((rep_limit >= a) & (n[:, None] > a), start, T)
         e = pos[:-1]                                             # end positions
         length = torch.minimum(torch.minimum(self._matches(h, H), e - start + 1), rep_limit)
-        a = self.allowed_length
         nxt = H[:, 1:]                                           # the token after each end
-        ok = (e >= start) & (length >= a) & (rep_limit >= a) & (n[:, None] > a) \
-            & (nxt >= 0) & (nxt < V)
+        ok = (e >= start) & (length >= a) & (nxt < V)
+        if self.single:                                          # one-token breakers go unpenalised
+            ok &= ~self._single_table(V, H.device)[nxt.clamp(max=V)]  # padding -1: the last
         exponent = (length - a).clamp(min=0)
         if self.max_exponent is not None:
             exponent = exponent.clamp(max=self.max_exponent)
-        if self.single:                                      # one-token breakers go unpenalised
-            ok &= ~self._single_table(V, H.device)[torch.where(ok, nxt, V)]
-        penalty = (self.multiplier * self.base ** exponent.double()).to(logits.dtype)
+        penalty = self._penalties(T, logits)[exponent]           # multiplier · base^exponent
         # x - (the largest penalty of t) = min over t's repeats of x - penalty: the penalty grows
         # with L, so t's longest repeat sets it; positions that are not ok leave x as it is
         at = torch.where(ok, nxt, 0)
-        lowered = torch.where(ok, logits.gather(1, at) - penalty, math.inf).to(logits.dtype)
+        lowered = torch.where(ok, logits.gather(1, at) - penalty, math.inf)
         return logits.scatter_reduce(1, at, lowered, "amin")
+
+    def _penalties(self, T: int, logits: Tensor) -> Tensor:
+        """multiplier · base^i for every exponent i a history of T tokens can reach (up to the cap,
+        else the next power of two >= T), in the logits' dtype and device; made once per size."""
+        size = self.max_exponent + 1 if self.max_exponent is not None else 1 << (T - 1).bit_length()
+        key = (size, logits.dtype, logits.device)
+        if key not in self._penalty_tables:
+            powers = self.multiplier * self.base ** torch.arange(size, dtype=torch.float64)
+            self._penalty_tables = {key: powers.to(logits.device, logits.dtype)}
+        return self._penalty_tables[key]
 
     def _matches(self, h: History, H: Tensor) -> Tensor:
         """(B, T - 1): for each end position e, the longest common suffix of H[..e] and H (its
@@ -497,6 +514,22 @@ class TopH(Stage):
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         if self.tau == 0:
             return logits
+        values, ids = self._kept_top(logits)
+        return torch.full_like(logits, NEG_INF).scatter(-1, ids, values)
+
+    def narrows(self, V: int) -> bool:
+        """Whether it leaves at most TOP_N of V tokens (then ``candidates`` is worth it)."""
+        return self.tau > 0 and V > self.TOP_N
+
+    def candidates(self, logits: Tensor, width: int = 0) -> tuple[Tensor, Tensor]:
+        """``self(logits)`` [B, V] in short: (values, ids) [B, TOP_N], each row's kept tokens first,
+        in token order, then removed ones (-inf), as TopK.candidates; the stages after it run on
+        these (sample()), not on all V."""
+        values, ids = self._kept_top(logits)
+        return _kept_first(values, ids, logits.size(-1))
+
+    def _kept_top(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The top TOP_N (values, ids) [B, n], largest first, the ones Top-H removes at -inf."""
         x = _wide(logits)
         values, ids = torch.topk(x, min(self.TOP_N, x.size(-1)), dim=-1)   # (B, n), sorted
         normed = values - values.logsumexp(dim=-1, keepdim=True)           # as torch's Categorical
@@ -504,8 +537,13 @@ class TopH(Stage):
         tau = -(normed.clamp(min=torch.finfo(x.dtype).min) * q).sum(dim=-1, keepdim=True) * self.tau
         keep = torch.cumsum(-q * torch.log(q), dim=-1) <= tau              # 0·log 0 = nan: False
         keep[:, 0] = True
-        kept = torch.where(keep, logits.gather(-1, ids), NEG_INF)
-        return torch.full_like(logits, NEG_INF).scatter(-1, ids, kept)
+        return torch.where(keep, logits.gather(-1, ids), NEG_INF), ids
+
+
+def _kept_first(values: Tensor, ids: Tensor, V: int) -> tuple[Tensor, Tensor]:
+    """(values, ids) [B, n] reordered: the kept (> -inf) first, in token order, then the removed."""
+    order = torch.where(values > NEG_INF, ids, ids + V).argsort(dim=-1)
+    return values.gather(-1, order), ids.gather(-1, order)
 
 
 class TopK(Stage):
@@ -524,6 +562,10 @@ class TopK(Stage):
         kth = torch.topk(logits, self.k, dim=-1).values[..., -1:]  # (B, 1)
         return _remove(logits, logits < kth)
 
+    def narrows(self, V: int) -> bool:
+        """Whether it leaves fewer than V tokens (then ``candidates`` is worth it)."""
+        return 0 < self.k < V
+
     def candidates(self, logits: Tensor, width: int = 0) -> tuple[Tensor, Tensor]:
         """``self(logits)`` [B, V] in short, for 0 < k < V: (values, ids) [B, n], each row's kept tokens
         first, in token order, then removed ones (at -inf). n = max(k + 1, width), at most V, unless a
@@ -538,8 +580,7 @@ class TopK(Stage):
             n_kept = ((logits >= kth) & (logits > NEG_INF)).sum(dim=-1).amax()
             top = torch.topk(logits, max(int(n_kept), width), dim=-1)
         remove = (top.values < kth) | (top.values == NEG_INF)            # as __call__ gives
-        order = torch.where(remove, top.indices + V, top.indices).argsort(dim=-1)  # kept first, by id
-        return _remove(top.values, remove).gather(-1, order), top.indices.gather(-1, order)
+        return _kept_first(_remove(top.values, remove), top.indices, V)
 
 
 class TopP(Stage):
