@@ -15,7 +15,8 @@ from minilm.checkpoint import save_checkpoint
 from minilm.cli.common import run_cli
 from minilm.cli.eval import main
 from minilm.eval.calibration import ReliabilityBins, fit_temperature
-from minilm.eval.scoring import Document, encode_pair, score
+from minilm.eval.corpus import Document
+from minilm.eval.scoring import encode_pair, score
 from minilm.model.gpt import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer, TiktokenTokenizer
 from minilm.train.config import load_config
