@@ -558,6 +558,7 @@ def test_wandb_offline_run(tmp_path, capsys, monkeypatch):
                                                "reliability_*.png"))
 
 
+@pytest.mark.slow  # a Python that imports torch
 def test_python_m_entry_point(tmp_path):
     """The one subprocess of this file: python -m minilm.eval runs minilm-eval (its error lines
     are checked in-process below)."""
