@@ -5,10 +5,13 @@
 
 Prints a markdown table: median time of forward + backward, and peak extra memory, i.e. the
 high-water mark above what was allocated before the step (inputs and weights), which includes the
-gradients the step leaves in .grad (d_hidden, d_weight: the same for every impl). On CPU each impl
-runs --rounds times, interleaved with the others, so that the load of a shared machine falls on all
-alike; the table also gives the process CPU time (both threads), which such load inflates less
-than wall time.
+gradients the step leaves in .grad (d_hidden, d_weight: the same for every impl). Memory is given
+for two cases, each measured over --reps steps: "fresh" (weight.grad is None, as in the first
+micro-step of an optimizer step) and ".grad allocated" (weight.grad already holds a gradient, which
+counts as input, and the step adds into it: every later micro-step under gradient accumulation);
+the time is the median over the steps of both. On CPU each impl runs --rounds times, interleaved
+with the others, so that the load of a shared machine falls on all alike; the table also gives the
+process CPU time (both threads), which such load inflates less than wall time.
 
 How memory is measured, and why it can be trusted:
 - CPU: each impl runs in a fresh subprocess, so no impl inherits another's freed memory. The
@@ -93,18 +96,39 @@ def run_one(impl, args):
             loss = fn()
         loss.backward()
 
-    def clear():
-        hidden.grad = weight.grad = None
+    def clear(keep_weight_grad):
+        hidden.grad = None
+        if not keep_weight_grad:
+            weight.grad = None
         gc.collect()
 
     step()  # warm-up: compilation, allocator, first-touch of the weights
-    clear()
-    times, cpu_times = [], []
+    clear(keep_weight_grad=False)
+    times, cpu_times, peaks = [], [], {}
+    for case, keep in (("fresh", False), ("grad_allocated", True)):
+        if keep:  # the accumulated gradient is there, and touched, before the measurement
+            weight.grad = torch.zeros_like(weight)
+        peaks[case] = measure(step, lambda: clear(keep), args.reps, device, times, cpu_times)
+    if args.profile and device.type == "cuda":  # where the time goes: GPU time per kernel
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(f"{impl}:\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                                        max_name_column_width=80),
+              file=sys.stderr, flush=True)
+    return dict(impl=impl, times=times, cpu_times=cpu_times, peak_mib=peaks["fresh"],
+                peak_grad_allocated_mib=peaks["grad_allocated"])
+
+
+def measure(step, clear, reps, device, times, cpu_times):
+    """Run `step` reps times (clear() after each), appending to times and cpu_times; returns the
+    peak memory above what was allocated before the first step, in MiB."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.reps):
+        for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             step()
@@ -112,28 +136,17 @@ def run_one(impl, args):
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
             clear()
-        peak = (torch.cuda.max_memory_allocated() - base) / MiB
-        if args.profile:  # where the time goes: GPU time per kernel over 3 steps
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    step()
-                torch.cuda.synchronize()
-            print(f"{impl}:\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
-                                                            max_name_column_width=80),
-                  file=sys.stderr, flush=True)
-            clear()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        base = rss_kib("VmRSS")
-        for _ in range(args.reps):
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-            clear()
-        peak = (rss_kib("VmHWM") - base) / 1024
-    return dict(impl=impl, times=times, cpu_times=cpu_times, peak_mib=peak)
+        return (torch.cuda.max_memory_allocated() - base) / MiB
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = rss_kib("VmRSS")
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+        clear()
+    return (rss_kib("VmHWM") - base) / 1024
 
 
 def run_in_subprocess(impl, args):
@@ -186,16 +199,18 @@ def bench(args):
             continue
         rows.append(dict(impl=impl, time_s=statistics.median(t for r in ok for t in r["times"]),
                          cpu_s=statistics.median(t for r in ok for t in r["cpu_times"] or [0]),
-                         peak_mib=max(r["peak_mib"] for r in ok)))
+                         peak_mib=max(r["peak_mib"] for r in ok),
+                         peak_grad_allocated_mib=max(r["peak_grad_allocated_mib"] for r in ok)))
     naive = next((r for r in rows if r["impl"] == "naive" and "error" not in r), None)
     cpu = args.device == "cpu"
     dev = f"CPU, {torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name()
     print(f"\nN={args.n} d={args.d} V={args.v} dtype={args.dtype}, {dev}, "
-          f"torch {torch.__version__}; time: median of {args.rounds} x {args.reps} steps; memory: max; "
-          f"chunk_size={args.chunk_size or 'auto'}{', compiled' if args.compile else ''}\n")
+          f"torch {torch.__version__}; time: median of {args.rounds} x {2 * args.reps} steps (both "
+          f"cases); memory: max; chunk_size={args.chunk_size or 'auto'}"
+          f"{', compiled' if args.compile else ''}\n")
     print("| impl | fwd+bwd time | vs naive |" + (" CPU time | vs naive |" if cpu else "")
-          + " peak extra memory | vs naive |")
-    print("|---|---|---|" + ("---|---|" if cpu else "") + "---|---|")
+          + " peak extra memory, fresh | vs naive | peak extra memory, .grad allocated | vs naive |")
+    print("|---|---|---|" + ("---|---|" if cpu else "") + "---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['impl']} | error: {r['error']} |")
@@ -205,7 +220,8 @@ def bench(args):
         line = f"| {r['impl']} | {t} | {ratio('time_s')} |"
         if cpu:
             line += f" {r['cpu_s']:.2f} s | {ratio('cpu_s')} |"
-        print(line + f" {r['peak_mib']:.0f} MiB | {ratio('peak_mib')} |")
+        print(line + f" {r['peak_mib']:.0f} MiB | {ratio('peak_mib')} |"
+              f" {r['peak_grad_allocated_mib']:.0f} MiB | {ratio('peak_grad_allocated_mib')} |")
 
 
 def check(args):

@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minilm.model.loss import IMPLS, linear_cross_entropy
 
@@ -181,14 +183,63 @@ def test_only_requested_grads_and_no_grad_mode():
     assert again.grad_fn is None and torch.allclose(again, loss)
 
 
-def test_backward_twice_with_retain_graph():
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_backward_twice_with_retain_graph(reduction):
+    """A retained graph can be run backward again, with another upstream gradient: the second
+    backward finds the gradients as the forward left them, and the .grad of the first backward is
+    not touched by the second."""
     hidden, weight, _, targets = make()
-    loss = linear_cross_entropy(hidden, weight, targets, reduction="sum", impl="chunked")
-    loss.backward(retain_graph=True)
-    first = hidden.grad.clone()
-    hidden.grad = None
-    (3 * loss).backward()  # the second backward recomputes
-    torch.testing.assert_close(hidden.grad, 3 * first, rtol=1e-5, atol=1e-5)
+    loss = linear_cross_entropy(hidden, weight, targets, reduction=reduction, impl="chunked")
+    (2 * loss).sum().backward(retain_graph=True)
+    first = [hidden.grad, weight.grad]
+    kept = [g.clone() for g in first]
+    hidden.grad = weight.grad = None
+    (3 * loss).sum().backward()
+    for before, g, x in zip(kept, first, (hidden, weight)):
+        assert torch.equal(g, before)
+        assert_close([x.grad], [1.5 * before], 1e-6)
+
+
+class NewTensorsOfSize(TorchDispatchMode):
+    """Records each op that returns a tensor of at least `numel` elements in new memory, i.e. not
+    in the storage of one of its inputs (an in-place op, a view or a detach is not new memory)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [x.untyped_storage().data_ptr() for x in pytree.tree_leaves((args, kwargs))
+                  if isinstance(x, torch.Tensor)]
+        for o in pytree.tree_leaves(out):
+            if (isinstance(o, torch.Tensor) and o.numel() >= self.numel
+                    and o.untyped_storage().data_ptr() not in inputs):
+                self.ops.append(f"{func} -> {tuple(o.shape)}")
+        return out
+
+
+@pytest.mark.parametrize("grad_allocated", [False, True], ids=["fresh", "grad-allocated"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_allocates_no_gradient_sized_tensor(reduction, grad_allocated):
+    """The fused forward computes the gradients already: backward only scales them by a (here
+    non-unit) grad_loss, in place, and autograd moves them into .grad or adds them to the .grad
+    there already (gradient accumulation). No gradient-sized tensor is allocated on the way, which
+    would raise the loss's peak memory by a d_weight, and the gradients still equal float64's."""
+    hidden, weight, bias, targets = make(bias=True)
+    inputs = (hidden, weight, bias)
+    earlier = [torch.randn(x.shape, generator=torch.Generator().manual_seed(3)) for x in inputs]
+    for x, e in zip(inputs, earlier):
+        x.grad = e.clone() if grad_allocated else None
+    loss = linear_cross_entropy(hidden, weight, targets, bias=bias, reduction=reduction,
+                                impl="chunked", chunk_size=64, z_loss=1e-3)
+    with NewTensorsOfSize(min(x.numel() for x in inputs)) as new:
+        (loss * -2.5).backward()
+    assert new.ops == []
+    ref = [x.detach().double().requires_grad_() for x in inputs]
+    (reference(*ref[:2], targets, ref[2], reduction=reduction, z_loss=1e-3) * -2.5).backward()
+    for x, r, e in zip(inputs, ref, earlier):
+        assert_close([x.grad], [r.grad + (e if grad_allocated else 0)], 1e-5)
 
 
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="needs torch >= 2.13")

@@ -13,8 +13,9 @@ others (at least 1, so an all-ignored batch gives 0, not NaN).
 The fused path walks the tokens in chunks of rows. Per chunk it computes the logits in one
 [rows, V] buffer, turns them in place into the gradient wrt the logits (the "step"), and from that
 accumulates d_hidden, d_weight and d_bias. So the gradients are ready at the end of the forward
-pass: backward only scales them by grad_output (reduction="none" recomputes them instead, since
-its per-token grad_output has to enter before the sum over tokens). The step is PyTorch ops for impl="chunked" and a Triton kernel
+pass: backward only scales them by grad_output, in place, so that peak memory holds one d_weight
+(reduction="none" recomputes them instead, since its per-token grad_output has to enter before the
+sum over tokens). The step is PyTorch ops for impl="chunked" and a Triton kernel
 (minilm/kernels/cross_entropy.py) for impl="triton"; the chunk loop is shared.
 
 The fused path is a registered operator, minilm::linear_cross_entropy (torch.library.custom_op,
@@ -299,8 +300,10 @@ def _chunk_loop(step, hidden, weight, bias, targets, scale, ignore_index, z_loss
 #   -> (loss, d_hidden, d_weight, d_bias)
 # loss: the reduced scalar, or [N] for "none". For "mean"/"sum" the gradients of that loss wrt the
 # inputs flagged by need_grads come out of the same pass (empty [0] tensors for the others, and
-# for "none"); its backward scales them by grad_output. For "none" the backward recomputes them
-# through minilm::linear_cross_entropy_backward, with the per-token grad_output as row weights.
+# for "none"); its backward scales them by grad_output, in place where it may (_may_scale_in_place):
+# linear_cross_entropy passes on only the loss: the gradient outputs are the op's hand-over to its
+# backward, which consumes them. For "none" the backward recomputes them through
+# minilm::linear_cross_entropy_backward, with the per-token grad_output as row weights.
 # Explicit schemas: stable across torch versions, unlike inference from annotations.
 
 _ARGS = ("int ignore_index, float z_loss, float? softcap, ScalarType dtype, int rows, str impl, "
@@ -371,6 +374,8 @@ def _fake_grads(hidden, weight, bias, need):
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, reduction, *args = inputs
     ctx.mark_non_differentiable(*output[1:])
+    # The gradient outputs get no gradient: pass None for them, not gradient-sized zeros.
+    ctx.set_materialize_grads(False)
     ctx.reduction, ctx.args = reduction, args[:-1]  # need_grads comes from ctx in backward
     if reduction == "none":  # recomputed in backward: keep the inputs (no copies)
         ctx.save_for_backward(hidden, weight, bias, targets)
@@ -380,12 +385,30 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_):
     need = list(ctx.needs_input_grad[:3])
-    if ctx.reduction == "none":
-        grads = torch.ops.minilm.linear_cross_entropy_backward(*ctx.saved_tensors, grad_loss,
-                                                               *ctx.args, need)
-    else:  # out of place: a second backward through a retained graph scales them again
-        grads = [g * grad_loss if n else None for g, n in zip(ctx.saved_tensors, need)]
+    saved = ctx.saved_tensors
+    if grad_loss is None:  # no gradient reached the loss (grads are not materialised): zero
+        grads = [None] * 3
+    elif ctx.reduction == "none":
+        grads = torch.ops.minilm.linear_cross_entropy_backward(*saved, grad_loss, *ctx.args, need)
+    elif _may_scale_in_place(grad_loss, *saved):  # no second d_weight
+        grads = [g.mul_(grad_loss) if n else None for g, n in zip(saved, need)]
+    else:
+        grads = [g * grad_loss if n else None for g, n in zip(saved, need)]
     return *(g if n else None for g, n in zip(grads, need)), *(None,) * 9
+
+
+def _may_scale_in_place(*tensors: torch.Tensor) -> bool:
+    """Whether backward may scale the saved gradients in place: in eager autograd (plain tensors)
+    when the running backward does not keep the graph (retain_graph, create_graph), since autograd
+    frees the saved tensors right after it and nothing can read them again (the test AOTAutograd
+    makes before a compiled backward reuses saved tensors' memory). Under AOTAutograd's tracing
+    (FunctionalTensors) a mutation would become a copy anyway, and one of a forward output cannot
+    be expressed: out of place there; Inductor's backward then reuses the saved buffers in place
+    itself (donated buffers). Where this torch cannot tell whether the graph is kept, out of place
+    too: correct, at the cost of a copy."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return (keep_graph is not None and not keep_graph()
+            and all(type(t) is torch.Tensor for t in tensors))
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
