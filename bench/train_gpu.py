@@ -12,7 +12,7 @@ longer than one 10-minute job: run them in parts into one --results file.
 
 For loss in {naive, fused} x compile in {off, on} and each vocabulary size, one process per
 setting trains configs/gpt2_124m.yaml's model (12 x 768, block 1024, tied head, bf16 autocast,
-batch 16 x grad_accum 4 as shipped) through minilm.trainer.train(), the code a user runs, and
+batch 16 x grad_accum 4 as shipped) through minilm.train(), the code a user runs, and
 prints:
 - tokens/s: the median of the trainer's own logged figures after --warmup steps;
 - MFU: tokens/s x FLOPs per token over the GPU's dense bf16 peak (--peak-tflops; 989 for an
