@@ -30,6 +30,7 @@ def run_ablation(tmp_path, corpus_file, *extra: str) -> dict:
     return json.loads((tmp_path / "abl" / "results.json").read_text())
 
 
+@pytest.mark.slow  # six training runs
 def test_tied_vs_untied_report(corpus_file, tmp_path):
     results = run_ablation(tmp_path, corpus_file)
     out = tmp_path / "abl"
@@ -79,6 +80,7 @@ def test_tied_vs_untied_report(corpus_file, tmp_path):
     assert height > 100 and width > 100
 
 
+@pytest.mark.slow  # six training runs
 def test_untied_arm_with_head_bias_and_explicit_seeds(corpus_file, tmp_path):
     results = run_ablation(tmp_path, corpus_file, "--ablation.seeds=[5]",
                            "--ablation.arms={tied: {model.tie_embeddings: true}, untied: "
@@ -90,6 +92,7 @@ def test_untied_arm_with_head_bias_and_explicit_seeds(corpus_file, tmp_path):
     assert "With one seed" in (tmp_path / "abl" / "report.md").read_text()
 
 
+@pytest.mark.slow  # six training runs
 def test_runs_of_one_seed_are_paired(corpus_file, tmp_path):
     """Two arms that change nothing the model or data see give identical losses per seed."""
     results = run_ablation(tmp_path, corpus_file,

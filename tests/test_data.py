@@ -218,6 +218,7 @@ def test_what_looks_local(source, local):
     assert looks_like_hub_id(source, FILE_SUFFIXES) == (not local)
 
 
+@pytest.mark.slow  # a subprocess, online mode
 def test_hub_failure_is_one_line_and_fast(tmp_path):
     """Online mode (no HF_*_OFFLINE) with the hub out of reach, or answering that there is no
     such dataset: one line at once, not minutes of retries."""

@@ -44,6 +44,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # over ~5 s
 def test_json_and_streamed_text_agree(ckpt, capsys):
     """The smoke test of the entry point: python generate.py in a subprocess."""
     common = ["--ckpt", str(ckpt), "--prompt", "ROMEO:", "--max_new_tokens", "24",

@@ -128,6 +128,7 @@ def hub(tmp_path_factory):
     server.close()
 
 
+@pytest.mark.slow  # a subprocess against a local hub
 def test_hub_ids_download_only_what_is_needed_and_fail_in_one_line(hub, tmp_path):
     server, tiny = hub
     home = tmp_path / "home"

@@ -317,6 +317,7 @@ def op_args(n=20, v=30, d=8, bias=True, reduction="mean", impl="chunked", device
             [True, True, bias])
 
 
+@pytest.mark.slow  # torch.compile / AOT tracing
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction, bias", [("mean", False), ("sum", True), ("none", True)])
 def test_opcheck(reduction, bias, device):
@@ -382,6 +383,7 @@ def compiled_vs_eager(case, device, impl, backend):
     return got, eager, explain
 
 
+@pytest.mark.slow  # torch.compile / AOT tracing
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", COMPILE_CASES.values(), ids=COMPILE_CASES.keys())
 def test_compiled_training_step_matches_eager(case, device):
@@ -402,6 +404,7 @@ def assert_one_graph_with_the_op(explain):
 # --- The Triton kernel under the interpreter ------------------------------------------------------
 
 
+@pytest.mark.slow  # the Triton interpreter
 def test_triton_kernel_under_interpreter():
     pytest.importorskip("triton", reason="triton is not installed")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
