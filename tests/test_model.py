@@ -251,3 +251,13 @@ def test_copies_of_a_packed_model_and_gradients_never_use_the_packed_copies():
         m(x, y).backward()
     for (name, a), b in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_model_made_under_inference_mode_decodes_without_packed_copies():
+    """Inference tensors have no version counter to tell a changed weight by: they are not packed."""
+    with torch.inference_mode():
+        model = tiny().set_decode_layout(True)
+        want = float64_logits(model, ROWS)
+    (logits,) = decode_per_row(model, ROWS, 1)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
+    assert model.lm_head.packed is None or model.lm_head.packed.tensor is None

@@ -122,7 +122,10 @@ class PackedWeight:
         self.tensor: torch.Tensor | None = None
 
     def of(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """The packed copy of the weight as it is now, or None where oneDNN cannot pack it."""
+        """The packed copy of the weight as it is now, or None where oneDNN cannot pack it or
+        the weight cannot tell a change (an inference tensor has no version counter)."""
+        if weight.is_inference():
+            return None
         source = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if source != self.source:
             self.source = source
@@ -132,8 +135,10 @@ class PackedWeight:
 
     @staticmethod
     def available(weight: torch.Tensor) -> bool:
-        """oneDNN is built in, switched on, and packs this weight (fp32, CPU)."""
+        """oneDNN is built in, switched on, and packs this weight (fp32, CPU, not an inference
+        tensor)."""
         return (weight.device.type == "cpu" and weight.dtype == torch.float32
+                and not weight.is_inference()
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
                 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
