@@ -33,7 +33,6 @@ CHARS = CharTokenizer.from_texts([CORPUS + string.ascii_letters + string.digits 
 def float64_copy(model):
     m = GPT(model.config).double()
     m.load_state_dict(model.state_dict())
-    m.logit_softcap = model.logit_softcap
     return m.eval()
 
 

@@ -19,7 +19,8 @@ from minilm.sampling.generation import (
     next_token_stages,
     next_token_table,
 )
-from minilm.sampling.stages import History, SamplerStack
+from minilm.sampling.history import History
+from minilm.sampling.stack import SamplerStack
 from minilm.tokenizer import CharTokenizer
 
 V = 32

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minilm.model.gpt import GPT, GPTConfig, KVCache
 
@@ -153,6 +154,64 @@ def test_sequence_longer_than_block_size_is_an_error():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
+# ---------------------------------------------------------------- the model's output function
+
+
+def test_softcap_is_part_of_the_model_config_and_of_both_outputs():
+    """config.logit_softcap caps the logits (cap · tanh(z / cap)) and the loss alike; float64
+    references from the model's own hidden states and head matrix."""
+    cap = 0.5  # small, so that the cap acts on every logit
+    model = tiny(tie_embeddings=False, lm_head_bias=True, logit_softcap=cap)
+    assert not hasattr(model, "logit_softcap")  # the model's config holds it, nowhere else
+    x, y = torch.randint(0, V, (2, 12)), torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        h = model.hidden_states(x).double()
+        z = F.linear(h, model.lm_head.weight.double(), model.lm_head.bias.double())
+        want = cap * torch.tanh(z / cap)
+        torch.testing.assert_close(model(x).double(), want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.logits(x)[:, -1].double(), want[:, -1], atol=1e-6, rtol=0)
+        loss = F.cross_entropy(want.flatten(0, 1), y.flatten())
+        torch.testing.assert_close(model(x, y).double(), loss, atol=1e-6, rtol=0)
+        assert not torch.allclose(z, want, atol=1e-2)  # the cap is not a no-op here
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0])
+def test_softcap_must_be_positive(cap):
+    with pytest.raises(ValueError, match=rf"model.logit_softcap must be > 0 \(or null: off\), "
+                                         rf"got {cap}"):
+        GPTConfig(logit_softcap=cap)
+
+
+# ---------------------------------------------------------------- the decode layout's switches
+
+
+def contiguous(model) -> list[bool]:
+    return [p.is_contiguous() for p in model.parameters()]
+
+
+def test_the_decode_layout_switches_only_where_asked():
+    """Generation switches it on (set_decode_layout); a forward never switches it, whatever the
+    grad mode; evaluating() (each generation step) keeps it; train() is where a notebook's
+    training starts, and puts the usual layout back. Values never change."""
+    model = tiny().train()
+    values = [p.detach().clone() for p in model.parameters()]
+    model.set_decode_layout(True)
+    assert not model.transformer.h[0].attn.c_attn.weight.is_contiguous()
+    x, y = torch.randint(0, V, (1, 8)), torch.randint(0, V, (1, 8))
+    model(x, y).backward()  # explicit: a forward with grad leaves the layout alone
+    assert model.decode_layout
+    with model.evaluating():
+        assert not model.training
+    assert model.training and model.decode_layout  # the caller's mode, the decode layout kept
+    model.eval()
+    assert model.decode_layout
+    assert model.train() is model and not model.decode_layout and all(contiguous(model))
+    assert all(torch.equal(a, b) for a, b in zip(values, model.parameters()))
+
+
+# ------------------------------------------------- the decode step: its layout, packed copies
+
+
 def decode_matrices(model: GPT) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters()
             if p.dim() == 2 and not name.endswith("wpe.weight")}
@@ -199,12 +258,17 @@ def decode_per_row(model: GPT, rows: list[list[int]], steps: int) -> list[torch.
 ROWS = [[(7 * i + 3 * b) % V for i in range(n)] for b, n in enumerate([9, 17, 12])]
 
 
+def packed(model: GPT) -> bool:
+    """Whether the head (the last matrix a step multiplies by) holds a packed copy."""
+    return model.lm_head.packed is not None and model.lm_head.packed.tensor is not None
+
+
 def test_decode_steps_of_several_rows_read_packed_weights_and_equal_float64():
     """The decode layout gives a step of several rows packed copies of the matrices (where oneDNN
     is built in); its logits are a float64 forward's over each row's tokens."""
     model = tiny(lm_head_bias=True).set_decode_layout(True)
     steps = decode_per_row(model, ROWS, 3)
-    assert (model.lm_head.packed.tensor is not None) == torch.backends.mkldnn.is_available()
+    assert packed(model) == torch.backends.mkldnn.is_available()
     for t, logits in enumerate(steps):
         want = float64_logits(model, [row[:len(row) - 2 + t] for row in ROWS])
         torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
@@ -243,21 +307,22 @@ def test_copies_of_a_packed_model_and_gradients_never_use_the_packed_copies():
         torch.testing.assert_close(decode_per_row(twin, ROWS, 1)[0], want, atol=1e-6, rtol=0)
     wide = copy.deepcopy(model).double()  # cast after packing: float64 has no packed kernel
     torch.testing.assert_close(decode_per_row(wide, ROWS, 1)[0].float(), want, atol=1e-5, rtol=0)
-    # a forward that records gradients multiplies by the parameters themselves
+    # a forward that records gradients (no forward switches the layout off) multiplies by the
+    # parameters themselves, so that W gets its gradient
     x, y = torch.randint(0, V, (2, 8)), torch.randint(0, V, (2, 8))
     plain = tiny()
     for m in (model, plain):
-        m.train()
         m(x, y).backward()
+    assert model.decode_layout and packed(model) == torch.backends.mkldnn.is_available()
     for (name, a), b in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=0, msg=name)
 
 
 def test_a_model_made_under_inference_mode_decodes_without_packed_copies():
-    """Inference tensors have no version counter to tell a changed weight by: they are not packed."""
+    """Inference tensors have no version counter to tell a changed weight by: never packed."""
     with torch.inference_mode():
         model = tiny().set_decode_layout(True)
         want = float64_logits(model, ROWS)
     (logits,) = decode_per_row(model, ROWS, 1)
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
-    assert model.lm_head.packed is None or model.lm_head.packed.tensor is None
+    assert not packed(model)
