@@ -162,11 +162,11 @@ OP_CATEGORIES = {
 
 def step_breakdown(model: GPT, batch: int, steps: int, prompt_len: int = 64) -> dict[str, float]:
     """Where a decode step of RunningBatch (what complete() runs, greedy) spends its time, in
-    seconds per step (medians over `steps` steps): the model's forward (its top-level ops by
-    category, timed by torch.profiler, and the rest of the forward: Python and dispatch), then the
-    step outside the forward (sampling, History, the engine's bookkeeping). The forward and the
-    step are timed unprofiled; the profiler's own cost per op makes the ops look slightly slower
-    and so the Python line slightly smaller than they are."""
+    seconds per step: the model's forward split into its top-level ops by category and the rest of
+    it (Python and dispatch), then the step outside the forward (sampling, History, the engine's
+    bookkeeping). The forward and the step are timed unprofiled (medians of `steps` steps); the
+    forward's split is the median share of each part in `steps` profiled forwards, so the
+    profiler's own cost per op lands in the Python line (an upper bound)."""
     prompts = torch.randint(0, V, (batch, prompt_len), generator=torch.Generator().manual_seed(6))
     running = RunningBatch(model, max_rows=batch)
     running.admit(Request(model, prompts, 2 * steps + 2))
@@ -193,16 +193,16 @@ def step_breakdown(model: GPT, batch: int, steps: int, prompt_len: int = 64) -> 
                 running.step()
     finally:
         del model.logits
-    per_step = []  # per profiled forward: seconds of its top-level ops by category
+    shares = []  # per profiled forward: the share of its time each part took
     for forward in (e for e in prof.events() if e.name == "forward"):
         ops = dict.fromkeys([*OP_CATEGORIES, "other ops"], 0.0)
         for op in forward.cpu_children:
             name = next((c for c, names in OP_CATEGORIES.items() if op.name in names), "other ops")
-            ops[name] += op.cpu_time_total / 1e6
-        per_step.append(ops)
-    row = {name: statistics.median(ops[name] for ops in per_step) for name in per_step[0]}
+            ops[name] += op.cpu_time_total / forward.cpu_time_total
+        ops["Python and dispatch"] = 1.0 - sum(ops.values())
+        shares.append(ops)
     forward, step = statistics.median(forward_times[:steps]), statistics.median(step_times)
-    row["Python and dispatch"] = forward - sum(row.values())
+    row = {name: statistics.median(s[name] for s in shares) * forward for name in shares[0]}
     row["sampling and engine"] = step - forward
     row["step"] = step
     return row
