@@ -2,8 +2,9 @@
 memory-bandwidth floor, for a GPT-2 124M config (12 x 12 x 768, vocab 50257, block 1024, random
 weights, the same in both models).
 
-    python bench/generate.py [--threads N] [--reps 3] [--recompute_steps 16 | --full_recompute]
-                             [--window_steps 5] [--window_only] [--new_stack_only]
+    python bench/generate.py [--threads N] [--reps 3] [--tables 1,2,3,4,5,6]
+                             [--recompute_steps 16 | --full_recompute] [--window_steps 5]
+                             [--window_only] [--new_stack_only] [--breakdown_steps 10]
 
 Reports (markdown):
 1. tokens/s for a 64-token prompt + 128 new tokens, batch 1 and 8, greedy and with a full stack
@@ -26,6 +27,10 @@ Reports (markdown):
    issue 20 (NEW_STACK: every stage on, guidance included, DRY over a 512-token history holding a
    repeated passage), as a share of a decode step; --reps interleaved rounds, medians
    (--new_stack_only: only this table).
+6. where a decode step's time goes (RunningBatch.step, batch 1 and 8, greedy, 64-token prompts):
+   the forward's matmuls, attention, KV-cache writes and other ops (torch.profiler), its Python
+   and dispatch (the rest of its time), and the step outside the forward (sampling, the engine);
+   medians of --breakdown_steps steps.
 
 On a 2-core machine shared with other jobs use --threads 1: with two OpenMP threads on busy cores,
 each parallel op may wait a whole scheduler slice (~8 ms) for its second thread.
@@ -212,6 +217,73 @@ def new_stack_overhead(ours: GPT, reps: int, steps: int = 16, prompt_len: int = 
     return rows
 
 
+# the forward's top-level ops by category (torch.profiler names); the rest are "other ops"
+OP_CATEGORIES = {
+    "matmuls": ("aten::linear", "aten::addmm", "aten::mm", "mkldnn::_linear_pointwise"),
+    "attention": ("aten::scaled_dot_product_attention",),
+    "KV-cache writes": ("aten::copy_", "aten::index_put_"),
+}
+
+
+def step_breakdown(model: GPT, batch: int, steps: int, prompt_len: int = 64) -> dict[str, float]:
+    """Where a decode step of RunningBatch (what complete() runs, greedy) spends its time, in
+    seconds per step: the model's forward split into its top-level ops by category and the rest of
+    it (Python and dispatch), then the step outside the forward (sampling, History, the engine's
+    bookkeeping). The forward and the step are timed unprofiled (medians of `steps` steps); the
+    forward's split is the median share of each part in `steps` profiled forwards, so the
+    profiler's own cost per op lands in the Python line (an upper bound)."""
+    prompts = torch.randint(0, V, (batch, prompt_len), generator=torch.Generator().manual_seed(6))
+    running = RunningBatch(model, max_rows=batch)
+    running.admit(Request(model, prompts, 2 * steps + 2))
+    running.step()  # warm-up (and the first multi-row step packs the weights)
+    forward_times: list[float] = []
+    logits = model.logits
+
+    def timed_logits(*args, **kwargs):  # the forward inside RunningBatch.step
+        with torch.profiler.record_function("forward"):
+            t = time.perf_counter()
+            z = logits(*args, **kwargs)
+            forward_times.append(time.perf_counter() - t)
+        return z
+
+    model.logits = timed_logits
+    try:
+        step_times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            running.step()
+            step_times.append(time.perf_counter() - t)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                running.step()
+    finally:
+        del model.logits
+    shares = []  # per profiled forward: the share of its time each part took
+    for forward in (e for e in prof.events() if e.name == "forward"):
+        ops = dict.fromkeys([*OP_CATEGORIES, "other ops"], 0.0)
+        for op in forward.cpu_children:
+            name = next((c for c, names in OP_CATEGORIES.items() if op.name in names), "other ops")
+            ops[name] += op.cpu_time_total / forward.cpu_time_total
+        ops["Python and dispatch"] = 1.0 - sum(ops.values())
+        shares.append(ops)
+    forward, step = statistics.median(forward_times[:steps]), statistics.median(step_times)
+    row = {name: statistics.median(s[name] for s in shares) * forward for name in shares[0]}
+    row["sampling and engine"] = step - forward
+    row["step"] = step
+    return row
+
+
+def print_step_breakdown(model: GPT, steps: int) -> None:
+    """Table 6: where a decode step's time goes, batch 1 and 8."""
+    rows = {batch: step_breakdown(model, batch, steps) for batch in (1, 8)}
+    print("\n| decode step (64-token prompts, greedy) | batch 1 ms | share | batch 8 ms | share |")
+    print("|---|---|---|---|---|")
+    for name in rows[1]:
+        cells = " | ".join(f"{r[name] * 1e3:.1f} | {r[name] / r['step']:.0%}"
+                           for r in rows.values())
+        print(f"| {name} | {cells} |")
+
+
 def kv_vs_recompute(ours: GPT, samples: int | None, reps: int, prompt_len: int = 512,
                     new: int = 256) -> tuple[float, float, int]:
     """Seconds for `new` greedy tokens through the KV cache, and by recomputing every step."""
@@ -293,30 +365,13 @@ def print_past_block_size(models: dict[str, GPT], args: argparse.Namespace) -> N
           " step: " + ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in shifts.items()) + ".")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--recompute_steps", type=int, default=16)
-    p.add_argument("--full_recompute", action="store_true")
-    p.add_argument("--window_steps", type=int, default=5)
-    p.add_argument("--window_only", action="store_true", help="only table 4")
-    p.add_argument("--new_stack_only", action="store_true", help="only table 5")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-
-    ours, hf = models()
-    window_models = {"124M": ours, "char": char_model()}
-    if args.window_only:
-        return print_past_block_size(window_models, args)
-    if args.new_stack_only:
-        return print_new_stack(ours, args)
+def print_throughput(ours: GPT, hf, args: argparse.Namespace) -> None:
+    """Table 1: tokens/s beside HF and the memory-bandwidth floor."""
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     floor_step = weight_bytes / bw
     print(f"torch {torch.__version__}, {args.threads} threads; weights {weight_bytes / 1e6:.0f} MB;"
           f" copy bandwidth {bw / 1e9:.1f} GB/s -> floor {floor_step * 1e3:.1f} ms/decode step\n")
-
     print("| batch | sampler | minilm tok/s | HF tok/s | minilm / HF | floor tok/s | minilm / floor"
           " | greedy agrees with HF |")
     print("|---|---|---|---|---|---|---|---|")
@@ -326,12 +381,18 @@ def main() -> None:
         print(f"| {r['batch']} | {r['mode']} | {r['ours']:.1f} | {r['hf']:.1f} | "
               f"{r['ours'] / r['hf']:.2f}x | {floor:.1f} | {r['ours'] / floor:.0%} | {agree} |")
 
+
+def print_stack_overhead(ours: GPT, args: argparse.Namespace) -> None:
+    """Table 2: the stack's sample() beside a decode step."""
     print("\n| batch | sampler | decode step ms | sample() ms | share of a step |")
     print("|---|---|---|---|---|")
     for r in stack_overhead(ours, args.reps):
         print(f"| {r['batch']} | {r['mode']} | {r['step'] * 1e3:.1f} | {r['stack'] * 1e3:.2f} | "
               f"{r['stack'] / r['step']:.1%} |")
 
+
+def print_kv_vs_recompute(ours: GPT, args: argparse.Namespace) -> None:
+    """Table 3: the KV cache against a full forward per token."""
     samples = None if args.full_recompute else args.recompute_steps
     t_kv, t_re, n = kv_vs_recompute(ours, samples, args.reps)
     how = "all 256 steps timed" if n == 256 else f"{n} of 256 steps timed, trapezoid-summed"
@@ -341,10 +402,6 @@ def main() -> None:
     print(f"| recompute, full forward per token ({how}) | {t_re:.1f} | {256 / t_re:.2f} |")
     print(f"| KV cache speed-up | {t_re / t_kv:.1f}x | |")
 
-    print_past_block_size(window_models, args)
-    print_new_stack(ours, args)
-
-
 def print_new_stack(ours: GPT, args: argparse.Namespace) -> None:
     """Table 5: sampling with today's stack and with the full stack of issue 20, beside a decode
     step (medians of --reps interleaved rounds)."""
@@ -353,6 +410,37 @@ def print_new_stack(ours: GPT, args: argparse.Namespace) -> None:
     for r in new_stack_overhead(ours, args.reps):
         print(f"| {r['batch']} | {r['stack']} | {r['step'] * 1e3:.1f} | {r['time'] * 1e3:.2f} | "
               f"{r['share']:.1%} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--tables", default="1,2,3,4,5,6", help="which tables, e.g. 1,6")
+    p.add_argument("--recompute_steps", type=int, default=16)
+    p.add_argument("--full_recompute", action="store_true")
+    p.add_argument("--window_steps", type=int, default=5)
+    p.add_argument("--window_only", action="store_true", help="only table 4 (--tables 4)")
+    p.add_argument("--new_stack_only", action="store_true", help="only table 5 (--tables 5)")
+    p.add_argument("--breakdown_steps", type=int, default=10)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    tables = ({4} if args.window_only else {5} if args.new_stack_only
+              else {int(t) for t in args.tables.split(",")})
+
+    ours, hf = models()
+    if 1 in tables:
+        print_throughput(ours, hf, args)
+    if 2 in tables:
+        print_stack_overhead(ours, args)
+    if 3 in tables:
+        print_kv_vs_recompute(ours, args)
+    if 4 in tables:
+        print_past_block_size({"124M": ours, "char": char_model()}, args)
+    if 5 in tables:
+        print_new_stack(ours, args)
+    if 6 in tables:
+        print_step_breakdown(ours, args.breakdown_steps)
 
 
 if __name__ == "__main__":

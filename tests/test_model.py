@@ -1,5 +1,7 @@
 """The GPT: causality, the tied/untied head, parameter counts, init loss, KV cache."""
 
+import copy
+import io
 import math
 
 import pytest
@@ -205,3 +207,122 @@ def test_the_decode_layout_switches_only_where_asked():
     assert model.decode_layout
     assert model.train() is model and not model.decode_layout and all(contiguous(model))
     assert all(torch.equal(a, b) for a, b in zip(values, model.parameters()))
+
+
+# ------------------------------------------------- the decode step: its layout, packed copies
+
+
+def decode_matrices(model: GPT) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters()
+            if p.dim() == 2 and not name.endswith("wpe.weight")}
+
+
+def test_decode_layout_stores_each_matrix_with_its_longer_side_contiguous():
+    """One row times W streams W: [in, out] for the QKV, output and up projections and the tied
+    head, [out, in] (the usual) for the MLP's down projection, whose input side is the longer."""
+    model = tiny()
+    values = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.set_decode_layout(True)
+    for name, w in decode_matrices(model).items():
+        out_features, in_features = w.shape
+        assert w.t().is_contiguous() != (in_features > out_features), name
+    assert model.transformer.h[0].mlp.c_proj.weight.is_contiguous()
+    assert not model.transformer.wte.weight.is_contiguous()  # the tied head: [in, out]
+    assert all(torch.equal(values[name], p) for name, p in model.named_parameters())
+    model.set_decode_layout(False)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def float64_logits(model: GPT, rows: list[list[int]]) -> torch.Tensor:
+    """Each row's last-position logits from a float64 copy of the model, no cache: [B, V]."""
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        return torch.stack([reference(torch.tensor([row]))[0, -1] for row in rows]).float()
+
+
+def decode_per_row(model: GPT, rows: list[list[int]], steps: int) -> list[torch.Tensor]:
+    """Prefill each row into its own slot, then `steps` decode steps of one token per row at
+    per-row lengths (continuous batching): the logits [B, V] of each step."""
+    cache = KVCache(model.config, batch_size=len(rows), dtype=model.transformer.wte.weight.dtype)
+    out = []
+    with torch.inference_mode():
+        for b, row in enumerate(rows):
+            model.hidden_states(torch.tensor([row[:-steps]]), cache.rows(b, b + 1))
+        cache.set_lengths([len(row) - steps for row in rows])
+        for t in range(steps):
+            tokens = torch.tensor([row[len(row) - steps + t] for row in rows])
+            out.append(model.logits(tokens[:, None], cache)[:, -1])
+    return out
+
+
+ROWS = [[(7 * i + 3 * b) % V for i in range(n)] for b, n in enumerate([9, 17, 12])]
+
+
+def packed(model: GPT) -> bool:
+    """Whether the head (the last matrix a step multiplies by) holds a packed copy."""
+    return model.lm_head.packed is not None and model.lm_head.packed.tensor is not None
+
+
+def test_decode_steps_of_several_rows_read_packed_weights_and_equal_float64():
+    """The decode layout gives a step of several rows packed copies of the matrices (where oneDNN
+    is built in); its logits are a float64 forward's over each row's tokens."""
+    model = tiny(lm_head_bias=True).set_decode_layout(True)
+    steps = decode_per_row(model, ROWS, 3)
+    assert packed(model) == torch.backends.mkldnn.is_available()
+    for t, logits in enumerate(steps):
+        want = float64_logits(model, [row[:len(row) - 2 + t] for row in ROWS])
+        torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
+
+
+def test_a_batch_of_one_never_packs_and_plain_layout_drops_the_copies():
+    model = tiny().set_decode_layout(True)
+    decode_per_row(model, ROWS[:1], 3)
+    assert model.lm_head.packed is None and model.transformer.h[0].mlp.c_fc.packed is None
+    decode_per_row(model, ROWS, 1)
+    assert model.lm_head.packed is not None
+    model.set_decode_layout(False)
+    assert all(getattr(m, "packed", None) is None for m in model.modules())
+
+
+def test_a_weight_changed_after_packing_is_packed_again():
+    """An optimizer step, load_state_dict or any in-place change after a packed step: the next
+    step multiplies by the weights as they are now."""
+    model = tiny().set_decode_layout(True)
+    decode_per_row(model, ROWS, 1)  # packs
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight.mul_(3)
+        model.lm_head.matrix.add_(0.5)  # the tied head: the embedding matrix
+    model.load_state_dict({"transformer.h.0.attn.c_attn.bias": torch.ones(3 * 32)}, strict=False)
+    (logits,) = decode_per_row(model, ROWS, 1)
+    torch.testing.assert_close(logits, float64_logits(model, ROWS), atol=1e-4, rtol=0)
+
+
+def test_copies_of_a_packed_model_and_gradients_never_use_the_packed_copies():
+    model = tiny().set_decode_layout(True)
+    (want,) = decode_per_row(model, ROWS, 1)  # packs
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(decode_per_row(twin, ROWS, 1)[0], want, atol=1e-6, rtol=0)
+    wide = copy.deepcopy(model).double()  # cast after packing: float64 has no packed kernel
+    torch.testing.assert_close(decode_per_row(wide, ROWS, 1)[0].float(), want, atol=1e-5, rtol=0)
+    # a forward that records gradients (no forward switches the layout off) multiplies by the
+    # parameters themselves, so that W gets its gradient
+    x, y = torch.randint(0, V, (2, 8)), torch.randint(0, V, (2, 8))
+    plain = tiny()
+    for m in (model, plain):
+        m(x, y).backward()
+    assert model.decode_layout and packed(model) == torch.backends.mkldnn.is_available()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_model_made_under_inference_mode_decodes_without_packed_copies():
+    """Inference tensors have no version counter to tell a changed weight by: never packed."""
+    with torch.inference_mode():
+        model = tiny().set_decode_layout(True)
+        want = float64_logits(model, ROWS)
+    (logits,) = decode_per_row(model, ROWS, 1)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
+    assert not packed(model)

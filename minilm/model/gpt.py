@@ -60,6 +60,11 @@ class GPTConfig:
                              f"{self.logit_softcap!r}")
 
 
+def _longer_side_contiguous(w: torch.Tensor) -> torch.Tensor:
+    """W [out, in] (same shape and values) stored as [in, out] unless in > out."""
+    return w.contiguous() if w.size(1) > w.size(0) else w.t().contiguous().t()
+
+
 class KVCache:
     """Keys and values of every layer, preallocated: [n_layer, B, n_head, max_len, head_dim].
 
@@ -109,21 +114,82 @@ class KVCache:
         return view
 
 
+class PackedWeight:
+    """A matrix in oneDNN's blocked layout (the one its matmul kernels read), for the matmuls of
+    several rows at once in decode steps on CPU (GPT.set_decode_layout says why).
+
+    It is a copy, made from the weight as it was (its storage and version counter): a weight
+    changed since (an optimizer step, load_state_dict, a cast) is packed again before use. Copies
+    and pickles of a model leave it behind (it is opaque to both), and it is rebuilt on demand.
+    """
+
+    def __init__(self):
+        self.source: tuple | None = None
+        self.tensor: torch.Tensor | None = None
+
+    def of(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The packed copy of the weight as it is now, or None where oneDNN cannot pack it or
+        the weight cannot tell a change (an inference tensor has no version counter)."""
+        if weight.is_inference():
+            return None
+        source = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if source != self.source:
+            self.source = source
+            self.tensor = torch.ops.mkldnn._reorder_linear_weight(
+                weight.detach().contiguous(), None) if self.available(weight) else None
+        return self.tensor
+
+    @staticmethod
+    def available(weight: torch.Tensor) -> bool:
+        """oneDNN is built in, switched on, and packs this weight (fp32, CPU, not an inference
+        tensor)."""
+        return (weight.device.type == "cpu" and weight.dtype == torch.float32
+                and not weight.is_inference()
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           packed: PackedWeight | None) -> torch.Tensor:
+    """x·Wᵀ + b: from the packed copy when there is one and x has several rows (no autograd: the
+    packed op records no gradient for W); one row is a matrix-vector product, which reads the
+    plain weight at full memory bandwidth already."""
+    if packed is not None and x.numel() > x.size(-1) and not torch.is_grad_enabled():
+        w = packed.of(weight)
+        if w is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) that multiplies by `packed` when it is set."""
+
+    packed: PackedWeight | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.packed)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.dropout
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start: int | torch.Tensor = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # q, k, v: (B, nh, T, hs)
+        # q, k, v: (B, nh, T, hs), views of the (B, T, 3, nh, hs) projection (fewer ops per step)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is not None:  # write the new keys/values, attend over everything cached so far
             k_cache, v_cache = cache
             if isinstance(start, int):
@@ -141,15 +207,15 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.attn_dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +249,7 @@ class LMHead(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(config.vocab_size, config.n_embd))
         self.bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.lm_head_bias else None
+        self.packed: PackedWeight | None = None  # see Linear
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -190,7 +257,7 @@ class LMHead(nn.Module):
         return self._embedding[0].weight if hasattr(self, "_embedding") else self.weight
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.matrix, self.bias)
+        return linear(h, self.matrix, self.bias, self.packed)
 
 
 class GPT(nn.Module):
@@ -241,6 +308,8 @@ class GPT(nn.Module):
         key_padding: [B, S] bool, True for real tokens, S = cache length + T (left-padded batches).
         """
         B, T = idx.shape
+        if self.decode_layout and T == 1 and B > 1:  # a decode step of several rows
+            self._pack_for_decode()
         if kv_cache is not None and kv_cache.lengths is not None:
             if T != 1 or key_padding is not None:
                 raise ValueError("a cache with per-row lengths takes one token per row and no "
@@ -334,32 +403,52 @@ class GPT(nn.Module):
         return super().train(mode)
 
     def set_decode_layout(self, enabled: bool = True) -> GPT:
-        """Lay out every matrix a decode step multiplies by (the four per block and the head) as
-        [in, out] in memory, like HF's Conv1D (enabled), or back to PyTorch's usual [out, in].
-        Shapes and values stay the same (W.t().contiguous().t()). Idempotent; returns the model.
+        """Lay out every matrix a decode step multiplies by (the four per block and the head) for
+        decoding on CPU (enabled), or back to PyTorch's usual [out, in]. Enabled, a matrix is
+        stored with its longer side contiguous in memory: [in, out] (W.t().contiguous().t(), like
+        HF's Conv1D) unless in > out (the MLP's down projection). Shapes and values stay the same.
+        A decode step of several rows then also gets oneDNN-packed copies of the matrices (one
+        more copy of the weights, made at the first such step: a batch of one never pays for it;
+        see PackedWeight). Disabled drops them. Idempotent; returns the model.
 
-        Why: F.linear(x, W) multiplies by W.t(), and for the few rows of a decode step (batch
-        2-16) MKL's sgemm is up to 2x faster when that operand is contiguous (measured on this
-        project's CPU box); one token (GEMV) is as fast either way. The embedding lookups of a tied
-        head become strided reads of B·d floats, which cost nothing next to the matmuls. On an
-        H100 it gains nothing (batch 1-32, fp32 and bf16) and costs 18% at fp32 batch 32.
+        Why (measured on this project's 2-core CPU box, GPT-2 124M's shapes, fp32): one row is a
+        matrix-vector product that streams W, and MKL streams it 20-50% faster along long
+        contiguous rows (the head [in, out]: 21 GB/s against 13.5 [out, in]); for 2-16 rows MKL's
+        sgemm on a plain W runs far below the memory bandwidth, and a copy prepacked in oneDNN's
+        blocked layout makes those matmuls 1.4-1.7x faster. The embedding lookups of a tied head
+        become strided reads of B·d floats, which cost nothing next to the matmuls. On an H100 it
+        gains nothing (batch 1-32, fp32 and bf16) and costs 18% at fp32 batch 32.
 
         The rule: generation switches it on (RunningBatch, on CPU only) and leaves it on, so that
         the next generate() pays no copy; training switches it off where training starts, so that
         gradients, optimizer state and the training matmuls keep the usual layout. The trainer
         does so before it wraps the model; a notebook that samples and then trains does so with
         `model.train()` (PyTorch's start of training, see `train`) or with this method. No
-        forward switches it: a step costs no check, and a copy happens only at those calls.
+        forward switches it: the matrices are copied only at those calls (and packed at the first
+        step of several rows). A forward that records gradients never reads the packed copies.
         """
         if enabled == self.decode_layout:
             return self
-        matrices = {id(m.weight): m.weight for m in self.modules() if isinstance(m, nn.Linear)}
-        matrices[id(self.lm_head.matrix)] = self.lm_head.matrix  # tied: the embedding, once
         with torch.no_grad():
-            for w in matrices.values():
-                w.data = w.data.t().contiguous().t() if enabled else w.data.contiguous()
+            for w in {id(w): w for _, w in self._decode_matrices()}.values():  # tied: once
+                w.data = _longer_side_contiguous(w.data) if enabled else w.data.contiguous()
+        if not enabled:
+            for module, _ in self._decode_matrices():
+                module.packed = None
         self.decode_layout = enabled
         return self
+
+    def _decode_matrices(self) -> list[tuple[Linear | LMHead, torch.Tensor]]:
+        """(module, matrix) for every matrix a decode step multiplies by."""
+        return [(m, m.weight) for m in self.modules() if isinstance(m, Linear)] + \
+            [(self.lm_head, self.lm_head.matrix)]
+
+    def _pack_for_decode(self) -> None:
+        """Give every decode matrix a packed copy, once; each is made at its first use and again
+        after its weight changes."""
+        if self.lm_head.packed is None and PackedWeight.available(self.lm_head.matrix):
+            for module, _ in self._decode_matrices():
+                module.packed = PackedWeight()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean", **loss_options) -> torch.Tensor:
