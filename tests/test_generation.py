@@ -19,6 +19,7 @@ from minilm.sampling.generation import (
     next_token_stages,
     next_token_table,
 )
+from minilm.sampling.prefix_cache import PrefixCache
 from minilm.sampling.stages import History, SamplerStack
 from minilm.tokenizer import CharTokenizer
 
@@ -520,9 +521,186 @@ def test_admitting_several_requests_with_one_prefill():
     batch = RunningBatch(model, max_rows=4)
     outcomes = batch.admit_many([a, bad, none, c])
     assert outcomes[2] is None and isinstance(outcomes[1], ValueError) and bad.error is outcomes[1]
-    assert [r for r, _ in batch.slots] == [a, a, c]
+    assert [s.request for s in batch.slots] == [a, a, c]
     while batch.slots:
         batch.step()
     assert a.generated == tokens_of(complete(model, [PROMPTS[1], PROMPTS[2]], 15, sampler=stack,
                                              seed=[1, 2]))
     assert c.generated == tokens_of(complete(model, [PROMPTS[3]], 9, sampler=stack, seed=4))
+
+
+# ------------------------------------------------------------------------------------------------
+# reuse: rows sharing a prefix, the prefix cache, chunked filling
+
+
+def run_to_end(batch, request) -> list[list]:
+    """add() the request and step the batch until it is done: its RowTokens per row."""
+    rows = [[] for _ in request.prompts]
+    assert batch.add(request)
+    while request in batch.requests:
+        for r, step in batch.step():
+            assert not isinstance(step, Exception), step
+            if r is request and step is not None:
+                for t in step.row_tokens():
+                    rows[t.row].append(t)
+    return rows
+
+
+def assert_as_cold(model, prompts, rows, n, **kwargs):
+    """Each row's tokens and logprobs are those of its prompt alone in a fresh batch."""
+    for prompt, got in zip(prompts, rows):
+        (alone,) = complete(model, [prompt], n, logprobs=2, **kwargs)
+        assert [t.token for t in got] == alone.tokens
+        torch.testing.assert_close(torch.tensor([t.logprob for t in got]),
+                                   torch.tensor(alone.logprobs), atol=1e-4, rtol=0)
+
+
+CONTEXT = [(7 * i + 3) % V for i in range(40)]
+
+
+def test_rows_sharing_a_context_compute_it_once():
+    """complete() over prompts that share a context: the first row computes it, the others wait
+    for it and copy it (keys, values), computing only their own tokens; identical windows copy
+    everything. Results are the cold ones."""
+    model = tiny_model(block_size=64, seed=7, dtype=torch.float32)
+    prompts = [CONTEXT + [i, i + 1] for i in range(3)] + [CONTEXT[:20], CONTEXT + [0, 1]]
+    batch = RunningBatch(model, max_rows=5)
+    rows = run_to_end(batch, Request(model, prompts, 6, logprobs=2))
+    assert batch.prompt_tokens == 4 * 42 + 20
+    # rows 1, 2 copy the 40 shared tokens; row 3 its first 19 (its last one is computed: its
+    # logits are its first draw); row 4 is row 0's window: all 42, logits included
+    assert batch.reused_tokens == 2 * 40 + 19 + 42
+    assert_as_cold(model, prompts, rows, 6)
+
+
+def test_the_prefix_cache_across_requests_and_its_lru():
+    """A later request reuses the full blocks an earlier one computed (its keys and values are
+    copied into its slot); results equal a cold run's. When the pool is full the least recently
+    used leaf block goes."""
+    model = tiny_model(block_size=64, seed=8, dtype=torch.float32)
+    cache = PrefixCache(model.config, capacity_tokens=64, block_tokens=8)  # 8 blocks
+    batch = RunningBatch(model, max_rows=2, prefix_cache=cache)
+    a = CONTEXT[:30]
+    run_to_end(batch, Request(model, [a], 3))
+    assert cache.used_blocks == 3 and batch.reused_tokens == 0  # 30 tokens: 3 full blocks
+    longer = a + [5, 6]
+    rows = run_to_end(batch, Request(model, [longer], 5, logprobs=2))
+    assert batch.reused_tokens == 24 and cache.used_blocks == 4  # its 4th block is new
+    assert_as_cold(model, [longer], rows, 5)
+    other = [(3 * i + 1) % V for i in range(40)]  # 5 blocks: 4 free, one must go
+    run_to_end(batch, Request(model, [other], 2))
+    assert cache.used_blocks == 8
+    reused = batch.reused_tokens
+    run_to_end(batch, Request(model, [longer], 1))
+    assert batch.reused_tokens - reused == 24  # the leaf block of `longer` went, its parents not
+
+
+def test_a_cancelled_request_frees_its_unshared_blocks():
+    model = tiny_model(block_size=64, seed=8, dtype=torch.float32)
+    cache = PrefixCache(model.config, capacity_tokens=256, block_tokens=8)
+    batch = RunningBatch(model, max_rows=2, prefix_cache=cache)
+    mine = Request(model, [CONTEXT[:33]], 50)
+    batch.admit(mine)
+    assert cache.used_blocks == 4
+    batch.remove(mine)
+    assert cache.used_blocks == 0 and not batch.slots
+    first, reader = Request(model, [CONTEXT[:33]], 50), Request(model, [CONTEXT[:17]], 50)
+    batch.admit(first)
+    batch.admit(reader)  # reads first's first two blocks
+    batch.remove(first)
+    assert cache.used_blocks == 2  # the two it shares stay
+    batch.remove(reader)
+    assert cache.used_blocks == 2  # a reader inserted nothing of its own
+
+
+def test_prompt_states_from_the_cache_are_the_models():
+    """keep_prompt_states: the final hidden states of the prompt's positions, the same whether
+    computed or read off the prefix cache (what the server's prompt_logprobs scores)."""
+    model = tiny_model(block_size=64, seed=9, dtype=torch.float32)
+    batch = RunningBatch(model, max_rows=2, prefix_cache=PrefixCache(model.config, 128, 8))
+    prompt = CONTEXT[:35]
+    with torch.no_grad():
+        expected = model.hidden_states(torch.tensor([prompt]))[0]
+    for reused in (0, 32):
+        request = Request(model, [prompt], 0, keep_prompt_states=True)
+        run_to_end(batch, request)
+        assert batch.reused_tokens == reused
+        torch.testing.assert_close(request.prompt_states[0], expected, atol=1e-5, rtol=0)
+
+
+def test_a_long_prompt_fills_in_chunks_between_decode_steps():
+    """prefill_chunk: a 40-token prompt arriving while a row decodes is filled 4 columns per
+    step; the running row draws a token every step meanwhile, and both produce their cold
+    tokens."""
+    model = tiny_model(block_size=64, seed=10, dtype=torch.float32)
+    batch = RunningBatch(model, max_rows=2, prefill_chunk=4)
+    running = Request(model, [PROMPTS[1]], 30, logprobs=2)
+    newcomer = Request(model, [CONTEXT], 5, logprobs=2)
+    got = {id(running): [[]], id(newcomer): [[]]}
+    steps_with = []  # per step: which requests drew
+    batch.add(running)
+    for step_no in range(40):
+        if step_no == 2:
+            batch.add(newcomer)
+        outcomes = batch.step()
+        steps_with.append([r for r, _ in outcomes])
+        for r, step in outcomes:
+            got[id(r)][0] += step.row_tokens()
+        if not batch.slots:
+            break
+    first = next(i for i, s in enumerate(steps_with) if newcomer in s)
+    assert first == 2 + 40 // 4 - 1  # 10 chunks of 4 columns, the last one with its first draw
+    assert all(running in s for s in steps_with[:first + 1])
+    assert_as_cold(model, [PROMPTS[1]], got[id(running)], 30)
+    assert_as_cold(model, [CONTEXT], got[id(newcomer)], 5)
+
+
+def test_a_window_refill_is_chunked_too():
+    """A row past block_size re-fills its window in prefill_chunk pieces while the other rows
+    draw every step; its tokens and logprobs stay the model's on its last block_size tokens."""
+    model = tiny_model(block_size=16, seed=11, dtype=torch.float32)
+    batch = RunningBatch(model, max_rows=3, prefill_chunk=5)
+    past = Request(model, [WINDOW_PROMPTS[2]], 6)  # 16 tokens: every token needs a re-fill
+    short = Request(model, [PROMPTS[0]], 12)
+    batch.admit(past)
+    batch.admit(short)
+    drew = []
+    while batch.slots:
+        drew.append({id(r) for r, _ in batch.step()})
+    assert all(id(short) in d for d in drew[:11])  # never held up by the re-fills
+    assert sum(id(past) in d for d in drew[:11]) < 5  # 15 columns per re-fill: 3 steps a token
+    alone = complete(model, [WINDOW_PROMPTS[2]], 6, logprobs=0)[0]
+    assert past.generated[0] == alone.tokens
+    assert short.generated[0] == complete(model, [PROMPTS[0]], 12)[0].tokens
+
+
+def test_score_shares_the_context_between_choices(monkeypatch):
+    """eval's score (and minilm-eval --choices): the choices' log-probabilities are the model's
+    (a float64 forward of each whole sequence), and the context is computed once, not once per
+    choice."""
+    from minilm.eval.scoring import score
+
+    model = tiny_model(block_size=64, seed=12, dtype=torch.float32)
+    tokenizer = CharTokenizer(CHARS)
+    context = "the quick brown fox jumps over the dog,"
+    choices = [" it sleeps.", " it runs away!", " what?", " the dog barks at it."]
+    reference = copy.deepcopy(model).double()
+    computed = []
+    hidden_states = model.hidden_states
+
+    def counting(idx, *args, **kwargs):
+        computed.append(idx.numel())
+        return hidden_states(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", counting)
+    scores = score(model, tokenizer, context, choices)
+    for c, s in zip(choices, scores):
+        ids = tokenizer.encode(context + c)
+        with torch.no_grad():
+            logp = torch.log_softmax(reference(torch.tensor([ids]))[0], dim=-1)
+        n = len(tokenizer.encode(c))
+        expected = [float(logp[i - 1, ids[i]]) for i in range(len(ids) - n, len(ids))]
+        assert s.logprobs == pytest.approx(expected, abs=1e-4)
+    # the context (39 tokens) once with the first choice, then the other choices' tokens
+    # (right-padded in one forward), instead of 4 x 39 + their own
+    assert sum(computed) <= len(context) + len(choices) * max(map(len, choices)) < 4 * 39

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from minilm.model.gpt import GPT
 from minilm.serve.engine import Engine
+from minilm.serve.metrics import Metrics
 from minilm.serve.protocol import MAX_TOKENS_LIMIT, APIError, bad_request
 from minilm.tokenizer import Tokenizer
 
@@ -18,6 +19,7 @@ class Served:
     name: str
     engine: Engine
     max_tokens_limit: int = MAX_TOKENS_LIMIT  # a choice's max_tokens beyond it is a 400
+    metrics: Metrics | None = None
 
     @property
     def block_size(self) -> int:
