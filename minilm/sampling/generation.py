@@ -7,12 +7,13 @@
     results = complete(model, prompts, 50, ...)      # the same, collected: a Completion per prompt
 
 Continuous batching (the server): a RunningBatch decodes the rows of any number of Requests
-together. A Request joins between two steps (`admit`: its own prefill, then its first tokens) and
-decodes with the others from the next step on; each row leaves when it finishes. generate() is one
-Request alone in a batch of its size.
+together. A Request joins between two steps (`add`: its rows get slots and prefill over the next
+steps, a chunk per step, reusing what the batch and the prefix cache already computed; `admit`:
+all of its prefill at once, then its first tokens) and decodes with the others from the next step
+on; each row leaves when it finishes. generate() is one Request alone in a batch of its size.
 
-    batch = RunningBatch(model, max_rows=16)
-    first = batch.admit(Request(model, prompts, 50, sampler=stack, seed=[1, 2]))
+    batch = RunningBatch(model, max_rows=16, prefix_cache=PrefixCache(...), prefill_chunk=64)
+    batch.add(Request(model, prompts, 50, sampler=stack, seed=[1, 2]))
     while batch.requests:
         for request, step in batch.step(): ...       # a Step, or the exception that ended it
 
@@ -43,6 +44,7 @@ Choices where there were several:
   decode from the cache in the same step. Cropping to the last block_size // 2 tokens and growing
   back (a context shift) would re-fill once per block_size // 2 tokens, but predicts from half to
   all of the window, so its logprobs are not the model's. The penalties see the whole history.
+  With a prefill_chunk the re-fill is chunked like a prefill (RunningBatch._refill_full_windows).
 - A row that finishes leaves the batch: the rows after it move down a slot, and its history and
   generator are dropped, so later steps cost what the remaining rows cost.
 """
@@ -295,7 +297,7 @@ class RunningBatch:
         """admit() for several requests, filled together (a burst of arrivals shares each
         forward): per request its first Step, None when it asks for no token, or the exception
         its first draw raised (then it is not in the batch; the others are)."""
-        n = sum(len(r.prompts) for r in requests if r.max_new_tokens)
+        n = sum(len(r.prompts) for r in requests if r.max_new_tokens or r.keep_prompt_states)
         if n > self.free_rows:
             raise ValueError(f"{n} rows do not fit in the {self.free_rows} free rows of the batch")
         added = [self.add(r) for r in requests]
@@ -560,7 +562,8 @@ class RunningBatch:
         keep = [i for i, s in enumerate(self.slots) if s.row in s.request.running]
         if len(keep) == len(self.slots):
             return
-        gone = [s for i, s in enumerate(self.slots) if i not in set(keep)]
+        kept = set(keep)
+        gone = [s for i, s in enumerate(self.slots) if i not in kept]
         moved = next((i for i, s in enumerate(keep) if s != i), len(keep))  # first slot to move
         if moved < len(keep):
             src = torch.tensor(keep[moved:], device=self.last.device)

@@ -34,7 +34,7 @@ from minilm.sampling.prefix_cache import PrefixCache
 from minilm.serve.protocol import APIError
 
 log = logging.getLogger("minilm.serve")
-PREFILL_CHUNK = 128  # --prefill_chunk's default: see README (Serving) for how it was chosen
+PREFILL_CHUNK = 64  # --prefill_chunk's default: see README (Serving) for how it was chosen
 MAX_WAITING = 256  # --max_waiting's default
 
 
