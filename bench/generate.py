@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minilm.model.gpt import GPT, GPTConfig, KVCache  # noqa: E402
 from minilm.sampling.generation import Request, RunningBatch, complete, greedy  # noqa: E402
-from minilm.sampling.stages import History, SamplerStack  # noqa: E402
+from minilm.sampling.history import History  # noqa: E402
+from minilm.sampling.stack import SamplerStack  # noqa: E402
 
 V, N_LAYER, N_HEAD, N_EMBD, BLOCK = 50257, 12, 12, 768, 1024
 STACK = dict(repetition_penalty=1.1, temperature=0.8, top_k=50, top_p=0.95)

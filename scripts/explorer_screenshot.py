@@ -3,7 +3,8 @@
     python scripts/explorer_screenshot.py --ckpt out/shakespeare_char [--out docs/explorer.png]
 
 Starts minilm-serve on the checkpoint, types a prompt, sets temperature 0.8, top-k 12 and top-p
-0.9, generates 100 tokens with seed 7, hovers one of them (its alternatives), and saves the page.
+0.9, drags top-k below top-p (a custom order), generates 100 tokens with seed 7 coloured by rank
+(GLTR), clicks one of them (its logit lens and temperature sweep), and saves the page.
 """
 import argparse
 import sys
@@ -20,6 +21,7 @@ def main() -> None:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", default=str(ROOT / "docs" / "explorer.png"))
     p.add_argument("--prompt", default="ROMEO:\nWhat say you, my lord? ")
+    p.add_argument("--token", type=int, default=22, help="the generated token to select")
     p.add_argument("--chromium", default=find_chromium())
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
@@ -33,22 +35,29 @@ def main() -> None:
             page.goto(server.url + "/")
             page.wait_for_selector("#dist tbody tr")
 
-            def settle(action) -> None:
-                version = int(page.get_attribute("#dist", "data-version"))
+            def settle(action, *elements: str) -> None:
+                """Do `action`, then wait for a render of the latest state (see the page test)."""
+                elements = elements or ("#dist",)
+                versions = [int(page.get_attribute(e, "data-version")) for e in elements]
                 action()
-                page.wait_for_function(  # a render of the latest settings (see the page test)
-                    f"(d => Number(d.dataset.version) > {version} && d.dataset.busy === 'false')"
-                    "(document.querySelector('#dist'))")
+                for e, version in zip(elements, versions):
+                    page.wait_for_function(
+                        f"(d => Number(d.dataset.version) > {version} && d.dataset.busy === 'false')"
+                        f"(document.querySelector('{e}'))")
 
             settle(lambda: page.fill("#prompt", args.prompt))
             for name, value in (("temperature", "0.8"), ("top_k", "12"), ("top_p", "0.9")):
                 settle(lambda: page.fill(f"#ctl-{name}", value))
+            top_k, top_p = (page.locator(f"#stage-order li[data-stage={s}]") for s in ("top_k", "top_p"))
+            settle(lambda: top_k.drag_to(top_p, target_position=dict(x=10, y=18)))
             page.fill("#max-tokens", "100")
             page.fill("#seed", "7")
+            page.select_option("#colour-mode", "rank")
             page.click("#generate")
             page.wait_for_selector("#output[data-state=done]", timeout=120000)
-            page.locator("#output .gen").nth(22).hover()
-            page.wait_for_selector("#tooltip .alt")
+            settle(lambda: page.locator("#output .gen").nth(args.token).click(), "#lens", "#sweep")
+            page.mouse.move(0, 0)  # the click hovered the token: let its alternatives go
+            page.wait_for_selector("#tooltip", state="hidden")
             page.screenshot(path=args.out, full_page=True)
             browser.close()
     finally:

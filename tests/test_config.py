@@ -288,8 +288,8 @@ def test_a_duplicate_key_in_a_config_file_is_one_line(tmp_path, capsys, text, ke
 
 
 def test_a_duplicate_key_in_an_ablation_config_is_one_line(tmp_path, capsys, monkeypatch):
+    from minilm.cli import ablate
     from minilm.cli.common import run_cli
-    from minilm.experiments import ablation as ablate
 
     def no_training(cfg):
         raise AssertionError("the ablation started")

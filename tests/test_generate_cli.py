@@ -1,4 +1,6 @@
-"""generate.py end to end, in a subprocess, on a tiny char-level checkpoint."""
+"""generate.py end to end on a tiny char-level checkpoint: in-process through run_cli (as the
+console script runs it), and in a subprocess where the process itself matters (the entry point's
+smoke test, the environment, a closed stdout)."""
 import io
 import json
 import os
@@ -11,9 +13,10 @@ import pytest
 import torch
 
 from minilm.cli.common import run_cli
+from minilm.cli.generate import build_parser, sampler_settings, stream_text
 from minilm.cli.generate import main as generate_main
-from minilm.cli.generate import stream_text
 from minilm.model.gpt import GPT, GPTConfig
+from minilm.sampling.settings import SamplerSettings, knobs
 from minilm.tokenizer import CharTokenizer
 
 from hf_models import gpt2_bpe
@@ -40,7 +43,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_json_and_streamed_text_agree(ckpt):
+def test_json_and_streamed_text_agree(ckpt, capsys):
+    """The smoke test of the entry point: python generate.py in a subprocess."""
     common = ["--ckpt", str(ckpt), "--prompt", "ROMEO:", "--max_new_tokens", "24",
               "--num_samples", "2", "--seed", "3", "--top_k", "20"]
     done = run(*common, "--json", "--logprobs", "3")
@@ -59,18 +63,21 @@ def test_json_and_streamed_text_agree(ckpt):
             assert [lp for _, _, lp in top] == sorted((lp for _, _, lp in top), reverse=True)
         shown = s["tokens"][:-1] if s["finish_reason"] == "stop" else s["tokens"]
         assert s["text"] == TOKENIZER.decode(shown)
-    # text mode draws the samples one by one (seed, seed + 1) and streams them: the same text
-    text = run(*common)
-    assert text.returncode == 0, text.stderr
-    assert text.stdout == "\n---------------\n".join("ROMEO:" + s["text"] for s in samples) + "\n"
+    # text mode (in-process) draws the samples one by one (seed, seed + 1) and streams them
+    assert run_cli(generate_main, common) == 0
+    out = capsys.readouterr().out
+    assert out == "\n---------------\n".join("ROMEO:" + s["text"] for s in samples) + "\n"
 
 
-def test_show_distribution(ckpt):
-    done = run("--ckpt", str(ckpt), "--prompt", "ROMEO:", "--show_distribution",
-               "--repetition_penalty", "1.3", "--temperature", "0.7", "--top_k", "3",
-               "--logit_bias", '{"x": -100}')
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+def show(capsys, *args: str) -> list[str]:
+    """generate.py --show_distribution's lines, in-process."""
+    assert run_cli(generate_main, [*args, "--show_distribution"]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out.splitlines()
+
+
+def test_show_distribution(ckpt, capsys):
+    lines = show(capsys, "--ckpt", str(ckpt), "--prompt", "ROMEO:", "--repetition_penalty", "1.3",
+                 "--temperature", "0.7", "--top_k", "3", "--logit_bias", '{"x": -100}')
     V = TOKENIZER.vocab_size
     assert lines[0].split() == ["stage", "kept", "entropy"]
     stages = [line.split("  ")[0].strip() for line in lines[1:6]]
@@ -86,21 +93,58 @@ def test_show_distribution(ckpt):
 
 @pytest.mark.parametrize("args, message", [
     (["--ckpt", "{missing}"], "no checkpoint found"),
-    (["--logit_bias", "{bad"], "not valid JSON"),
-    (["--logit_bias", '{"ROMEO": 2}'], "'ROMEO' is 5 tokens"),
-    (["--logit_bias", '{"5": -101}'], "must be a number in [-100, 100]"),
-    (["--temperature", "-1"], "temperature must be in"),
-    (["--temperature", "hot"], "invalid float value"),
+    (["--logit_bias", "{bad"], "--logit_bias is not valid JSON"),
+    (["--logit_bias", "[1]"], "--logit_bias must be a JSON object"),
+    (["--logit_bias", '{"ROMEO": 2}'], "--logit_bias key 'ROMEO' is 5 tokens"),
+    (["--logit_bias", '{"5": -101}'], "--logit_bias value for '5' must be a number in [-100, 100]"),
+    (["--temperature", "-1"], "temperature must be in [0.0, inf), got -1.0"),
+    (["--temperature", "hot"], "argument --temperature: invalid float value: 'hot'"),
+    (["--top_k", "-2"], "top_k must be an integer >= -1 (0 or less = off), got -2"),
+    (["--top_h", "1.5"], "top_h must be in [0.0, 1.0], got 1.5"),
+    (["--eta_cutoff", "1"], "eta_cutoff must be in [0.0, 1.0), got 1.0"),
+    (["--xtc_probability", "2"], "xtc_probability must be in [0.0, 1.0], got 2.0"),
+    (["--dry_base", "0.5"], "dry_base must be in [1.0, inf), got 0.5"),
+    (["--dry_allowed_length", "0"], "dry_allowed_length must be an integer >= 1, got 0"),
+    (["--dry_sequence_breakers", "[]"], "dry_sequence_breakers must be a non-empty list"),
+    (["--dry_sequence_breakers", "x"], "argument --dry_sequence_breakers: not valid JSON"),
+    (["--mirostat", "1"], "mirostat must be one of [0, 2]"),
+    (["--order", "top_k,temp"], "unknown stage name(s) ['temp'] in order"),
+    (["--order", "mirostat,temperature", "--mirostat", "2", "--top_k", "0"],
+     "mirostat must come last in order"),
     (["--prompt", ""], "empty prompt"),
     (["--prompt", "~"], "'~' is not in"),
 ])
-def test_user_errors_exit_2_with_one_line(ckpt, tmp_path, args, message):
+def test_user_errors_exit_2_with_one_line(ckpt, tmp_path, capsys, args, message):
+    """In-process (run_cli, as the console script): each mistake is one line naming it."""
     args = [a.replace("{missing}", str(tmp_path / "nope")) for a in args]
-    done = run("--ckpt", str(ckpt), *args)
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
-    assert done.stderr.startswith("error: ") and message in done.stderr
+    assert run_cli(generate_main, ["--ckpt", str(ckpt), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_bad_sampler_value_is_said_before_the_model_loads(tmp_path, capsys):
+    for args, message in ((["--temperature", "-1"], "temperature must be"),
+                          (["--logit_bias", "{bad"], "--logit_bias is not valid JSON")):
+        assert run_cli(generate_main, ["--ckpt", str(tmp_path / "nowhere"), *args]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_sampler_flags_are_the_settings_knobs(capsys):
+    """One flag per SamplerSettings knob, with its help; defaults are the knobs' no-op values
+    except nanoGPT's temperature 0.8 and top-k 200 (their cli_default)."""
+    help_text = build_parser().format_help()
+    for k in knobs():
+        assert f"--{k.name}" in help_text
+    args = build_parser().parse_args(["--ckpt", "x"])
+    assert sampler_settings(args) == SamplerSettings(temperature=0.8, top_k=200)
+    args = build_parser().parse_args([
+        "--ckpt", "x", "--dry_multiplier", "0.8", "--dry_sequence_breakers", '["\\n", "User:"]',
+        "--order", "logit_bias,top_k, temperature,dry", "--negative_prompt", "Once", "--mirostat", "0",
+        "--top_k", "-1", "--logit_bias", '{"id:3": -100}'])
+    s = sampler_settings(args, TOKENIZER.encode)
+    assert s.dry_sequence_breakers == ("\n", "User:") and s.order == ("logit_bias", "top_k", "temperature", "dry")
+    assert s.negative_prompt == "Once" and s.logit_bias == {3: float("-inf")}
+    assert s.pipeline() == ["logit_bias", "temperature", "dry"]
 
 
 @pytest.mark.parametrize("n", [21, 100000])
@@ -111,7 +155,7 @@ def test_logprobs_is_bounded_as_the_api_bounds_it(ckpt, capsys, n):
     assert capsys.readouterr().err == f"error: --logprobs must be in [0, 20], got {n}\n"
 
 
-def test_logit_bias_can_name_a_digit_by_its_text(tmp_path):
+def test_logit_bias_can_name_a_digit_by_its_text(tmp_path, capsys):
     """A char model with digits: "5" is token id 5 (OpenAI's keys), "text:5" the character 5."""
     digits = CharTokenizer("\n 0123456789abc")
     model = GPT(GPTConfig(vocab_size=digits.vocab_size, n_layer=1, n_head=1, n_embd=8,
@@ -119,11 +163,9 @@ def test_logit_bias_can_name_a_digit_by_its_text(tmp_path):
     save_model(tmp_path / "last", model, digits.to_dict())
     five = digits.encode("5")[0]
     assert five != 5
-    done = run("--ckpt", str(tmp_path), "--prompt", "a", "--show_distribution", "--top_k", "0",
-               "--temperature", "1", "--logit_bias", '{"text:5": -100, "id:5": 100}')
-    assert done.returncode == 0, done.stderr
-    rows = {int(line.split()[0]): line.split() for line in done.stdout.splitlines()
-            if line.strip()[:1].isdigit()}
+    lines = show(capsys, "--ckpt", str(tmp_path), "--prompt", "a", "--top_k", "0",
+                 "--temperature", "1", "--logit_bias", '{"text:5": -100, "id:5": 100}')
+    rows = {int(line.split()[0]): line.split() for line in lines if line.strip()[:1].isdigit()}
     assert rows[five][-1] == "-"  # banned by the logit_bias stage
     assert rows[5][-2] == "1.000"  # +100: all the probability after it (and its bar)
 
@@ -143,21 +185,21 @@ def test_stream_text_holds_back_partial_utf8():
     ("meta", "--device: invalid choice 'meta'"),
     ("cuda:99", "--device: 'cuda:99' requested but"),
 ])
-def test_device_is_checked_like_train_device(ckpt, device, message):
-    done = run("--ckpt", str(ckpt), "--device", device)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+def test_device_is_checked_like_train_device(ckpt, capsys, device, message):
+    assert run_cli(generate_main, ["--ckpt", str(ckpt), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
 
 
-def test_prompt_file_not_utf8(ckpt, tmp_path):
+def test_prompt_file_not_utf8(ckpt, tmp_path, capsys):
     path = tmp_path / "prompt.txt"
     path.write_bytes("ROMEO:\nO, wilt thou leave me so unsatisfied? Caf".encode() + b"\xe9")
-    done = run("--ckpt", str(ckpt), "--prompt_file", str(path))
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
-    assert done.stderr.strip() == (f"error: --prompt_file {path} is not UTF-8 text (byte 0xe9 at "
-                                   "offset 48: unexpected end of data)")
+    assert run_cli(generate_main, ["--ckpt", str(ckpt), "--prompt_file", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --prompt_file {path} is not UTF-8 text "
+                                               "(byte 0xe9 at offset 48: unexpected end of data)")
 
 
+@pytest.mark.slow
 def test_missing_tiktoken_cache_is_named(tmp_path):
     """A GPT-2 BPE checkpoint sampled offline without the tiktoken cache: say what is missing,
     not that the checkpoint is corrupt."""
@@ -176,6 +218,7 @@ def test_missing_tiktoken_cache_is_named(tmp_path):
             f"(TIKTOKEN_CACHE_DIR={empty} does not hold it)") in done.stderr
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_ends_quietly(ckpt):
     """generate.py | head: no traceback, no error, exit 0, as Unix filters end."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -19,8 +19,9 @@ from minilm.sampling.generation import (
     next_token_stages,
     next_token_table,
 )
+from minilm.sampling.history import History
 from minilm.sampling.prefix_cache import PrefixCache
-from minilm.sampling.stages import History, SamplerStack
+from minilm.sampling.stack import SamplerStack
 from minilm.tokenizer import CharTokenizer
 
 V = 32

@@ -1,4 +1,6 @@
 """minilm.sampling: each processor against HF transformers' and the OpenAI formula; History; the draw."""
+import dataclasses
+import json
 import math
 import re
 
@@ -15,20 +17,20 @@ from transformers.generation.logits_process import (
 )
 
 from minilm.errors import SettingError
+from minilm.sampling.history import History
+from minilm.sampling.settings import ORDERS, SamplerSettings, describe, knobs, user_logit_bias
+from minilm.sampling.stack import SamplerStack, _draw
 from minilm.sampling.stages import (
+    STAGES,
     FrequencyPenalty,
-    History,
     LogitBias,
     MinP,
     PresencePenalty,
     RepetitionPenalty,
-    SamplerStack,
     Temperature,
     TopK,
     TopP,
     TypicalP,
-    _draw,
-    user_logit_bias,
 )
 from minilm.tokenizer import CharTokenizer
 
@@ -534,7 +536,7 @@ def tokens_2x4():
     (lambda: Temperature(-0.1), r"temperature must be in \[0"),
     (lambda: Temperature(float("nan")), "temperature"),
     (lambda: Temperature(INF), "temperature"),
-    (lambda: TopK(-1), "top_k must be an integer >= 0"),
+    (lambda: TopK(-2), r"top_k must be an integer >= -1 \(0 or less = off\), got -2"),
     (lambda: TopK(2.5), "top_k"),
     (lambda: TopP(0.0), r"top_p must be in \(0"),
     (lambda: TopP(1.01), "top_p"),
@@ -557,7 +559,7 @@ def tokens_2x4():
     (lambda: SamplerStack.from_settings(temperature=-1), "temperature"),
     (lambda: SamplerStack.from_settings(logit_bias={99: 1.0}, vocab_size=50), "outside the vocabulary"),
     (lambda: SamplerStack.from_settings(order="hf"), "order must be one of"),
-    (lambda: SamplerStack.from_settings(order=["top_k", "temp"]), r"allowed: \['logit_bias'"),
+    (lambda: SamplerStack.from_settings(order=["top_k", "temp"]), r"allowed: \['guidance', 'logit_bias'"),
     (lambda: SamplerStack.from_settings(order=["top_k", "top_k"]), "more than once"),
     (lambda: SamplerStack.from_settings(top_p=0.9, order=["top_k"]), r"leaves out .*top_p"),
     (lambda: SamplerStack().sample(torch.zeros(2, 5), generator=gens(0)), "1 generators"),
@@ -573,3 +575,194 @@ def tokens_2x4():
 def test_value_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# ------------------------------------------------------------------------------------------------
+# SamplerSettings: the one source of the knobs
+
+def bad_values(k):
+    """Values knob ``k`` must refuse, from its kind and range."""
+    if k.kind in ("number", "integer"):
+        out = [float("nan"), INF, -INF, True, "1", None]
+        out += [k.lo - 1] if k.lo > -INF else []
+        out += [k.hi + 1] if k.hi < INF else []
+        out += [k.lo] if k.lo_open else []
+        out += [k.hi] if k.hi_open and k.hi < INF else []
+        out += [k.default + 0.5] if k.kind == "integer" else []
+        return out
+    return {"choice": [1, 3, 2.0, True, "2"],
+            "token_bias": [{"a": 1.0}, {1: float("nan")}, {1: INF}, {-1: 1.0}, {True: 1.0}, [1]],
+            "texts": [[], [""], "abc", ["x" * 41], [1], None],
+            "order": ["hf", ["top_k", "top_k"], ["nope"], [1], None],
+            "prompt": ["", [], [-1], [1.5], 5]}[k.kind]
+
+
+@pytest.mark.parametrize("k", knobs(), ids=lambda k: k.name)
+def test_settings_refuse_bad_values_naming_the_knob(k):
+    for value in bad_values(k):
+        with pytest.raises(SettingError) as info:
+            SamplerSettings(**{k.name: value})
+        assert info.value.param == k.name, (value, info.value)
+        assert k.name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_settings_defaults_are_no_ops_and_normalised():
+    s = SamplerSettings()
+    assert s.stages_in_use() == [] and s.pipeline() == []
+    assert SamplerStack.from_settings(s).processors == []
+    for k in knobs():  # the dataclass default is the knob's, and its stage is off there
+        assert getattr(s, k.name) == k.default
+        assert not (k.switch and k.is_on(k.default)), k.name
+    t = SamplerSettings(top_k=-1, top_n_sigma=-1.0, temperature=1, order=["temperature", "top_k"],
+                        dry_sequence_breakers=["\n"], negative_prompt=[3, 4])
+    assert t.stages_in_use() == []  # vLLM's top_k -1 and llama.cpp's top_n_sigma -1 are off
+    assert isinstance(t.temperature, float) and t.order == ("temperature", "top_k")
+    assert t.dry_sequence_breakers == ("\n",) and t.negative_prompt == (3, 4)
+    assert t == SamplerSettings(top_k=-1, top_n_sigma=-1.0, order=("temperature", "top_k"),
+                                dry_sequence_breakers=("\n",), negative_prompt=(3, 4))
+
+
+def test_every_stage_has_a_processor_and_a_place_in_each_order():
+    stages = {k.stage for k in knobs() if k.stage is not None}
+    assert set(STAGES) == stages == set(ORDERS["default"]) == set(ORDERS["llama.cpp"])
+    for name, proc in STAGES.items():
+        assert proc.name == name
+    for order in ORDERS.values():
+        assert order[0] == "guidance" and order[-1] == "mirostat"
+    assert ORDERS["llama.cpp"][-2] == "temperature"  # llama.cpp: temperature last of the filters
+    for k in knobs():  # each multi-knob stage has exactly one switch
+        assert sum(j.switch for j in knobs() if j.stage == k.stage) == (k.stage is not None)
+
+
+def test_stage_switches_and_parameters():
+    on = dict(guidance_scale=1.5, logit_bias={1: 2.0}, repetition_penalty=1.1, presence_penalty=0.1,
+              frequency_penalty=0.1, dry_multiplier=0.8, temperature=0.7, top_n_sigma=1.0, top_h=0.5,
+              top_k=40, top_p=0.9, min_p=0.05, typical_p=0.9, epsilon_cutoff=3e-4,
+              eta_cutoff=3e-4, xtc_probability=0.5, mirostat=2)
+    assert SamplerSettings(**on).pipeline() == list(ORDERS["default"])
+    # parameters alone turn nothing on (llama.cpp clients always send tau, eta, base, threshold)
+    params = dict(dry_base=3.0, dry_allowed_length=4, dry_penalty_last_n=64, mirostat_tau=4.0,
+                  mirostat_eta=0.2, xtc_threshold=0.2, negative_prompt="x")
+    assert SamplerSettings(**params).pipeline() == []
+    # llama.cpp's order with Mirostat: its own chain, logit bias → temperature → mirostat
+    llama = SamplerSettings(**on, order="llama.cpp")
+    assert llama.pipeline() == ["guidance", "logit_bias", "temperature", "mirostat"]
+    assert SamplerSettings(**dict(on, mirostat=0), order="llama.cpp").pipeline() == \
+        [n for n in ORDERS["llama.cpp"] if n != "mirostat"]
+
+
+@pytest.mark.parametrize("order, message", [
+    (["temperature", "guidance", "mirostat"], "guidance must come first in order"),
+    (["guidance", "mirostat", "temperature"], "mirostat must come last in order"),
+    (["guidance", "temperature"], r"leaves out the stage\(s\) in use \['mirostat'\]"),
+])
+def test_custom_orders_keep_guidance_first_and_mirostat_last(order, message):
+    with pytest.raises(SettingError, match=message) as info:
+        SamplerSettings(guidance_scale=2.0, temperature=0.5, mirostat=2, order=order)
+    assert info.value.param == "order"
+    fine = SamplerSettings(temperature=0.5, mirostat=2, order=["top_k", "temperature", "mirostat"])
+    assert fine.pipeline() == ["temperature", "mirostat"]
+
+
+def test_from_settings_keywords_and_dataclass_agree():
+    s = SamplerSettings(repetition_penalty=1.2, temperature=0.8, top_k=60, order="llama.cpp")
+    a, b = SamplerStack.from_settings(s), SamplerStack.from_settings(**dataclasses.asdict(s))
+    c = SamplerStack.from_settings(SamplerSettings(temperature=0.8), repetition_penalty=1.2,
+                                   top_k=60, order="llama.cpp")
+    assert repr(a) == repr(b) == repr(c) == "SamplerStack([repetition_penalty, top_k, temperature])"
+    logits = rand_logits(B=3, V=100)
+    ids, h = rand_history(B=3, V=100)
+    assert torch.equal(a.apply(logits, h), c.apply(logits, h))
+
+
+def test_describe_is_json_and_matches_the_dataclass():
+    d = json.loads(json.dumps(describe(), allow_nan=False))  # no inf/nan: null instead
+    by_name = {k["name"]: k for k in d["knobs"]}
+    assert list(by_name) == [f.name for f in dataclasses.fields(SamplerSettings)]
+    assert d["orders"] == {name: list(o) for name, o in ORDERS.items()}
+    s = SamplerSettings()
+    for name, k in by_name.items():
+        default = getattr(s, name)
+        assert k["default"] == (list(default) if isinstance(default, tuple) else default)
+        assert k["help"] and k["type"] in ("number", "integer", "choice", "token_bias", "texts",
+                                           "order", "prompt")
+    assert by_name["temperature"]["cli_default"] == 0.8 and by_name["top_k"]["cli_default"] == 200
+    assert by_name["top_p"]["range"] == {"min": 0.0, "max": 1.0, "min_open": True, "max_open": False}
+    assert by_name["temperature"]["range"]["max"] is None
+    assert by_name["top_k"]["off"] == {"at_most": 0}
+    assert by_name["dry_base"]["stage"] == "dry" and not by_name["dry_base"]["switch"]
+    assert by_name["mirostat"]["choices"] == [0, 2]
+    for k in d["knobs"]:  # a slider's span lies inside the knob's range
+        if k["ui"] and k["range"]:
+            lo, hi = k["range"]["min"], k["range"]["max"]
+            assert (lo is None or k["ui"]["min"] >= lo) and (hi is None or k["ui"]["max"] <= hi)
+
+
+# ------------------------------------------------------------------------------------------------
+# History: per-row state and generators, select and cat
+
+def test_seen_ids_catch_up_with_appends_read_or_not():
+    B, V = 3, 30
+    g = torch.Generator().manual_seed(3)
+    h = History(torch.randint(0, V, (B, 4), generator=g), torch.full((B,), 2), vocab_size=V)
+    for step in range(9):
+        if step % 3 == 0:  # read now and then: the appends since are folded in
+            seen_pairs(h)
+        new = torch.randint(0, V, (B,), generator=g)
+        new[0] = h.tokens[0, -1]  # a token the row has already seen
+        h.append(new)
+    assert seen_pairs(h) == sorted(map(tuple, History(h.tokens, h.prompt_lens, vocab_size=V)
+                                       .seen.nonzero().tolist()))
+
+
+def history_with_state(B, T, V, seed, prompt_len=2, key="k"):
+    g = torch.Generator().manual_seed(seed)
+    h = History(torch.randint(0, V, (B, T), generator=g), torch.full((B,), prompt_len),
+                generators=gens(*range(seed, seed + B)))
+    h.state[key] = torch.arange(B, dtype=torch.float64) + 10 * seed
+    return h
+
+
+def test_history_state_and_generators_follow_select():
+    h = history_with_state(4, 5, 20, seed=1)
+    h.build(20)
+    picked = h.select([3, 1])
+    assert picked.state["k"].tolist() == [13.0, 11.0]
+    assert picked.generators == [h.generators[3], h.generators[1]]
+    assert picked.select(torch.tensor([1])).generators == [h.generators[1]]
+
+
+def test_history_cat_equals_the_rows_built_together():
+    V = 20
+    a = history_with_state(2, 5, V, seed=1)
+    b = History(torch.randint(0, V, (3, 3), generator=torch.Generator().manual_seed(2)),
+                torch.tensor([1, 2, 3]), generators=gens(7, 8, 9),
+                attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1]]))
+    b.state["other"] = torch.ones(3, 2)
+    a.build(V)
+    a.append(torch.tensor([4, 5]))  # built and appended: counts carry generated tokens
+    both = History.cat([a, b])
+    mask = torch.tensor([[1] * 6] * 2 + [[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]],
+                        dtype=torch.bool)
+    assert torch.equal(both.attention_mask, mask)
+    assert torch.equal(both.tokens[:2], a.tokens) and torch.equal(both.tokens[2:, 3:], b.tokens)
+    fresh = History(both.tokens, torch.tensor([2, 2, 1, 2, 3]), vocab_size=V, attention_mask=mask)
+    fresh_counts = fresh.counts.clone()
+    fresh_counts[:2] = a.counts  # a's generated tokens: its prompt was 2 of 5, then 1 appended
+    assert torch.equal(both.counts, fresh_counts) and torch.equal(both.seen, fresh.seen)
+    assert both.generators == a.generators + b.generators
+    assert both.state["k"][:2].tolist() == [10.0, 11.0] and both.state["k"][2:].isnan().all()
+    assert both.state["other"][:2].isnan().all() and (both.state["other"][2:] == 1).all()
+    back = both.select([2, 3, 4])  # each request's rows back, state included
+    assert torch.equal(back.state["other"], b.state["other"]) and back.generators == b.generators
+    with pytest.raises(ValueError, match="generators"):
+        History.cat([a, History(torch.zeros(1, 2, dtype=torch.long), torch.tensor([1]))])
+
+
+def test_sample_uses_the_history_generators():
+    logits = rand_logits(B=3, V=50, seed=4)
+    stack = SamplerStack.from_settings(temperature=0.9)
+    h = History(torch.zeros(3, 1, dtype=torch.long), torch.ones(3), generators=gens(1, 2, 3))
+    a, _ = stack.sample(logits, h)
+    b, _ = stack.sample(logits, generator=gens(1, 2, 3))
+    assert torch.equal(a, b)

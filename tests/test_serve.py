@@ -19,6 +19,8 @@ from minilm.cli.common import run_cli  # noqa: E402
 from minilm.cli.serve import main as serve_main  # noqa: E402
 from minilm.cli.serve import model_name  # noqa: E402
 from minilm.interop.loading import load_model  # noqa: E402
+from minilm.sampling.settings import describe, knobs  # noqa: E402
+from minilm.serve.protocol import CompletionRequest, DistributionRequest  # noqa: E402
 
 PROMPT = "ROMEO:\nWhat say"
 
@@ -237,6 +239,19 @@ def test_echo_scores_the_prompt(client, server, local):
     (dict(extra_body=dict(repetition_penalty=0)), 400, "repetition_penalty"),
     (dict(extra_body=dict(order="backwards")), 400, "order"),
     (dict(extra_body=dict(logprobs_mode="cooked")), 400, "logprobs_mode"),
+    (dict(extra_body=dict(mirostat=1)), 400, "mirostat"),  # Mirostat 1.0: not supported
+    (dict(extra_body=dict(dry_base=0.5)), 400, "dry_base"),
+    (dict(extra_body=dict(dry_allowed_length=0)), 400, "dry_allowed_length"),
+    (dict(extra_body=dict(dry_penalty_last_n=-2)), 400, "dry_penalty_last_n"),
+    (dict(extra_body=dict(dry_sequence_breakers=[])), 400, "dry_sequence_breakers"),
+    (dict(extra_body=dict(xtc_probability=2)), 400, "xtc_probability"),
+    (dict(extra_body=dict(top_h=1.5)), 400, "top_h"),
+    (dict(extra_body=dict(eta_cutoff=1)), 400, "eta_cutoff"),
+    (dict(extra_body=dict(epsilon_cutoff=-0.1)), 400, "epsilon_cutoff"),
+    (dict(extra_body=dict(mirostat_tau=-1)), 400, "mirostat_tau"),
+    (dict(extra_body=dict(negative_prompt=[-1])), 400, "negative_prompt"),
+    (dict(extra_body=dict(order=["mirostat", "temperature"], mirostat=2, temperature=0.5)), 400,
+     "order"),
     (dict(model="gpt-17"), 404, "model"),
 ])
 def test_errors_in_openai_shape(client, server, kwargs, status, param):
@@ -276,6 +291,11 @@ def test_max_tokens_limit(serve_checkpoint):
     ({"prompt": "A", "stop": 3}, "stop"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "A", "seed": 2**70}, "seed"),
+    ({"prompt": "A", "negative_prompt": 5}, "negative_prompt"),
+    ({"prompt": "A", "dry_sequence_breakers": "\n"}, "dry_sequence_breakers"),
+    ({"prompt": "A", "mirostat": 2.5}, "mirostat"),
+    ({"prompt": "A", "xtc_probability": True}, "xtc_probability"),
+    ({"prompt": "A", "guidance_scale": "strong"}, "guidance_scale"),
 ])
 def test_bad_types_are_400_naming_the_field(server, body, param):
     r = httpx.post(f"{server.url}/v1/completions", json=body)
@@ -454,6 +474,18 @@ def test_logit_bias_explicit_keys(server, local):
     assert tables[0] == tables[1] and "error" not in tables[0]
     shown = {t["id"]: t for t in tables[0]["tokens"]}
     assert shown[x]["kept"] == [True, False] and 12 in shown
+
+
+def test_sampler_settings_endpoint_describes_every_knob(server):
+    """GET /v1/sampler_settings: what the page builds its controls from, and the request fields
+    are the same knobs (one field each, derived from SamplerSettings)."""
+    r = httpx.get(f"{server.url}/v1/sampler_settings")
+    assert r.status_code == 200 and r.json() == json.loads(json.dumps(describe()))
+    names = [k.name for k in knobs()]
+    assert [k["name"] for k in r.json()["knobs"]] == names
+    for request in (CompletionRequest, DistributionRequest):
+        assert set(names) <= set(request.model_fields)
+    assert r.json()["orders"]["llama.cpp"][-2:] == ["temperature", "mirostat"]
 
 
 def test_model_name():

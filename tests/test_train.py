@@ -371,6 +371,7 @@ def run_files(out_dir) -> dict:
 
 def test_resume_with_nothing_left_to_train_is_refused_and_writes_nothing(
         corpus_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # (CI exports offline) the first run: no wandb
     args = tiny_overrides(tmp_path, corpus_file)  # 8 steps: out/last is at step 8
     assert run_cli(train_main, args) == 0
     out = tmp_path / "out"
@@ -461,8 +462,12 @@ def test_a_data_error_stops_the_run_before_wandb_starts(tmp_path, capsys, monkey
     assert not (out / "wandb").exists() and not (out / "metrics.jsonl").exists()
 
 
-def test_checks_come_before_an_overwrite_deletes_the_old_run(corpus_file, tmp_path, capsys):
+def test_checks_come_before_an_overwrite_deletes_the_old_run(corpus_file, tmp_path, capsys,
+                                                            monkeypatch):
     """--train.overwrite=true deletes the old run only once the new one has passed its checks."""
+    # no wandb run (CI exports WANDB_MODE=offline): its service may still append to its own logs
+    # after the run has returned, which is not the run's files changing
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     args = tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4})
     assert run_cli(train_main, args) == 0
     out = tmp_path / "out"

@@ -1,11 +1,13 @@
 """generate.py: sample from a checkpoint; text streams to stdout, or JSON lines with log-probs.
 
-    python generate.py --ckpt out --prompt "ROMEO:" --max_new_tokens 200 --temperature 0.8
+    python generate.py --ckpt out --prompt "ROMEO:" --max_new_tokens 200
     python generate.py --ckpt out --prompt "ROMEO:" --json --logprobs 5 --num_samples 3
-    python generate.py --ckpt out --prompt "ROMEO:" --top_p 0.9 --show_distribution
+    python generate.py --ckpt out --prompt "ROMEO:" --show_distribution
     python generate.py --ckpt gpt2 --prompt "The meaning of life is"       # Hugging Face GPT-2
 
-Defaults follow nanoGPT's sample.py (temperature 0.8, top-k 200, seed 1337, prompt "\\n",
+The sampler flags are SamplerSettings' knobs, one flag each, generated from its fields (their help,
+ranges and defaults live there; see --help and the README's Sampling section). Defaults follow
+nanoGPT's sample.py (for two knobs: their cli_default; seed 1337, prompt "\\n",
 500 new tokens) except one sample instead of ten. Sample i uses seed + i, so a sample does not
 depend on how many were asked for. A row ends at the tokenizer's end-of-text token (not printed) or
 at a --stop string (printed, as HF's stop_strings).
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from minilm.cli.common import ArgumentParser, run_cli
 from minilm.device import DEVICE_NAMES, resolve_device
@@ -28,13 +30,9 @@ from minilm.sampling.generation import (
     generate,
     next_token_table,
 )
-from minilm.sampling.stages import (
-    DEFAULT_ORDER,
-    MAX_LOGPROBS,
-    ORDERS,
-    SamplerStack,
-    user_logit_bias,
-)
+from minilm.sampling.settings import ORDERS, Knob, SamplerSettings, knobs, settings_from_user
+from minilm.sampling.stack import SamplerStack
+from minilm.sampling.stages import MAX_LOGPROBS, STAGES
 from minilm.tokenizer import TextStream, Tokenizer, read_text
 
 SHOWN = 10  # tokens in --show_distribution's table
@@ -51,22 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt_file", help="read the prompt from this file")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=200, help="0 = off")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--min_p", type=float, default=0.0)
-    p.add_argument("--typical_p", type=float, default=1.0)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--presence_penalty", type=float, default=0.0)
-    p.add_argument("--frequency_penalty", type=float, default=0.0)
-    p.add_argument("--logit_bias", metavar="JSON",
-                   help='e.g. \'{"1234": -100, "ROMEO": 5, "text:7": 2}\': a key is a token id '
-                        '("1234" or "id:1234") or a text of one token ("ROMEO"; "text:7" for a '
-                        'text of digits, which alone would be an id); values in [-100, 100]; '
-                        '-100 bans the token')
-    p.add_argument("--order", default="default",
-                   help=f"{' | '.join(ORDERS)} | comma-separated stage names from "
-                        f"{','.join(DEFAULT_ORDER)}")
     p.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i")
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop a sample when it generates this text (repeatable)")
@@ -78,9 +60,85 @@ def build_parser() -> argparse.ArgumentParser:
                         "top_logprobs, finish_reason")
     p.add_argument("--show_distribution", action="store_true",
                    help="show the next token's distribution after each stage of the sampler "
-                        "(raw, penalties, temperature, top-k, ...) and exit")
+                        "(raw, then each stage in use) and exit")
     p.add_argument("--device", default="auto", help=f"{DEVICE_NAMES} (as train.device)")
+    add_sampler_flags(p)
     return p
+
+
+def json_texts(text: str) -> list[str]:
+    """A flag's JSON list of strings (argparse type)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos}): "
+                                         f"{text!r}") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"must be a JSON list of strings such as '[\"\\n\", "
+                                         f"\":\"]', got {text!r}")
+    return value
+
+
+def order_names(text: str) -> str | list[str]:
+    """--order: a preset name, or comma-separated stage names (argparse type)."""
+    return text if text in ORDERS else [name.strip() for name in text.split(",")]
+
+
+# How a sampler flag's text becomes a knob's value, per kind of knob; a token_bias stays text here
+# (its keys may be texts, which need the tokenizer: sampler_settings parses it).
+FLAG_TYPES = {"number": float, "integer": int, "choice": int, "token_bias": str,
+              "texts": json_texts, "order": order_names, "prompt": str}
+FLAG_FORMS = {
+    "token_bias": ("JSON", 'a JSON object, e.g. \'{"1234": -100, "ROMEO": 5, "text:7": 2}\': a key is '
+                           'a token id ("1234" or "id:1234") or a text of one token ("ROMEO"; '
+                           '"text:7" for a text of digits, which alone would be an id); values in '
+                           '[-100, 100]; -100 bans the token'),
+    "texts": ("JSON", "a JSON list of strings"),
+    "order": ("ORDER", f"a list as comma-separated names from {','.join(STAGES)}"),
+    "prompt": ("TEXT", "a text"),
+}
+
+
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per SamplerSettings knob: its help, its form and its default (the knob's
+    cli_default where nanoGPT's differs from the no-op value)."""
+    group = p.add_argument_group("sampler", "one flag per knob of minilm.sampling.SamplerSettings; "
+                                            "every stage is off at its default unless said")
+    for k in knobs():
+        default = k.default if k.cli_default is None else k.cli_default
+        metavar, form = FLAG_FORMS.get(k.kind, (None, None))
+        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        group.add_argument(f"--{k.name}", type=FLAG_TYPES[k.kind], default=default,
+                           metavar=metavar, help=f"{k.help}{'; ' + form if form else ''} "
+                                                 f"(default: {shown})")
+
+
+def sampler_settings(args: argparse.Namespace, encode=None) -> SamplerSettings:
+    """The settings the flags give. Without ``encode`` (before the tokenizer is loaded) only the
+    JSON of a token_bias knob is read (its keys may be texts): every other value is checked before
+    the model loads."""
+    values: dict[str, Any] = {}
+    for k in knobs():
+        value = getattr(args, k.name)
+        if k.kind == "token_bias":
+            value = parse_json_object(value, k)
+            if encode is None:
+                continue
+        values[k.name] = value
+    return settings_from_user(values, encode, prefix="--")
+
+
+def parse_json_object(text: str | None, k: Knob) -> dict | None:
+    """A flag's JSON object (a logit bias: settings.user_logit_bias reads its keys)."""
+    if not text:
+        return None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--{k.name} is not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--{k.name} must be a JSON object such as '{{\"1234\": -100}}'")
+    return raw
 
 
 def main(argv: list[str]) -> int | None:
@@ -93,17 +151,14 @@ def main(argv: list[str]) -> int | None:
     if args.logprobs and not args.json:
         raise ValueError("--logprobs needs --json (text output has no place for them)")
     prompt = read_prompt(args)
+    sampler_settings(args)  # a bad value is said before the model loads
     model, tokenizer, _ = load_model(args.ckpt, resolve_device(args.device, key="--device"))
     ids = tokenizer.encode(prompt)
-    order = args.order if args.order in ORDERS else [s.strip() for s in args.order.split(",")]
-    logit_bias = parse_logit_bias(args.logit_bias, tokenizer)
-    sampler = SamplerStack.from_settings(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        logit_bias=logit_bias, order=order, vocab_size=model.config.vocab_size)
+    settings = sampler_settings(args, tokenizer.encode)
+    sampler = SamplerStack.from_settings(settings, tokenizer=tokenizer,
+                                         vocab_size=model.config.vocab_size)
     if args.show_distribution:
-        show_distribution(model, tokenizer, ids, sampler, include=list(logit_bias))
+        show_distribution(model, tokenizer, ids, sampler, include=settings.named_tokens())
         return 0
     options = dict(sampler=sampler, eos_id=tokenizer.eot_token, stop=args.stop,
                    decode=tokenizer.decode)
@@ -138,20 +193,6 @@ def read_prompt(args: argparse.Namespace) -> str:
     return prompt
 
 
-def parse_logit_bias(text: str | None, tokenizer: Tokenizer) -> dict[int, float]:
-    """--logit_bias JSON → {token id: bias} (sampling.user_logit_bias: digits or "id:N" is a token
-    id, "text:T" or any other key a text that must encode to one token; -100 bans)."""
-    if not text:
-        return {}
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--logit_bias is not valid JSON ({e.msg} at character {e.pos})") from None
-    if not isinstance(raw, dict):
-        raise ValueError("--logit_bias must be a JSON object such as '{\"1234\": -100}'")
-    return user_logit_bias(raw, tokenizer.encode, name="--logit_bias")
-
-
 def visible_tokens(tokens: list[int], tokenizer: Tokenizer) -> list[int]:
     """The tokens shown as text: all but a final end-of-text token."""
     return tokens[:-1] if tokens and tokens[-1] == tokenizer.eot_token else tokens
@@ -169,8 +210,10 @@ def to_json(r: Completion, tokenizer: Tokenizer) -> dict:
     }
 
 
-def stream_text(steps, tokenizer: Tokenizer, out: TextIO = sys.stdout) -> None:
-    """Write one row's text as its tokens arrive (TextStream: never half a character)."""
+def stream_text(steps, tokenizer: Tokenizer, out: TextIO | None = None) -> None:
+    """Write one row's text as its tokens arrive (TextStream: never half a character) to ``out``
+    (default: sys.stdout as it is at the call)."""
+    out = out or sys.stdout
     tokens: list[int] = []
     text = TextStream(tokenizer.decode)
     for step in steps:
@@ -182,11 +225,12 @@ def stream_text(steps, tokenizer: Tokenizer, out: TextIO = sys.stdout) -> None:
 
 
 def show_distribution(model, tokenizer: Tokenizer, ids: list[int], sampler: SamplerStack,
-                      include: list[int] = (), out: TextIO = sys.stdout) -> None:
+                      include: list[int] = (), out: TextIO | None = None) -> None:
     """Print the next-token table: per stage how many tokens it keeps and its entropy, then the
     SHOWN most likely tokens (and the logit-biased ones) with their probability after each stage
     ("-" once removed) and a bar of the last one."""
-    print(render_table(next_token_table(model, ids, sampler, SHOWN, include), tokenizer), file=out)
+    print(render_table(next_token_table(model, ids, sampler, SHOWN, include), tokenizer),
+          file=out or sys.stdout)
 
 
 def render_table(table: NextTokenTable, tokenizer: Tokenizer) -> str:

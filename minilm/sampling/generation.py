@@ -59,14 +59,10 @@ import torch
 from torch import Tensor
 
 from minilm.model.gpt import GPT, KVCache
+from minilm.sampling.history import History
 from minilm.sampling.prefix_cache import BLOCK_TOKENS, PrefixCache
-from minilm.sampling.stages import (
-    History,
-    SampleInfo,
-    SamplerStack,
-    Temperature,
-    check_logprobs_mode,
-)
+from minilm.sampling.stack import SampleInfo, SamplerStack, check_logprobs_mode
+from minilm.sampling.stages import Temperature
 
 Prompts = Sequence[Sequence[int]] | Sequence[int] | Tensor
 Stop = Sequence[str | Sequence[int]]

@@ -1,170 +1,37 @@
-"""Turning logits into tokens: a pluggable stack of logits processors, then an exact draw.
+"""The sampler's stages: logits processors, each a callable ``(logits, history) -> logits`` on
+FloatTensor[B, V]; a removed token gets -inf.
 
-A processor is any callable ``(logits, history) -> logits`` on FloatTensor[B, V]; a removed token gets
--inf. The model always hands over raw logits (T = 1); every transformation lives in a processor, and a
-``SamplerStack`` applies them in order, then draws. Semantics follow HF transformers'
-``generation/logits_process.py`` (the anchors named below), the OpenAI API (presence/frequency
-penalties, logit bias, logprobs) and llama.cpp (its sampler order).
+The model always hands over raw logits (T = 1); every transformation lives in a processor, and a
+``SamplerStack`` (minilm.sampling.stack) applies them in order, then draws. Semantics follow HF
+transformers' ``generation/logits_process.py``, the OpenAI API (presence/frequency penalties, logit
+bias) and llama.cpp's ``src/llama-sampling.cpp`` (top-nσ, XTC, DRY, Mirostat): the anchor of each
+is named in its docstring. Each stage's arguments are checked against its knob in
+``SamplerSettings`` (minilm.sampling.settings), so a range is written once.
 
-    h = History(tokens=ids, prompt_lens=lens)            # ids [B, T] = prompt + generated so far
-    stack = SamplerStack.from_settings(repetition_penalty=1.1, temperature=0.8, top_k=50, top_p=0.95)
-    tokens, info = stack.sample(logits, h, generator=g)  # tokens [B]; info.logprobs [B], ...
-    h.append(tokens)                                     # O(B) update of what the penalties read
+A stage may also take per-step inputs the stack hands it as keywords (``inputs``: XTC's
+``coins``, guidance's ``unconditional_logits``) and update its per-row state after the draw
+(``after_draw``: Mirostat's μ).
 """
 from __future__ import annotations
 
+import bisect
 import math
-import numbers
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from minilm.errors import SettingError
+from minilm.sampling.history import History
+from minilm.sampling.settings import SamplerSettings, check_knob, prompt_ids
 
 NEG_INF = float("-inf")
-BAN = -100.0  # a logit bias of -100 (or less) bans the token, as in the OpenAI API
+LN2 = math.log(2.0)
 MAX_LOGPROBS = 20  # alternatives per token a user may ask for: OpenAI's and vLLM's limit
-ID_KEY, TEXT_KEY = "id:", "text:"  # explicit logit_bias keys: "id:5" token id 5, "text:5" the text
 
-
-# ------------------------------------------------------------------------------------------------------
-# History: what the penalties read, kept up to date incrementally
-
-
-class History:
-    """The tokens of each row so far, and the per-token statistics the penalties read.
-
-    ``tokens`` [B, T] holds prompt + generated tokens. With an ``attention_mask`` [B, T] (True/1 = real
-    token; e.g. the left padding of a batch of prompts) the masked positions are ignored. Of each row's
-    real tokens the first ``prompt_lens[b]`` are the prompt, the rest were generated.
-
-    Built once for a vocabulary of V tokens (``vocab_size``, else the first logits a penalty sees):
-      ``counts``   LongTensor[B, V]: times each token was generated, prompt excluded (OpenAI's count)
-      ``seen``     BoolTensor[B, V]: whether a token occurs in prompt + generated (HF's repetition set)
-      ``seen_ids`` (rows, ids), two LongTensor[S]: the S (row, token) pairs where ``seen`` is True
-    ``append`` updates all three in O(B), so a penalty touches the seen tokens only, not a scan of the
-    history nor of the vocabulary. Token ids outside [0, V) are not counted (HF drops ids beyond the
-    logits' vocabulary too).
-    """
-
-    def __init__(self, tokens: Tensor, prompt_lens: Tensor, vocab_size: int | None = None,
-                 attention_mask: Tensor | None = None):
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be a LongTensor[B, T], got shape {tuple(tokens.shape)}")
-        B, T = tokens.shape
-        prompt_lens = torch.as_tensor(prompt_lens, dtype=torch.long, device=tokens.device)
-        if prompt_lens.shape != (B,):
-            raise ValueError(f"prompt_lens must have shape ({B},), got {tuple(prompt_lens.shape)}")
-        if attention_mask is not None:
-            if attention_mask.shape != tokens.shape:
-                raise ValueError(f"attention_mask must have the shape of tokens {(B, T)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            attention_mask = attention_mask.to(device=tokens.device, dtype=torch.bool)
-        n_real = torch.full_like(prompt_lens, T) if attention_mask is None else attention_mask.sum(1)
-        if B and ((prompt_lens < 0) | (prompt_lens > n_real)).any():
-            raise ValueError("prompt_lens must be in [0, the number of real tokens of the row]")
-        self.tokens = tokens
-        self.prompt_lens = prompt_lens
-        self.attention_mask = attention_mask
-        self.vocab_size: int | None = None
-        self._counts: Tensor | None = None  # (B, V + 1): column V is a sink for ignored positions
-        self._seen: Tensor | None = None    # (B, V + 1)
-        self._seen_ids: tuple[Tensor, Tensor] | None = None  # (S,), (S,)
-        if vocab_size is not None:
-            self.build(vocab_size)
-
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.size(0)
-
-    def build(self, vocab_size: int) -> History:
-        """Compute ``counts`` and ``seen`` from ``tokens`` for a vocabulary of ``vocab_size`` (once)."""
-        if self.vocab_size is not None:
-            if vocab_size != self.vocab_size:
-                raise ValueError(f"History was built for vocab_size {self.vocab_size}, not {vocab_size}")
-            return self
-        V, tokens, B = vocab_size, self.tokens, self.batch_size
-        real = self.attention_mask
-        if real is None:
-            real = torch.ones_like(tokens, dtype=torch.bool)
-        rank = real.long().cumsum(1)                              # (B, T) 1-based rank among real tokens
-        generated = real & (rank > self.prompt_lens[:, None])     # (B, T)
-        self._counts = torch.zeros(B, V + 1, dtype=torch.long, device=tokens.device)
-        self._counts.scatter_add_(1, _ids_or_sink(tokens, generated, V), torch.ones_like(tokens))
-        self._seen = torch.zeros(B, V + 1, dtype=torch.bool, device=tokens.device)
-        self._seen.scatter_(1, _ids_or_sink(tokens, real, V), True)
-        self._seen_ids = self._seen[:, :V].nonzero(as_tuple=True)
-        self.vocab_size = V
-        return self
-
-    def for_logits(self, logits: Tensor) -> History:
-        """Check that ``logits`` [B, V] fit this history; build the statistics on first use."""
-        if logits.size(0) != self.batch_size:
-            raise ValueError(f"logits have batch size {logits.size(0)}, the History {self.batch_size}")
-        return self.build(logits.size(-1))
-
-    @property
-    def counts(self) -> Tensor:
-        """LongTensor[B, V]: how often each token was generated."""
-        return self._built(self._counts)
-
-    @property
-    def seen(self) -> Tensor:
-        """BoolTensor[B, V]: whether each token occurs in prompt + generated."""
-        return self._built(self._seen)
-
-    @property
-    def seen_ids(self) -> tuple[Tensor, Tensor]:
-        """(rows, ids), LongTensor[S] each: every (row, token) pair where ``seen`` is True, in no
-        particular order; ``logits[rows, ids]`` are the logits of the seen tokens."""
-        self._built(self._seen)
-        return self._seen_ids
-
-    def append(self, new_tokens: Tensor) -> None:
-        """Append one generated token per row (LongTensor[B]); update the statistics in O(B)."""
-        if new_tokens.shape != (self.batch_size,):
-            raise ValueError(f"new_tokens must have shape ({self.batch_size},), "
-                             f"got {tuple(new_tokens.shape)}")
-        new = new_tokens.to(self.tokens.device, torch.long)[:, None]     # (B, 1)
-        self.tokens = torch.cat([self.tokens, new], dim=1)
-        if self.attention_mask is not None:
-            real = torch.ones_like(new, dtype=torch.bool)
-            self.attention_mask = torch.cat([self.attention_mask, real], dim=1)
-        if self.vocab_size is not None:
-            idx = _ids_or_sink(new, torch.ones_like(new, dtype=torch.bool), self.vocab_size)  # (B, 1)
-            fresh = (~self._seen.gather(1, idx) & (idx < self.vocab_size))[:, 0].nonzero()[:, 0]
-            self._counts.scatter_add_(1, idx, torch.ones_like(idx))
-            self._seen.scatter_(1, idx, True)
-            rows, ids = self._seen_ids  # add the rows whose token is seen for the first time
-            self._seen_ids = torch.cat([rows, fresh]), torch.cat([ids, idx[fresh, 0]])
-
-    def select(self, rows: Tensor | Sequence[int]) -> History:
-        """A History of only these rows (indices into this batch, in the order given): the same as
-        one built from scratch from their tokens, without recounting."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
-        mask = None if self.attention_mask is None else self.attention_mask[idx]
-        out = History(self.tokens[idx], self.prompt_lens[idx], attention_mask=mask)
-        if self.vocab_size is not None:
-            out.vocab_size, out._counts, out._seen = self.vocab_size, self._counts[idx], self._seen[idx]
-            out._seen_ids = out._seen[:, :-1].nonzero(as_tuple=True)
-        return out
-
-    @staticmethod
-    def _built(stat: Tensor | None) -> Tensor:
-        if stat is None:
-            raise RuntimeError("History statistics are not built yet: pass vocab_size or call build(V)")
-        return stat[:, :-1]
-
-
-def _ids_or_sink(tokens: Tensor, keep: Tensor, V: int) -> Tensor:
-    """The token ids where ``keep`` and in [0, V); the sink column V elsewhere."""
-    return torch.where(keep & (tokens >= 0) & (tokens < V), tokens, V)
-
-
-Processor = Callable[[Tensor, "History | None"], Tensor]
+Processor = Callable[..., Tensor]  # (logits, history, **inputs) -> logits
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -181,9 +48,19 @@ def _remove_at(logits: Tensor, ids: Tensor, remove: Tensor) -> Tensor:
     return _remove(logits, torch.zeros_like(logits, dtype=torch.bool).scatter(-1, ids, remove))
 
 
-def _probs(logits: Tensor) -> Tensor:
-    """softmax in float32 (torch subtracts the row max first, so logits of ±1e4 are safe)."""
-    return torch.softmax(logits.float(), dim=-1)
+def _wide(logits: Tensor) -> Tensor:
+    """Logits in float32 at least (half precision upcast; float64 kept, as HF computes in it)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def softmax_probs(logits: Tensor) -> Tensor:
+    """softmax in float32 or wider (torch subtracts the row max first, so logits of ±1e4 are safe)."""
+    return torch.softmax(_wide(logits), dim=-1)
+
+
+def _entropy(logp: Tensor) -> Tensor:
+    """Natural-log entropy [B, 1] from log-probabilities [B, n]; a removed token (-inf) adds 0."""
+    return -torch.where(logp > NEG_INF, logp.exp() * logp, 0.0).sum(dim=-1, keepdim=True)
 
 
 def _sorted_kept(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -199,9 +76,22 @@ def _sorted_kept(logits: Tensor) -> tuple[Tensor, Tensor]:
     return torch.topk(logits, max(n, 1), dim=-1)
 
 
-def _require_history(history: History | None, logits: Tensor, who: str) -> History:
+def _not_below_kth(logits: Tensor, k: int = 1) -> Tensor:
+    """BoolTensor[B, V]: the logits >= each row's k-th largest (HF's min_tokens_to_keep guard)."""
+    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[..., -1:]
+    return logits >= kth
+
+
+def _require_history(history: History | None, logits: Tensor, who: str,
+                     build: bool = True) -> History:
+    """The History, checked against ``logits``; ``build``: with the penalties' statistics."""
     if history is None:
         raise ValueError(f"{who} needs the History of the tokens so far")
+    if not build:
+        if logits.size(0) != history.batch_size:
+            raise ValueError(f"logits have batch size {logits.size(0)}, the History "
+                             f"{history.batch_size}")
+        return history
     return history.for_logits(logits)
 
 
@@ -220,33 +110,87 @@ def _update_seen(logits: Tensor, history: History | None, who: str,
     return out
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+class Stage:
+    """What the stack needs of a stage besides being called: its ``name`` (the stage name of the
+    settings' orders), the per-step ``inputs`` it takes as keywords, and how to build it from
+    SamplerSettings (a one-knob stage: the knob of its own name)."""
+    name: str = ""
+    inputs: tuple[str, ...] = ()
 
-
-def _is_bias(x: object) -> bool:
-    """A finite number or -inf."""
-    return isinstance(x, numbers.Real) and not math.isnan(x) and x != math.inf
-
-
-def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False,
-                 hi_open: bool = False) -> float:
-    """``value`` as a float, or a ValueError naming the parameter and its allowed range."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = math.nan
-    if not ((lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise SettingError(name, f"{name} must be in {interval}, got {value!r}")
-    return v
+    @classmethod
+    def from_settings(cls, settings: SamplerSettings, tokenizer: Any = None,
+                      vocab_size: int | None = None) -> Stage:
+        return cls(getattr(settings, cls.name))
 
 
 # ------------------------------------------------------------------------------------------------------
-# processors: bias and penalties
+# classifier-free guidance
 
 
-class LogitBias:
+def classifier_free_guidance(cond_logits: Tensor, uncond_logits: Tensor, scale: float) -> Tensor:
+    """``s · (log_softmax(cond) − log_softmax(uncond)) + log_softmax(uncond)``, as HF's
+    ``UnbatchedClassifierFreeGuidanceLogitsProcessor``: s = 1 gives the conditional log-probs,
+    s = 0 the unconditional ones, s > 1 pushes away from the unconditional context."""
+    cond = torch.log_softmax(_wide(cond_logits), dim=-1)
+    uncond = torch.log_softmax(_wide(uncond_logits), dim=-1)
+    return (scale * (cond - uncond) + uncond).to(cond_logits.dtype)
+
+
+class ClassifierFreeGuidance(Stage):
+    """Classifier-free guidance (Sanchez et al. 2023) as HF's
+    ``UnbatchedClassifierFreeGuidanceLogitsProcessor``: ``classifier_free_guidance(logits,
+    unconditional_logits, scale)``.
+
+    It must be the first stage (the settings' orders put it there): it reads raw logits, and every
+    later stage (penalties, temperature, filters) acts on the guided log-probs, as in HF. A removed
+    (-inf) token in cond with s < 0 would become +inf: nothing removes tokens before it.
+
+    The unconditional logits come from the caller, per step (``SamplerStack.sample(...,
+    unconditional_logits=...)``): each conditional row b has an unconditional row that the model
+    runs beside it (in the same batch, with its own KV cache). Its context is
+    ``unconditional_prompt(negative_prompt, prompt)`` then every token row b drew (it is fed the
+    conditional row's token, never samples itself); it leaves the batch with row b; its logits
+    never go through the stack, and the penalties read row b's History only. The raw log-probs the
+    API reports stay the conditional model's. Greedy tokens then equal HF's ``generate(...,
+    guidance_scale=s, negative_prompt_ids=...)`` on the same weights.
+    """
+    name = "guidance"
+    inputs = ("unconditional_logits",)
+
+    def __init__(self, scale: float):
+        self.scale = check_knob("guidance_scale", scale)
+
+    @classmethod
+    def from_settings(cls, settings: SamplerSettings, tokenizer: Any = None,
+                      vocab_size: int | None = None) -> ClassifierFreeGuidance:
+        return cls(settings.guidance_scale)
+
+    def __call__(self, logits: Tensor, history: History | None = None,
+                 unconditional_logits: Tensor | None = None) -> Tensor:
+        if unconditional_logits is None:
+            raise ValueError("classifier-free guidance needs the unconditional rows' logits "
+                             "(sample(..., unconditional_logits=...))")
+        if unconditional_logits.shape != logits.shape:
+            raise ValueError(f"unconditional_logits have shape {tuple(unconditional_logits.shape)}, "
+                             f"the logits {tuple(logits.shape)}")
+        return classifier_free_guidance(logits, unconditional_logits, self.scale)
+
+
+def unconditional_prompt(negative_prompt: str | Sequence[int] | None, prompt: Sequence[int],
+                         encode: Callable[[str], list[int]] | None, vocab_size: int) -> list[int]:
+    """The context an unconditional row starts from: the negative prompt's tokens (text or ids,
+    checked against the vocabulary), or without one the prompt's last token, as HF's generate
+    (GPT-2 has no BOS to run an empty context on)."""
+    if negative_prompt is None:
+        return [prompt[-1]]
+    return prompt_ids(negative_prompt, encode, vocab_size)
+
+
+# ------------------------------------------------------------------------------------------------------
+# bias and penalties
+
+
+class LogitBias(Stage):
     """``logit[j] += bias[j]`` for each key j; a bias of -inf bans the token (OpenAI's ``logit_bias``).
 
     Keys are token ids in [0, V): checked here against ``vocab_size`` when given, else at call time
@@ -255,19 +199,18 @@ class LogitBias:
     name = "logit_bias"
 
     def __init__(self, bias: dict[int, float], vocab_size: int | None = None):
-        top = "vocab_size - 1" if vocab_size is None else vocab_size - 1
-        for key, value in bias.items():
-            if not _is_int(key):
-                raise SettingError(self.name, f"logit_bias keys must be integer token ids, got {key!r}")
-            if key < 0 or (vocab_size is not None and key >= vocab_size):
-                raise SettingError(self.name, f"logit_bias key {key} is outside the vocabulary [0, {top}]")
-            if not _is_bias(value):
-                raise SettingError(self.name, f"logit_bias value for token {key} must be finite or -inf, "
-                                              f"got {value!r}")
-        self.bias = {int(k): float(v) for k, v in bias.items()}
+        self.bias = check_knob(self.name, bias) or {}
         self._max_id = max(self.bias, default=-1)
+        if vocab_size is not None and self._max_id >= vocab_size:
+            raise SettingError(self.name, f"logit_bias key {self._max_id} is outside the vocabulary "
+                                          f"[0, {vocab_size - 1}]")
         self._ids = torch.tensor(list(self.bias), dtype=torch.long)
         self._values = torch.tensor(list(self.bias.values()), dtype=torch.float32)
+
+    @classmethod
+    def from_settings(cls, settings: SamplerSettings, tokenizer: Any = None,
+                      vocab_size: int | None = None) -> LogitBias:
+        return cls(settings.logit_bias, vocab_size)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         V = logits.size(-1)
@@ -280,7 +223,7 @@ class LogitBias:
         return out
 
 
-class RepetitionPenalty:
+class RepetitionPenalty(Stage):
     """CTRL's repetition penalty (Keskar et al. 2019), as HF's ``RepetitionPenaltyLogitsProcessor``.
 
     For every distinct token j of prompt + generated: ``logit[j] / θ`` if ``logit[j] > 0``, else
@@ -289,8 +232,7 @@ class RepetitionPenalty:
     name = "repetition_penalty"
 
     def __init__(self, penalty: float):
-        self.penalty = _check_range("repetition_penalty", penalty, 0.0, math.inf, lo_open=True,
-                                    hi_open=True)
+        self.penalty = check_knob(self.name, penalty)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         theta = self.penalty
@@ -298,7 +240,7 @@ class RepetitionPenalty:
                             lambda x, _: torch.where(x < 0, x * theta, x / theta))
 
 
-class PresencePenalty:
+class PresencePenalty(Stage):
     """OpenAI's presence penalty: ``logit[j] -= a · (count[j] > 0)``, counting generated tokens only.
 
     a in [-2, 2] (the OpenAI API's range); a > 0 pushes towards tokens not used yet.
@@ -306,7 +248,7 @@ class PresencePenalty:
     name = "presence_penalty"
 
     def __init__(self, penalty: float):
-        self.penalty = _check_range("presence_penalty", penalty, -2.0, 2.0)
+        self.penalty = check_knob(self.name, penalty)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         # the seen tokens include the prompt's, of count 0: x - a · 0 = x
@@ -314,7 +256,7 @@ class PresencePenalty:
                             lambda x, count: x - self.penalty * (count > 0).to(x.dtype))
 
 
-class FrequencyPenalty:
+class FrequencyPenalty(Stage):
     """OpenAI's frequency penalty: ``logit[j] -= a · count[j]``, counting generated tokens only.
 
     a in [-2, 2] (the OpenAI API's range); a > 0 discourages tokens in proportion to their use.
@@ -322,18 +264,169 @@ class FrequencyPenalty:
     name = "frequency_penalty"
 
     def __init__(self, penalty: float):
-        self.penalty = _check_range("frequency_penalty", penalty, -2.0, 2.0)
+        self.penalty = check_knob(self.name, penalty)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         return _update_seen(logits, history, "FrequencyPenalty",
                             lambda x, count: x - self.penalty * count.to(x.dtype))
 
 
+FLOAT_MAX_LOG = 88.7228391  # llama.cpp's ln(FLT_MAX): DRY's exponent is capped at this / ln(base)
+MAX_BREAKER_TAIL = 20       # tokens of a multi-token breaker's tail (llama.cpp's cap)
+
+
+class DRY(Stage):
+    """DRY, "don't repeat yourself", as llama.cpp's ``llama_sampler_dry`` (from koboldcpp; p-e-w's
+    design, also text-generation-webui's): a token that would extend a repeat gets its logit
+    lowered by ``multiplier · base^(L − allowed_length)``, L the length of the repeat.
+
+    Over the window W of the row's last ``penalty_last_n`` real tokens (-1: its whole History,
+    prompt included, as llama-server replays the prompt into its sampler; 0: none), N = |W|:
+      - the repeat may not reach back past the most recent sequence breaker: rep_limit = the tokens
+        after the last complete breaker sequence in W (N if none);
+      - for each end position e < N - 1, L(e) = min(rep_limit, the longest n with W[e-n+1..e] ==
+        W[N-n..N-1]) (the window's suffix also ends at e; overlap allowed);
+      - token t gets L_t = the largest L(e) >= allowed_length over the e with W[e+1] == t, and is
+        penalised unless it is a one-token breaker; nothing if N <= allowed_length or rep_limit is
+        shorter than it. The exponent is capped at int(88.7228391 / ln base) as in llama.cpp.
+    ``breakers`` are token sequences (``breaker_sequences`` turns the settings' texts into them as
+    llama.cpp does). The match lengths are kept in ``history.cache`` and extended by one vector op
+    per appended token (the recurrence M'[e] = M[e-1] + 1 where W[e] == the new token, else 0),
+    instead of llama.cpp's Z-algorithm over the window at every step.
+    """
+    name = "dry"
+    CACHE = "dry_matches"
+
+    def __init__(self, multiplier: float, base: float = 1.75, allowed_length: int = 2,
+                 penalty_last_n: int = -1, breakers: Sequence[Sequence[int]] = ()):
+        self.multiplier = check_knob("dry_multiplier", multiplier)
+        self.base = check_knob("dry_base", base)
+        self.allowed_length = check_knob("dry_allowed_length", allowed_length)
+        self.penalty_last_n = check_knob("dry_penalty_last_n", penalty_last_n)
+        sequences = [tuple(int(t) for t in b) for b in breakers]
+        if any(not b or min(b) < 0 for b in sequences):
+            raise ValueError("DRY breakers must be non-empty sequences of token ids")
+        self.single = sorted({b[0] for b in sequences if len(b) == 1})
+        self.multi = sorted({b for b in sequences if len(b) > 1})
+        self.max_exponent = int(FLOAT_MAX_LOG / math.log(self.base)) if self.base > 1.000001 else None
+        self._single_ids: Tensor | None = None
+
+    @classmethod
+    def from_settings(cls, settings: SamplerSettings, tokenizer: Any = None,
+                      vocab_size: int | None = None) -> DRY:
+        if tokenizer is None:
+            raise SettingError("dry_sequence_breakers", "DRY's sequence breakers are texts: the "
+                               "stack needs the tokenizer (from_settings(..., tokenizer=...))")
+        return cls(settings.dry_multiplier, settings.dry_base, settings.dry_allowed_length,
+                   settings.dry_penalty_last_n,
+                   breaker_sequences(settings.dry_sequence_breakers, tokenizer))
+
+    def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
+        h = _require_history(history, logits, "DRY", build=False)
+        if self.multiplier == 0 or self.penalty_last_n == 0 or h.tokens.size(1) < 2:
+            return logits
+        B, V = logits.shape
+        real = h.real()
+        H = torch.where(real, h.tokens, -1)                      # (B, T): padding never matches
+        T = H.size(1)
+        pos = torch.arange(T, device=H.device)
+        n = real.sum(dim=1)                                      # (B,) real tokens
+        if self.penalty_last_n > 0:
+            n = n.clamp(max=self.penalty_last_n)
+        start = (T - n)[:, None]                                 # (B, 1) the window's first column
+        tails = self._breaker_tails(H, V)                        # (B, T)
+        head = torch.where((tails >= 0) & (pos >= start), pos, -1).amax(dim=1, keepdim=True)
+        after = T - 1 - head - tails.gather(1, head.clamp(min=0))
+        rep_limit = torch.where(head >= 0, after, n[:, None])    # (B, 1) tokens after the breaker
+        e = pos[:-1]                                             # end positions
+        length = torch.minimum(torch.minimum(self._matches(h, H), e - start + 1), rep_limit)
+        a = self.allowed_length
+        nxt = H[:, 1:]                                           # the token after each end
+        ok = (e >= start) & (length >= a) & (rep_limit >= a) & (n[:, None] > a) \
+            & (nxt >= 0) & (nxt < V)
+        exponent = (length - a).clamp(min=0)
+        if self.max_exponent is not None:
+            exponent = exponent.clamp(max=self.max_exponent)
+        # the penalty grows with L: the largest per token is that of its longest repeat
+        penalty = torch.where(ok, self.multiplier * self.base ** exponent.double(), 0.0)
+        per_token = torch.zeros(B, V + 1, dtype=torch.float64, device=H.device)
+        per_token.scatter_reduce_(1, torch.where(ok, nxt, V), penalty, "amax")
+        if self.single:
+            per_token[:, self._single(H.device, V)] = 0.0    # one-token breakers go unpenalised
+        return logits - per_token[:, :V].to(logits.dtype)
+
+    def _matches(self, h: History, H: Tensor) -> Tensor:
+        """(B, T - 1): for each end position e, the longest common suffix of H[..e] and H (its
+        cache in h, brought up to date with the tokens appended since)."""
+        M = h.cache.get(self.CACHE)
+        if M is None or M.size(1) >= H.size(1):
+            M = H.new_zeros(H.size(0), 0)                    # covers the first column
+        for i in range(M.size(1) + 1, H.size(1)):            # fold in column i
+            M = torch.where(H[:, :i] == H[:, i:i + 1], F.pad(M, (1, 0)) + 1, 0)
+        h.cache[self.CACHE] = M
+        return M
+
+    def _breaker_tails(self, H: Tensor, V: int) -> Tensor:
+        """(B, T): at each position where a complete breaker sequence starts, its longest tail's
+        length (0 for a one-token breaker); -1 elsewhere."""
+        T = H.size(1)
+        tails = torch.full_like(H, -1)
+        if self.single:
+            is_single = torch.zeros(V + 1, dtype=torch.bool, device=H.device)
+            is_single[self._single(H.device, V)] = True
+            tails = torch.where(is_single[torch.where((H >= 0) & (H < V), H, V)], 0, tails)
+        for seq in self.multi:
+            k = len(seq) - 1
+            if k >= T:
+                continue
+            hit = H[:, :T - k] == seq[0]
+            for j, token in enumerate(seq[1:], 1):
+                hit &= H[:, j:T - k + j] == token
+            tails[:, :T - k] = torch.where(hit, tails[:, :T - k].clamp(min=k), tails[:, :T - k])
+        return tails
+
+    def _single(self, device: torch.device, V: int) -> Tensor:
+        """The one-token breakers in [0, V), as a tensor on ``device`` (made once)."""
+        if self._single_ids is None or self._single_ids.device != device:
+            self._single_ids = torch.tensor(self.single, dtype=torch.long, device=device)
+        return self._single_ids[:bisect.bisect_left(self.single, V)]
+
+
+def breaker_sequences(texts: Sequence[str], tokenizer: Any) -> list[tuple[int, ...]]:
+    """DRY's sequence-breaker texts as token sequences, as llama.cpp's
+    ``get_overlapping_token_sequences``: for each text s and each token t of text w,
+      - s occurs in w: (t,) is a one-token breaker;
+      - else, for each proper prefix s[:i] that w ends with: (t, *encode(s[i:])[:20]).
+    So one-character breakers ("\\n", ":", ...) give every token containing them (204 tokens on
+    GPT-2 for the four defaults). Cached per tokenizer and texts."""
+    return list(_breaker_sequences(tuple(texts), tokenizer))
+
+
+@lru_cache(maxsize=16)
+def _breaker_sequences(texts: tuple[str, ...], tokenizer: Any) -> tuple[tuple[int, ...], ...]:
+    out: dict[tuple[int, ...], None] = {}
+    for s in texts:
+        for t, w in enumerate(_token_texts(tokenizer)):
+            if s in w:
+                out[(t,)] = None
+                continue
+            for i in range(1, min(len(s), len(w) + 1)):
+                if w.endswith(s[:i]):
+                    out[(t, *tokenizer.encode(s[i:])[:MAX_BREAKER_TAIL])] = None
+    return tuple(out)
+
+
+@lru_cache(maxsize=4)
+def _token_texts(tokenizer: Any) -> tuple[str, ...]:
+    """Every token's text (once per tokenizer: 50k decodes for GPT-2)."""
+    return tuple(tokenizer.decode([t]) for t in range(tokenizer.vocab_size))
+
+
 # ------------------------------------------------------------------------------------------------------
-# processors: temperature and filters
+# temperature and filters
 
 
-class Temperature:
+class Temperature(Stage):
     """``logits / t``, as HF's ``TemperatureLogitsWarper``; t = 0 keeps only the highest logit.
 
     t >= 0. At t = 0 the first argmax of each row keeps its logit and every other token is removed, so
@@ -342,7 +435,7 @@ class Temperature:
     name = "temperature"
 
     def __init__(self, temperature: float):
-        self.temperature = _check_range("temperature", temperature, 0.0, math.inf, hi_open=True)
+        self.temperature = check_knob(self.name, temperature)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         if self.temperature > 0:
@@ -351,20 +444,64 @@ class Temperature:
         return torch.full_like(logits, NEG_INF).scatter(-1, top, logits.gather(-1, top))
 
 
-class TopK:
+class TopNSigma(Stage):
+    """Top-nσ (Tang et al. 2024, arXiv 2411.07641), as llama.cpp's ``top_n_sigma``: keep the tokens
+    whose logit is at least ``max − n·σ``, σ the population standard deviation of the row's kept
+    (finite) logits. n <= 0, or a row with one token left: no-op. Removing the same tokens after
+    any temperature > 0 (max and σ scale alike), but not after an earlier filter (σ changes)."""
+    name = "top_n_sigma"
+
+    def __init__(self, n: float):
+        self.n = check_knob(self.name, n)
+
+    def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
+        if self.n <= 0:
+            return logits
+        kept = logits > NEG_INF
+        count = kept.sum(dim=-1, keepdim=True)
+        x = torch.where(kept, logits.double(), 0.0)
+        mean = x.sum(dim=-1, keepdim=True) / count.clamp(min=1)
+        var = torch.where(kept, x - mean, 0.0).square().sum(dim=-1, keepdim=True) / count.clamp(min=1)
+        cut = logits.amax(dim=-1, keepdim=True).double() - self.n * var.sqrt()
+        return _remove(logits, (logits.double() < cut) & (count > 1))
+
+
+class TopH(Stage):
+    """Top-H (arXiv 2509.02510), as HF's ``TopHLogitsWarper`` computes it: of the 100 most likely
+    tokens (a hard cap), with q their renormalised softmax, keep the longest prefix whose running
+    sum of −q·ln q stays <= τ·H(q); the most likely token always. τ in (0, 1]; 0 = off. τ = 1 is
+    not a no-op: it caps the row at 100 tokens (and rounding may drop the last)."""
+    name = "top_h"
+    TOP_N = 100
+
+    def __init__(self, tau: float):
+        self.tau = check_knob(self.name, tau)
+
+    def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
+        if self.tau == 0:
+            return logits
+        x = _wide(logits)
+        values, ids = torch.topk(x, min(self.TOP_N, x.size(-1)), dim=-1)   # (B, n), sorted
+        normed = values - values.logsumexp(dim=-1, keepdim=True)           # as torch's Categorical
+        q = torch.softmax(normed, dim=-1)
+        tau = -(normed.clamp(min=torch.finfo(x.dtype).min) * q).sum(dim=-1, keepdim=True) * self.tau
+        keep = torch.cumsum(-q * torch.log(q), dim=-1) <= tau              # 0·log 0 = nan: False
+        keep[:, 0] = True
+        return _remove(logits, ~torch.zeros_like(logits, dtype=torch.bool).scatter(-1, ids, keep))
+
+
+class TopK(Stage):
     """Keep the logits >= the k-th largest, ties at the boundary kept, as HF's ``TopKLogitsWarper``.
 
-    k >= 0; k = 0 or k >= V keeps every token.
+    k >= -1; k <= 0 (vLLM's -1 too) or k >= V keeps every token.
     """
     name = "top_k"
 
     def __init__(self, k: int):
-        if not _is_int(k) or k < 0:
-            raise SettingError(self.name, f"top_k must be an integer >= 0 (0 = off), got {k!r}")
-        self.k = int(k)
+        self.k = check_knob(self.name, k)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
-        if self.k == 0 or self.k >= logits.size(-1):
+        if self.k <= 0 or self.k >= logits.size(-1):
             return logits
         kth = torch.topk(logits, self.k, dim=-1).values[..., -1:]  # (B, 1)
         return _remove(logits, logits < kth)
@@ -384,7 +521,7 @@ class TopK:
         return _remove(top.values, remove).gather(-1, order), top.indices.gather(-1, order)
 
 
-class TopP:
+class TopP(Stage):
     """Nucleus sampling (Holtzman et al. 2019), as HF's ``TopPLogitsWarper``.
 
     Keep the smallest set of most likely tokens whose probability reaches p: remove token j when the
@@ -396,18 +533,18 @@ class TopP:
     name = "top_p"
 
     def __init__(self, p: float):
-        self.p = _check_range("top_p", p, 0.0, 1.0, lo_open=True)
+        self.p = check_knob(self.name, p)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         if self.p == 1.0:
             return logits
         values, ids = _sorted_kept(logits)                  # (B, n), most likely first
-        probs = _probs(values)
+        probs = softmax_probs(values)
         mass_above = probs.cumsum(dim=-1) - probs           # (B, n)
         return _remove_at(logits, ids, mass_above >= self.p)
 
 
-class MinP:
+class MinP(Stage):
     """Min-p sampling (Nguyen et al. 2024), as HF's ``MinPLogitsWarper``.
 
     Remove the tokens with ``prob[j] < p · max_i prob[i]``. p in [0, 1]; p = 0 keeps every token, p = 1
@@ -416,16 +553,16 @@ class MinP:
     name = "min_p"
 
     def __init__(self, p: float):
-        self.p = _check_range("min_p", p, 0.0, 1.0)
+        self.p = check_knob(self.name, p)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         if self.p == 0.0:
             return logits
-        probs = _probs(logits)
+        probs = softmax_probs(logits)
         return _remove(logits, probs < self.p * probs.amax(dim=-1, keepdim=True))
 
 
-class TypicalP:
+class TypicalP(Stage):
     """Locally typical sampling (Meister et al. 2022), as HF's ``TypicalLogitsWarper``.
 
     With the entropy ``H = -Σ prob · log prob``, rank tokens by ``|-log prob[j] - H|``, smallest first,
@@ -435,7 +572,7 @@ class TypicalP:
     name = "typical_p"
 
     def __init__(self, p: float):
-        self.p = _check_range("typical_p", p, 0.0, 1.0, lo_open=True)
+        self.p = check_knob(self.name, p)
 
     def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
         if self.p == 1.0:
@@ -451,281 +588,122 @@ class TypicalP:
         return _remove_at(logits, ids.gather(-1, order), remove)
 
 
-# ------------------------------------------------------------------------------------------------------
-# the stack and the draw
+class EpsilonCutoff(Stage):
+    """Epsilon sampling (Hewitt et al. 2022), as HF's ``EpsilonLogitsWarper`` with
+    min_tokens_to_keep 1: remove the tokens of probability < ε, except those tied with the top
+    logit. ε in [0, 1); 0 = off."""
+    name = "epsilon_cutoff"
+
+    def __init__(self, epsilon: float):
+        self.epsilon = check_knob(self.name, epsilon)
+
+    def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
+        if self.epsilon == 0:
+            return logits
+        return _remove(logits, (softmax_probs(logits) < self.epsilon) & ~_not_below_kth(logits))
 
 
-@dataclass
-class SampleInfo:
-    """The log-probabilities that come with the sampled tokens.
+class EtaCutoff(Stage):
+    """Eta sampling (Hewitt et al. 2022), as HF's ``EtaLogitsWarper`` with min_tokens_to_keep 1:
+    η = min(ε, √ε · e^−H), H the natural-log entropy of the row's distribution; remove the tokens
+    of probability < η, except those tied with the top logit. ε in [0, 1); 0 = off."""
+    name = "eta_cutoff"
 
-    logprobs:           FloatTensor[B], the token's log-prob under the raw model distribution (T = 1,
-                        before any processor): what the OpenAI API returns as ``logprobs``.
-    processed_logprobs: FloatTensor[B], its log-prob under the final processed distribution.
-    top_ids:            LongTensor[B, N], the N most likely tokens of the raw distribution, or of the
-                        processed one with logprobs_mode="processed" (None unless top_logprobs=N > 0).
-    top_logprobs:       FloatTensor[B, N], their log-probs under that distribution (-inf for a token
-                        the processors removed).
-    """
-    logprobs: Tensor
-    processed_logprobs: Tensor
-    top_ids: Tensor | None = None
-    top_logprobs: Tensor | None = None
+    def __init__(self, epsilon: float):
+        self.epsilon = check_knob(self.name, epsilon)
 
-
-# from_settings' stages: name -> (processor, the setting's no-op value), in the default order, which is
-# HF's generate and vLLM's: bias, penalties, temperature, then the filters.
-STAGES: dict[str, tuple[type, object]] = {
-    "logit_bias": (LogitBias, None), "repetition_penalty": (RepetitionPenalty, 1.0),
-    "presence_penalty": (PresencePenalty, 0.0), "frequency_penalty": (FrequencyPenalty, 0.0),
-    "temperature": (Temperature, 1.0), "top_k": (TopK, 0), "top_p": (TopP, 1.0), "min_p": (MinP, 0.0),
-    "typical_p": (TypicalP, 1.0),
-}
-DEFAULT_ORDER = tuple(STAGES)
-# llama.cpp's default chain (common/common.h: penalties, dry, top_n_sigma, top_k, typ_p, top_p, min_p,
-# xtc, temperature; its penalties sampler applies repetition, then frequency and presence), after the
-# logit bias, which common_sampler_init puts before the chain.
-LLAMA_CPP_ORDER = ("logit_bias", "repetition_penalty", "presence_penalty", "frequency_penalty",
-                   "top_k", "typical_p", "top_p", "min_p", "temperature")
-ORDERS = {"default": DEFAULT_ORDER, "llama.cpp": LLAMA_CPP_ORDER}
-LOGPROBS_MODES = ("raw", "processed")
+    def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
+        if self.epsilon == 0:
+            return logits
+        logp = torch.log_softmax(_wide(logits), dim=-1)
+        eta = (math.sqrt(self.epsilon) * torch.exp(-_entropy(logp))).clamp(max=self.epsilon)
+        return _remove(logits, (logp.exp() < eta) & ~_not_below_kth(logits))
 
 
-def check_logprobs_mode(mode: str) -> None:
-    """A SettingError unless `mode` is one of LOGPROBS_MODES."""
-    if mode not in LOGPROBS_MODES:
-        raise SettingError("logprobs_mode", f"logprobs_mode must be one of {list(LOGPROBS_MODES)}, "
-                                            f"got {mode!r}")
+class XTC(Stage):
+    """XTC, "exclude top choices", as llama.cpp's ``xtc`` (p-e-w's design): with probability
+    ``probability`` per row and step, remove every token of probability >= ``threshold`` except
+    the least likely of them, when there are at least two (so the most likely token is no longer
+    certain to win; threshold > 0.5 can never find two). Probabilities are those of the logits it
+    receives (llama.cpp: after the filters, before temperature).
 
-# The processors that read nothing but each row's logit values (not token ids, V or the History), so
-# give the same values on a row's candidate tokens as on the whole row with the rest at -inf: after a
-# TopK, sample() runs them on its kept tokens only. Not MinP: its softmax over the whole row rounds
-# differently from one over the candidates, which could flip a token at the boundary.
-ON_CANDIDATES = (Temperature, TopK, TopP, TypicalP)
-# The fewest candidates a row gets (the rest padded with removed tokens): torch's softmax sums a row
-# shorter than a SIMD register (8 or 16 floats) in another order than a longer one, so a row's
-# probabilities would depend on how many candidates the other rows of the batch need; from 64 on,
-# the padding (-inf) changes no bit.
-MIN_CANDIDATES = 64
+    The coin: ``coins`` [B], one uniform u in [0, 1) per row, drawn by the stack from the row's
+    generator before the token's draw (so a seed reproduces both); it acts iff u < probability.
+    Without coins (``SamplerStack.stages``, --show_distribution) it shows what it removes when it
+    acts. Of several equally least likely tokens, the one of highest id stays."""
+    name = "xtc"
+    inputs = ("coins",)
 
-
-class SamplerStack:
-    """A list of processors applied in order, then an exact draw from softmax(processed logits)."""
-
-    def __init__(self, processors: Sequence[Processor] = ()):
-        self.processors = list(processors)
-
-    def __repr__(self) -> str:
-        return f"SamplerStack([{', '.join(_stage_name(p) for p in self.processors)}])"
+    def __init__(self, threshold: float, probability: float):
+        self.threshold = check_knob("xtc_threshold", threshold)
+        self.probability = check_knob("xtc_probability", probability)
 
     @classmethod
-    def from_settings(cls, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                      min_p: float = 0.0, typical_p: float = 1.0, repetition_penalty: float = 1.0,
-                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                      logit_bias: dict[int, float] | None = None, order: str | Sequence[str] = "default",
-                      vocab_size: int | None = None) -> SamplerStack:
-        """The stack for these settings, leaving out the ones at their no-op value.
+    def from_settings(cls, settings: SamplerSettings, tokenizer: Any = None,
+                      vocab_size: int | None = None) -> XTC:
+        return cls(settings.xtc_threshold, settings.xtc_probability)
 
-        ``order``: "default" (logit bias → repetition → presence → frequency → temperature → top-k →
-        top-p → min-p → typical, as HF and vLLM), "llama.cpp" (bias → penalties → top-k → typical →
-        top-p → min-p → temperature), or a list of stage names (the keys of STAGES) that names every
-        setting in use. ``vocab_size``, if given, lets logit_bias keys be checked now.
-        """
-        settings = dict(logit_bias=logit_bias or None, repetition_penalty=repetition_penalty,
-                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p)
-        used = [name for name, (_, no_op) in STAGES.items() if settings[name] != no_op]
-        names = _resolve_order(order, used)
-        return cls([LogitBias(logit_bias, vocab_size) if name == "logit_bias" else
-                     STAGES[name][0](settings[name]) for name in names if name in used])
-
-    def stages(self, logits: Tensor, history: History | None = None) -> list[tuple[str, Tensor]]:
-        """``[("raw", logits), (name, logits after that stage), ...]``: what each processor does."""
-        out = [("raw", logits)]
-        for proc in self.processors:
-            logits = proc(logits, history)
-            out.append((_stage_name(proc), logits))
-        return out
-
-    def apply(self, logits: Tensor, history: History | None = None) -> Tensor:
-        """The processed logits [B, V]: every processor in order."""
-        return self.stages(logits, history)[-1][1]
-
-    def sample(self, logits: Tensor, history: History | None = None,
-               generator: torch.Generator | Sequence[torch.Generator] | None = None,
-               top_logprobs: int = 0, logprobs_mode: str = "raw") -> tuple[Tensor, SampleInfo]:
-        """Draw one token per row from softmax(apply(logits)): tokens [B] and their ``SampleInfo``.
-
-        ``generator``: None (torch's global RNG), one torch.Generator for the batch, or a list of B
-        generators, one per row, so that a row's tokens depend only on its own seed and logits,
-        whatever else is in the batch. ``top_logprobs`` = N > 0 also returns the N most likely tokens
-        of the raw distribution (``logprobs_mode="raw"``, what the OpenAI API reports) or of the
-        processed one (``"processed"``, vLLM's processed_logprobs). A row with no token left (all
-        -inf) or with a NaN/+inf logit raises ValueError.
-        """
-        if logits.dim() != 2:
-            raise ValueError(f"logits must be a FloatTensor[B, V], got shape {tuple(logits.shape)}")
-        if top_logprobs < 0:
-            raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
-        check_logprobs_mode(logprobs_mode)
-        processed, ids = self._candidates(logits, history)      # (B, n), ids (B, n) or None if n = V
-        bad = ~torch.isfinite(processed.amax(dim=-1))           # (B,); amax propagates NaN
-        if bad.any():
-            raise ValueError(f"no token left to sample in batch row(s) {bad.nonzero()[:, 0].tolist()}: "
-                             "every logit was removed (-inf), or one is NaN or +inf")
-        probs = _probs(processed)                               # (B, n)
-        picked = _draw(probs, generator)[:, None]               # (B, 1), a column of processed
-        tokens = (picked if ids is None else ids.gather(-1, picked))[:, 0]  # (B,)
-
-        raw = logits.float()
-        raw_lse = torch.logsumexp(raw, dim=-1, keepdim=True)    # (B, 1): log_softmax(raw) = raw - lse
-        info = SampleInfo(logprobs=(raw.gather(-1, tokens[:, None]) - raw_lse)[:, 0],
-                          processed_logprobs=probs.gather(-1, picked)[:, 0].log())
-        if top_logprobs and logprobs_mode == "raw":
-            top = raw.topk(min(top_logprobs, raw.size(-1)), dim=-1)
-            info.top_ids, info.top_logprobs = top.indices, top.values - raw_lse
-        elif top_logprobs:  # the processed distribution over the candidates: the rest is removed
-            top = probs.log().topk(min(top_logprobs, probs.size(-1)), dim=-1)
-            info.top_ids = top.indices if ids is None else ids.gather(-1, top.indices)
-            info.top_logprobs = top.values
-        return tokens, info
-
-    def _candidates(self, logits: Tensor, history: History | None) -> tuple[Tensor, Tensor | None]:
-        """``apply(logits, history)``, cheaper: (processed [B, V], None), or after a TopK (values, ids)
-        [B, n] of each row's candidate tokens (the processed logits of ``ids``; every other token is
-        removed).
-
-        From a TopK(k) on, the processors of ON_CANDIDATES, then sample()'s softmax and draw, work on
-        the k (+ ties) tokens it kept, not on all V: on a 50k vocabulary, sorting and scanning the
-        removed tokens was most of a step's sampling time. Each token keeps the value apply() gives it,
-        except that which of two exactly tied tokens top-p or typical-p ranks first is torch's choice
-        on either path. Any other processor gets the full logits [B, V] back.
-        """
-        V = logits.size(-1)
-        x, ids = logits, None
-        for proc in self.processors:
-            if ids is not None and type(proc) not in ON_CANDIDATES:
-                x, ids = x.new_full((x.size(0), V), NEG_INF).scatter(-1, ids, x), None  # (B, V)
-            if ids is None and type(proc) is TopK and 0 < proc.k < V:
-                x, ids = proc.candidates(x, MIN_CANDIDATES)
-            else:
-                x = proc(x, history)
-        return x, ids
+    def __call__(self, logits: Tensor, history: History | None = None,
+                 coins: Tensor | None = None) -> Tensor:
+        if self.probability == 0 or self.threshold > 0.5:
+            return logits
+        above = (softmax_probs(logits) >= self.threshold) & (logits > NEG_INF)
+        act = above.sum(dim=-1, keepdim=True) >= 2
+        if coins is not None:
+            act &= (coins.to(logits.device) < self.probability)[:, None]
+        lowest = torch.where(above, logits, math.inf).amin(dim=-1, keepdim=True)
+        ids = torch.arange(logits.size(-1), device=logits.device)
+        stays = torch.where(above & (logits == lowest), ids, -1).amax(dim=-1, keepdim=True)
+        return _remove(logits, act & above & (ids != stays))
 
 
-def user_logit_bias(bias: Mapping[str, object], encode: Callable[[str], list[int]] | None = None,
-                    name: str = "logit_bias") -> dict[int, float]:
-    """A user's logit bias (a JSON object: the CLI's --logit_bias, the API's ``logit_bias``) as
-    {token id: bias} for ``from_settings``. Keys (_bias_token): ``"5"`` or ``"id:5"`` is token id 5
-    (digits are OpenAI's form); ``"text:5"`` is the text "5", which must ``encode`` to one token (the
-    only way to name a digit's token); any other key is a text too. Values are numbers in
-    [-100, 100], added to the logit; -100 bans the token (-inf), as in the OpenAI API. Two keys
-    naming one token are refused rather than one silently winning. Errors name the setting as
-    ``name``."""
-    out: dict[int, float] = {}
-    keys: dict[int, object] = {}  # token -> the key that named it
-    for key, value in bias.items():
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not -100 <= value <= 100:
-            raise SettingError("logit_bias", f"{name} value for {key!r} must be a number in "
-                                             f"[-100, 100], got {value!r}")
-        token = _bias_token(key, encode, name)
-        if token in keys:
-            raise SettingError("logit_bias", f"{name} keys {keys[token]!r} and {key!r} are the same "
-                                             f"token {token}")
-        keys[token] = key
-        out[token] = NEG_INF if value <= BAN else float(value)
-    return out
+class Mirostat(Stage):
+    """Mirostat 2.0 (Basu et al. 2021), as llama.cpp's ``mirostat_v2``: keep the tokens whose
+    surprise −log2 p is at most the row's μ (the most likely one if none); after the draw,
+    μ ← μ − η·(−log2 q(token) − τ), q the truncated, renormalised distribution the token was
+    drawn from (llama.cpp's and text-generation-webui's choice; the paper's code uses p).
 
-
-def _bias_token(key: object, encode: Callable[[str], list[int]] | None, name: str) -> int:
-    """The token a logit_bias key names: ``id:N`` or ASCII digits: id N; ``text:T`` or any other
-    string: the one token T encodes to."""
-    if not isinstance(key, str):
-        raise SettingError("logit_bias", f"{name} keys must be token ids (strings of digits), got "
-                                         f"{key!r}")
-    if key.startswith(ID_KEY):
-        digits = key[len(ID_KEY):]
-        if not _is_digits(digits):
-            raise SettingError("logit_bias", f"{name} key {key!r}: a token id after {ID_KEY} must "
-                                             "be digits")
-        return int(digits)
-    if _is_digits(key):
-        return int(key)
-    if encode is None:
-        raise SettingError("logit_bias", f"{name} key {key!r}: no tokenizer to encode it; give a "
-                                         f'token id ("5" or "{ID_KEY}5")')
-    try:
-        ids = encode(key.removeprefix(TEXT_KEY))
-    except ValueError as e:
-        raise SettingError("logit_bias", f"{name} key {key!r}: {e}") from None
-    if len(ids) != 1:
-        raise SettingError("logit_bias", f"{name} key {key!r} is {len(ids)} tokens {ids}, not one; "
-                                         f'use a single-token text or a token id ("{ID_KEY}5")')
-    return ids[0]
-
-
-def _is_digits(text: str) -> bool:
-    """ASCII digits only: str.isdigit alone takes "²", which int() refuses."""
-    return text.isascii() and text.isdigit()
-
-
-def _resolve_order(order: str | Sequence[str], used: list[str]) -> Sequence[str]:
-    """The stage names of ``order`` (a preset name or a list), checked against the stages in use."""
-    if isinstance(order, str):
-        if order not in ORDERS:
-            raise SettingError("order", f"order must be one of {list(ORDERS)} or a list of stage names, "
-                                        f"got {order!r}")
-        return ORDERS[order]
-    names = list(order)
-    unknown = [n for n in names if n not in STAGES]
-    if unknown:
-        raise SettingError("order", f"unknown stage name(s) {unknown} in order; allowed: {list(STAGES)}")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise SettingError("order", f"stage name(s) {repeated} appear more than once in order")
-    missing = [n for n in used if n not in names]
-    if missing:
-        raise SettingError("order", f"order leaves out the stage(s) in use {missing}")
-    return names
-
-
-def _stage_name(proc: Processor) -> str:
-    return getattr(proc, "name", None) or getattr(proc, "__name__", None) or type(proc).__name__
-
-
-def _draw(probs: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None,
-          block: int = 1024) -> Tensor:
-    """Exact draw from ``probs`` [B, V] by inverting the CDF: the first j with ``cdf[j] > u · cdf[-1]``.
-
-    One u ~ U[0, 1) per row; the CDF is summed in float64, so each token is drawn with its float32
-    probability up to ~1e-16. A token of probability 0 (removed) never raises the CDF, so is never
-    drawn, and a row with one token left is greedy. For V > ``block`` the CDF is built in two levels,
-    sums of blocks of ``block`` tokens and then a cumulative sum inside the one block holding the
-    target: a sequential cumsum over a 50k vocabulary costs more on CPU than all the rest of the draw.
-    With a list of B generators each row draws its u from its own: a row's tokens depend on its seed
-    and its logits only, not on the rest of the batch.
+    μ starts at 2τ for each row and lives in ``history.state["mirostat_mu"]`` (float64 [B]; NaN
+    for a row that has not drawn yet), so batched rows and rows that join or leave keep their own.
+    It must be the last stage (the settings' orders put it there): q is then the distribution of
+    the draw, whose log-prob ``after_draw`` reads. Showing the stage (``stages``) changes no μ.
     """
-    B, V = probs.shape
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != B:
-            raise ValueError(f"got {len(generator)} generators for a batch of {B} rows")
-        u = torch.stack([torch.rand((), dtype=torch.float64, device=probs.device, generator=g)
-                         for g in generator])
-    else:
-        u = torch.rand(B, dtype=torch.float64, device=probs.device, generator=generator)
-    if V <= block:  # one block: its CDF directly
-        cdf = probs.double().cumsum(dim=-1)                                  # (B, V)
-        total = cdf[:, -1:]                                                  # (B, 1), ~1
-        target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-        return torch.searchsorted(cdf, target, right=True)[:, 0]
-    n_blocks = -(-V // block)
-    blocks = F.pad(probs, (0, n_blocks * block - V)).view(B, n_blocks, block)
-    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)       # (B, n_blocks)
-    total = block_cdf[:, -1:]                                                # (B, 1), ~1
-    zero = torch.zeros_like(total)
-    target = torch.minimum(u[:, None] * total, torch.nextafter(total, zero))  # (B, 1), < total
-    b = torch.searchsorted(block_cdf, target, right=True)                    # (B, 1), a block of mass > 0
-    before = torch.where(b > 0, block_cdf.gather(-1, (b - 1).clamp(min=0)), zero)  # mass of blocks < b
-    inner_cdf = blocks.gather(1, b[:, :, None].expand(B, 1, block))[:, 0].double().cumsum(dim=-1)
-    rest = torch.minimum(target - before, torch.nextafter(inner_cdf[:, -1:], zero))  # < mass of block b
-    return (b * block + torch.searchsorted(inner_cdf, rest, right=True))[:, 0]
+    name = "mirostat"
+    STATE = "mirostat_mu"
+
+    def __init__(self, tau: float, eta: float):
+        self.tau = check_knob("mirostat_tau", tau)
+        self.eta = check_knob("mirostat_eta", eta)
+
+    @classmethod
+    def from_settings(cls, settings: SamplerSettings, tokenizer: Any = None,
+                      vocab_size: int | None = None) -> Mirostat:
+        return cls(settings.mirostat_tau, settings.mirostat_eta)
+
+    def mu(self, history: History | None, logits: Tensor) -> Tensor:
+        """Each row's μ (float64 [B]): its state, or 2τ where it has none yet."""
+        h = _require_history(history, logits, "Mirostat", build=False)
+        mu = h.state.get(self.STATE)
+        if mu is None:
+            return torch.full((h.batch_size,), 2 * self.tau, dtype=torch.float64,
+                              device=logits.device)
+        return torch.where(torch.isnan(mu), 2 * self.tau, mu)
+
+    def __call__(self, logits: Tensor, history: History | None = None) -> Tensor:
+        logp = torch.log_softmax(_wide(logits), dim=-1)
+        keep = (-logp / LN2 <= self.mu(history, logits)[:, None]) & (logp > NEG_INF)
+        keep.scatter_(-1, logits.argmax(dim=-1, keepdim=True), True)  # the first argmax: surprise
+        return _remove(logits, ~keep)                                 # lowest, kept if none is
+
+    def after_draw(self, history: History, logits: Tensor, tokens: Tensor,
+                   processed_logprobs: Tensor) -> None:
+        """μ ← μ − η·(surprise of the drawn token in bits − τ)."""
+        surprise = -processed_logprobs.double() / LN2
+        history.state[self.STATE] = self.mu(history, logits) - self.eta * (surprise - self.tau)
+
+
+# stage name (the settings' orders) -> its processor
+STAGES: dict[str, type[Stage]] = {p.name: p for p in (
+    ClassifierFreeGuidance, LogitBias, RepetitionPenalty, PresencePenalty, FrequencyPenalty, DRY,
+    Temperature, TopNSigma, TopH, TopK, TopP, MinP, TypicalP, EpsilonCutoff, EtaCutoff, XTC,
+    Mirostat)}

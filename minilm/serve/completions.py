@@ -105,7 +105,7 @@ def plan_completion(body: CompletionRequest, served: Served) -> Plan:
             raise bad_request(f"prompt{f' {i}' if len(prompts) > 1 else ''} is "
                               f"{len(prompts[i])} tokens, more than the model's context of "
                               f"{served.block_size} tokens", "prompt")
-    sampler = body.sampler(served.vocab_size, served.tokenizer.encode)
+    sampler = body.sampler(served.vocab_size, served.tokenizer)
     processed = body.logprobs_mode in ("processed", "processed_logprobs")
     requests = []
     if max_tokens > 0 or prompt_logprobs is not None:

@@ -1,33 +1,41 @@
 """The request bodies (pydantic: types are checked before any handler runs) and the OpenAI error
 shape every failure is reported in: {"error": {"message", "type", "param", "code"}}.
 
-Fields follow the OpenAI completions API as vLLM serves it, with vLLM's sampling extras (top_k,
-min_p, typical_p, repetition_penalty, ignore_eos, logprobs_mode, return_token_ids) and minilm's
-`order` (the sampler stage order: "default", "llama.cpp" or a list of stage names). A field sent
-as null takes its default, as in vLLM. Unknown fields are ignored.
+Fields follow the OpenAI completions API as vLLM serves it, with vLLM's extras (ignore_eos,
+logprobs_mode, return_token_ids). The sampler fields are derived from SamplerSettings: one field per
+knob, of the same name (OpenAI's, vLLM's and llama.cpp's names already are the knob names), typed by
+its kind; ranges are checked by SamplerSettings itself, a bad value being a 400 naming the field. A
+field sent as null takes its default, as in vLLM. Unknown fields are ignored.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, create_model
 
 from minilm.errors import SettingError
-from minilm.sampling.stages import SamplerStack, user_logit_bias
+from minilm.sampling.settings import SamplerSettings, knobs, settings_from_user
+from minilm.sampling.stack import SamplerStack
+from minilm.tokenizer import Tokenizer
 
 MAX_TOP_N = 100  # tokens a /v1/distribution table may show
 MAX_TOKENS_LIMIT = 4096  # --max_tokens_limit's default: the most tokens one choice may ask for
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
 JSON_FLOOR = -9999.0  # a log-probability of -inf is reported as this (as vLLM: JSON has no -inf)
 
-# How a field's type is described when a value of the wrong type comes in.
+# How a sampler field's type is described when a value of the wrong type comes in, per kind of
+# knob (the union types: pydantic reports one error per alternative).
+KIND_TYPE_NAMES = {
+    "token_bias": 'an object mapping token ids ("5" or "id:5") or single-token texts ("text:5") to '
+                  'numbers in [-100, 100]',
+    "order": '"default", "llama.cpp" or a list of stage names',
+    "prompt": "a text or a list of token ids",
+}
 TYPE_NAMES = {
     "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
     "stop": "a string or a list of strings",
-    "logit_bias": 'an object mapping token ids ("5" or "id:5") or single-token texts '
-                  '("text:5") to numbers in [-100, 100]',
-    "order": '"default", "llama.cpp" or a list of stage names',
+    **{k.name: KIND_TYPE_NAMES[k.kind] for k in knobs() if k.kind in KIND_TYPE_NAMES},
 }
 
 
@@ -87,58 +95,49 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class SamplerSettings(_Body):
-    """What the sampler stack is built from: shared by /v1/completions and /v1/distribution."""
-    temperature: Float | None = 1.0
-    top_p: Float | None = 1.0
-    top_k: Int | None = 0  # 0 or -1 (vLLM's off) keep every token
-    min_p: Float | None = 0.0
-    typical_p: Float | None = 1.0
-    repetition_penalty: Float | None = 1.0
-    presence_penalty: Float | None = 0.0
-    frequency_penalty: Float | None = 0.0
-    logit_bias: dict[str, Float] | None = None
-    order: str | list[str] | None = "default"
+# A sampler knob's JSON type, per kind.
+JSON_TYPES: dict[str, Any] = {
+    "number": Float, "integer": Int, "choice": Int, "token_bias": dict[str, Float],
+    "texts": list[str], "order": str | list[str], "prompt": str | list[Int]}
 
-    def sampler(self, vocab_size: int, encode: Callable[[str], list[int]]) -> SamplerStack:
+
+class _SamplerMethods(_Body):
+    def settings(self, encode=None) -> SamplerSettings:
+        """The request's SamplerSettings (a field left out or null: the knob's default); a bad
+        value is a 400 naming its field."""
+        values = {k.name: getattr(self, k.name) for k in knobs() if getattr(self, k.name) is not None}
+        try:
+            return settings_from_user(values, encode)
+        except SettingError as e:
+            raise bad_request(str(e), e.param) from None
+
+    def sampler(self, vocab_size: int, tokenizer: Tokenizer) -> SamplerStack:
         """The stack, through SamplerStack.from_settings (the CLI's path too); a bad setting is a
         400 naming it."""
-        def value(name: str) -> Any:
-            v = getattr(self, name)
-            return type(self).model_fields[name].default if v is None else v
-
-        top_k = value("top_k")
-        logit_bias = self.bias(encode)
+        settings = self.settings(tokenizer.encode)
         try:
-            if top_k < -1:
-                raise SettingError("top_k", f"top_k must be -1 or 0 (off) or a positive integer, "
-                                            f"got {top_k}")
-            return SamplerStack.from_settings(
-                temperature=value("temperature"), top_k=max(top_k, 0), top_p=value("top_p"),
-                min_p=value("min_p"), typical_p=value("typical_p"),
-                repetition_penalty=value("repetition_penalty"),
-                presence_penalty=value("presence_penalty"),
-                frequency_penalty=value("frequency_penalty"),
-                logit_bias=logit_bias, order=value("order"),
-                vocab_size=vocab_size)
+            return SamplerStack.from_settings(settings, tokenizer=tokenizer, vocab_size=vocab_size)
         except SettingError as e:
             raise bad_request(str(e), e.param) from None
 
+    def bias(self, encode) -> list[int]:
+        """The token ids the settings single out (the logit-biased ones: OpenAI's token-id keys,
+        and minilm's "id:5" and "text:5")."""
+        return self.settings(encode).named_tokens()
 
-    def bias(self, encode: Callable[[str], list[int]]) -> dict[int, float]:
-        """logit_bias as {token id: bias}: OpenAI's token-id keys, and minilm's "id:5" and
-        "text:5" (sampling.user_logit_bias); -100 bans."""
-        try:
-            return user_logit_bias(self.logit_bias or {}, encode)
-        except SettingError as e:
-            raise bad_request(str(e), e.param) from None
+
+# What the sampler stack is built from: shared by /v1/completions and /v1/distribution. One field
+# per SamplerSettings knob, None (absent or null) meaning the knob's default.
+SamplerFields = create_model(
+    "SamplerFields", __base__=_SamplerMethods,
+    **{k.name: (JSON_TYPES[k.kind] | None, None) for k in knobs()})
 
 
 class StreamOptions(_Body):
     include_usage: bool | None = False
 
 
-class CompletionRequest(SamplerSettings):
+class CompletionRequest(SamplerFields):
     model: str | None = None
     prompt: str | list[str] | list[Int] | list[list[Int]]
     max_tokens: Int | None = 16
@@ -158,7 +157,7 @@ class CompletionRequest(SamplerSettings):
     prompt_logprobs: Int | None = None  # vLLM: the prompt tokens' log-probabilities (top N)
 
 
-class DistributionRequest(SamplerSettings):
+class DistributionRequest(SamplerFields):
     model: str | None = None
     prompt: str | list[Int]
     top_n: Int | None = 20
