@@ -22,6 +22,7 @@ from minilm.sampling.generation import (
 from minilm.sampling.history import History
 from minilm.sampling.prefix_cache import PrefixCache
 from minilm.sampling.stack import SamplerStack
+from minilm.sampling.stages import Temperature
 from minilm.tokenizer import CharTokenizer
 
 V = 32
@@ -705,3 +706,130 @@ def test_score_shares_the_context_between_choices(monkeypatch):
     # the context (39 tokens) once with the first choice, then the other choices' tokens
     # (right-padded in one forward), instead of 4 x 39 + their own
     assert sum(computed) <= len(context) + len(choices) * max(map(len, choices)) < 4 * 39
+
+
+# ------------------------------------------------------------------------------------------------
+# classifier-free guidance: the unconditional rows run in the batch
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tmp_path_factory):
+    """A random GPT2LMHeadModel (weights at 3x hf_models' scale, so that greedy paths vary) saved
+    as transformers saves it, and the same model read back by load_model."""
+    from minilm.interop.loading import load_model
+
+    from hf_models import hf_gpt2
+
+    folder = tmp_path_factory.mktemp("cfg_gpt2")
+    hf = hf_gpt2(folder, seed=3, vocab_size=50257, n_positions=64, n_embd=32, n_layer=2,
+                 n_head=2)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(3)
+    hf.save_pretrained(folder)
+    hf.generation_config.eos_token_id = None  # compare full lengths
+    hf.generation_config.pad_token_id = 0
+    model, _, _ = load_model(folder)
+    return hf, model
+
+
+CFG_PROMPT = [464, 3290, 318, 257, 922]
+
+
+@pytest.mark.parametrize("prompts, negative, scale", [
+    ([CFG_PROMPT], [[40, 588, 340]], 1.5),
+    ([CFG_PROMPT], None, 1.5),  # no negative prompt: HF's default, the prompt's last token
+    ([CFG_PROMPT], [[40, 588, 340]], 3.0),
+    ([CFG_PROMPT], [[40, 588, 340]], 0.0),  # 0: the negative prompt acts as the prompt
+    ([CFG_PROMPT], None, -0.5),
+    ([CFG_PROMPT, [17, 2, 9000, 13, 11]], [[40, 588, 340], [1, 2, 3]], 2.0),
+])
+def test_guidance_greedy_tokens_equal_hf_generate(hf_and_ours, prompts, negative, scale):
+    """classifier-free guidance's greedy tokens are HF generate's (guidance_scale,
+    negative_prompt_ids) on the same weights: the unconditional rows run beside the conditional
+    ones, fed the tokens those draw."""
+    hf, model = hf_and_ours
+    kwargs = dict(guidance_scale=scale, do_sample=False, max_new_tokens=16)
+    if negative is not None:
+        kwargs["negative_prompt_ids"] = torch.tensor(negative)
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[:, 5:].tolist()
+        plain = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=16)[:, 5:].tolist()
+    stack = SamplerStack.from_settings(guidance_scale=scale, temperature=0.0)
+    got = complete(model, prompts, 16, sampler=stack, negative_prompt=negative)
+    assert [r.tokens for r in got] == expected
+    if scale != 0:
+        assert expected != plain  # guidance changed something: the test can see a wrong branch
+
+
+# ------------------------------------------------------------------------------------------------
+# batched sampling: requests that share a SamplerStack draw in one call
+
+
+def count_calls(stack: SamplerStack) -> list[int]:
+    """Wrap the stack's sample(): the number of rows of each call."""
+    calls = []
+    sample = stack.sample
+
+    def counting(logits, *args, **kwargs):
+        calls.append(logits.size(0))
+        return sample(logits, *args, **kwargs)
+
+    stack.sample = counting
+    return calls
+
+
+@pytest.mark.parametrize("settings", [STACK, dict(temperature=1.2, mirostat=2, mirostat_tau=3.0)],
+                         ids=["penalties", "mirostat"])
+def test_requests_sharing_a_stack_draw_in_one_call_as_alone(settings):
+    """Rows of several requests that share a SamplerStack draw in one call per step (their
+    Histories joined); per-row state (penalty counts, Mirostat's mu, seeds) stays each row's, so
+    every request's tokens are its tokens alone, while requests join and rows leave."""
+    model = tiny_model(block_size=64, seed=13)
+    stack = SamplerStack.from_settings(**settings)
+    calls = count_calls(stack)
+    plan = {0: [Request(model, [PROMPTS[0], PROMPTS[1]], 14, sampler=stack, seed=[1, 2]),
+                Request(model, [PROMPTS[2]], 6, sampler=stack, seed=[3])],
+            3: [Request(model, [PROMPTS[3]], 12, sampler=stack, seed=[4], logprobs=0)]}
+    got = run_batch(RunningBatch(model, max_rows=4), plan)
+    assert max(calls) == 4  # the three requests' four rows in one call
+    assert len(calls) < sum(r.max_new_tokens for step in plan.values() for r in step)
+    for request in [r for step in plan.values() for r in step]:
+        seeds = [g.initial_seed() for g in request.generators]
+        alone = complete(model, request.prompts, request.max_new_tokens,
+                         sampler=SamplerStack.from_settings(**settings), seed=seeds, logprobs=0)
+        assert request.generated == tokens_of(alone)
+        for row, result in enumerate(alone):
+            torch.testing.assert_close(torch.tensor([t.logprob for t in got[id(request)][row]]),
+                                       torch.tensor(result.logprobs))
+
+
+def test_a_request_that_cannot_draw_fails_alone_in_its_group():
+    """One draw for a group fails (a row with no token left): each request then draws alone, and
+    only the one that cannot draw fails."""
+    model = tiny_model(block_size=64, seed=14)
+
+    def ban_all_in_five_token_prompts_late(logits, history=None):
+        """Every token removed, from their third token on, in the rows of 5-token prompts."""
+        generated = history.real().sum(1) - history.prompt_lens
+        doomed = (history.prompt_lens == 5) & (generated >= 2)
+        return logits.masked_fill(doomed[:, None], float("-inf"))
+
+    stack = SamplerStack([ban_all_in_five_token_prompts_late, Temperature(0.9)])
+    calls = count_calls(stack)
+    keeper = Request(model, [PROMPTS[1]], 8, sampler=stack, seed=[1])
+    doomed = Request(model, [PROMPTS[3]], 8, sampler=stack, seed=[2])
+    batch = RunningBatch(model, max_rows=2)
+    batch.admit(keeper)
+    batch.admit(doomed)
+    errors = {}
+    while batch.slots:
+        for request, outcome in batch.step():
+            if isinstance(outcome, Exception):
+                errors[id(request)] = outcome
+    assert calls[2] == 2  # they drew together until then
+    assert list(errors) == [id(doomed)] and "no token left" in str(errors[id(doomed)])
+    assert len(doomed.generated[0]) == 2
+    assert keeper.generated[0] == complete(model, [PROMPTS[1]], 8, sampler=stack, seed=1)[0].tokens

@@ -720,3 +720,37 @@ def test_max_waiting_and_no_prefix_cache(serve_checkpoint, one_thread):
         metrics = scrape(url)
         assert metrics["minilm:prefix_cache_hits_total"] == 0
         assert metrics["minilm:prefix_cache_queries_total"] == 60
+
+
+def test_guidance_through_the_api(client, server, local):
+    """guidance_scale and negative_prompt in the request body: the unconditional rows run in the
+    server's batch; greedy tokens equal in-process generation's, and /v1/distribution's guidance
+    stage is s·(log_softmax(cond) − log_softmax(uncond)) + log_softmax(uncond) of the model's
+    own two forwards (float64)."""
+    from minilm.sampling.generation import complete
+    from minilm.sampling.stack import SamplerStack
+
+    model, tokenizer = local
+    guidance = dict(guidance_scale=-1.5, negative_prompt="JULIET:")
+    r = create(client, server, prompt=PROMPT, max_tokens=10, temperature=0, ignore_eos=True,
+               return_token_ids=True, extra_body=guidance)
+    stack = SamplerStack.from_settings(temperature=0.0, guidance_scale=-1.5)
+    (alone,) = complete(model, [tokenizer.encode(PROMPT)], 10, sampler=stack,
+                        negative_prompt=tokenizer.encode("JULIET:"))
+    assert r.choices[0].model_extra["token_ids"] == alone.tokens
+    plain = create(client, server, prompt=PROMPT, max_tokens=10, temperature=0, ignore_eos=True,
+                   return_token_ids=True)
+    assert plain.choices[0].model_extra["token_ids"] != alone.tokens  # guidance did something
+
+    table = httpx.post(f"{server.url}/v1/distribution",
+                       json=dict(prompt=PROMPT, top_n=5, **guidance)).json()
+    assert [s["name"] for s in table["stages"]] == ["raw", "guidance"]
+    cond = raw_logprobs(model, tokenizer.encode(PROMPT))[-1]
+    uncond = raw_logprobs(model, tokenizer.encode("JULIET:"))[-1]
+    guided = torch.softmax(-1.5 * (cond - uncond) + uncond, dim=-1)
+    for t in table["tokens"]:
+        assert abs(t["probs"][1] - guided[t["id"]]) < 1e-5
+    # two rows per choice: n = 9 needs 18 rows of the 16
+    with pytest.raises(openai.BadRequestError) as info:
+        create(client, server, prompt=PROMPT, max_tokens=2, n=9, extra_body=guidance)
+    assert info.value.param == "n" and "guidance" in info.value.message

@@ -62,7 +62,7 @@ from minilm.model.gpt import GPT, KVCache
 from minilm.sampling.history import History
 from minilm.sampling.prefix_cache import BLOCK_TOKENS, PrefixCache
 from minilm.sampling.stack import SampleInfo, SamplerStack, check_logprobs_mode
-from minilm.sampling.stages import Temperature
+from minilm.sampling.stages import Temperature, unconditional_prompt
 
 Prompts = Sequence[Sequence[int]] | Sequence[int] | Tensor
 Stop = Sequence[str | Sequence[int]]
@@ -123,16 +123,20 @@ class Request:
     """Prompts that decode together with one sampler: a generate() call, or one prompt of a server
     request with its n choices. The arguments are checked here (ValueError), before any step.
 
-    It holds what each row generated, the History of its running rows (what the penalties read)
-    and their generators; a RunningBatch decodes it. `error` is the exception that ended it early
-    (a row with no token left to sample), `cancelled` says that its caller went away.
+    It holds what each row generated, the History of its running rows (what the penalties read;
+    it carries their generators and sampler state); a RunningBatch decodes it. With classifier-free
+    guidance (a sampler with a guidance stage) each row r has an unconditional twin, row n + r of
+    the batch: its context is `negative[r]` (the negative prompt; by default the prompt's last
+    token, as HF's generate) and then the tokens row r drew. `error` is the exception that ended it
+    early (a row with no token left to sample), `cancelled` says that its caller went away.
     """
 
     def __init__(self, model: GPT, prompt_ids: Prompts, max_new_tokens: int,
                  sampler: SamplerStack | None = None, eos_id: int | None = None,
                  stop: Stop | None = None, seed: int | Sequence[int] | None = None,
                  logprobs: int = 0, decode: Callable[[list[int]], str] | None = None,
-                 logprobs_mode: str = "raw", keep_prompt_states: bool = False):
+                 logprobs_mode: str = "raw", keep_prompt_states: bool = False,
+                 negative_prompt: Prompts | None = None):
         vocab_size = model.config.vocab_size
         self.prompts = prompt_lists(prompt_ids, vocab_size)
         if max_new_tokens < 0:
@@ -145,13 +149,14 @@ class Request:
         self.stopper = _StopMatcher(stop or (), decode)
         if sampler is None:
             sampler, seed = greedy(), None  # nothing to draw: no generators needed
+        self.negative = _unconditional_rows(sampler, negative_prompt, self.prompts, vocab_size)
         self.device = next(model.parameters()).device
         self.generators = _generators(seed, len(self.prompts), self.device)
         self.max_new_tokens, self.sampler, self.eos_id = max_new_tokens, sampler, eos_id
         self.logprobs, self.logprobs_mode = logprobs, logprobs_mode
         self.generated: list[list[int]] = [[] for _ in self.prompts]
         self.running: list[int] = []  # rows in the batch, in slot order
-        self.history: History | None = None
+        self.history: History | None = None  # None while a sampling group holds it
         self.keep_prompt_states = keep_prompt_states
         self.prompt_states: list[Tensor] | None = None  # per row [prompt window, d], if kept
         self.error: Exception | None = None
@@ -160,42 +165,69 @@ class Request:
     def __repr__(self) -> str:
         return f"Request({len(self.prompts)} rows, {len(self.running)} running)"
 
+    @property
+    def n_rows(self) -> int:
+        """The rows it takes in a batch: one per prompt, and with guidance each one's twin."""
+        return len(self.prompts) * (1 if self.negative is None else 2)
+
+    def _windows(self, block_size: int) -> list[list[int]]:
+        """What its rows prefill: each prompt's last block_size tokens, then the twins'."""
+        return [c[-block_size:] for c in self.prompts + (self.negative or [])]
+
+    def _base(self, row: int) -> int:
+        """The prompt a row of the batch belongs to (a twin's is its conditional row's)."""
+        return row % len(self.prompts)
+
+    def _context(self, row: int) -> list[int]:
+        """The tokens a row of the batch has seen so far."""
+        r = self._base(row)
+        return (self.prompts if row == r else self.negative)[r] + self.generated[r]
+
     def _join(self) -> None:
         """Its rows have slots in a batch: every row runs (fills, then decodes)."""
         self.running = list(range(len(self.prompts)))
 
     def _start(self) -> None:
-        """Before the first draw: the History holds the whole prompts (left-padded)."""
-        self.history = _prompt_history([self.prompts[r] for r in self.running], self.device)
+        """Before the first draw: the History holds the whole prompts (left-padded) and the rows'
+        generators."""
+        self.history = _prompt_history([self.prompts[r] for r in self.running], self.device,
+                                       self.generators)
 
-    def _sample(self, logits: Tensor) -> Step:
-        """Draw each running row's next token from its logits [n, V]; record it; drop the rows
-        that finished (EOS, stop sequence, max_new_tokens)."""
-        tokens, info = self.sampler.sample(logits, self.history, generator=self.generators,
-                                           top_logprobs=self.logprobs,
-                                           logprobs_mode=self.logprobs_mode)
+    def _sample(self, logits: Tensor, unconditional: Tensor | None = None) -> Step:
+        """Draw each running row's next token from its logits [n, V] (and its twin's, with
+        guidance); record it; drop the rows that finished."""
+        tokens, info = self.sampler.sample(logits, self.history, top_logprobs=self.logprobs,
+                                           logprobs_mode=self.logprobs_mode,
+                                           unconditional_logits=unconditional)
         self.history.append(tokens)
+        step, keep = self._record(tokens, info)
+        self._keep(keep)
+        return step
+
+    def _record(self, tokens: Tensor, info: SampleInfo) -> tuple[Step, list[int]]:
+        """Append each running row's token to what it generated: the Step, and which rows go on
+        (indices into `running`); finished: EOS, a stop sequence, max_new_tokens."""
+        drawn = tokens.tolist()  # the one host transfer of the step's tokens
+        if min(drawn) < 0:  # an accelerator's sampler marks a row it could not draw for
+            bad = [i for i, t in enumerate(drawn) if t < 0]
+            raise ValueError(f"no token left to sample in row(s) {bad}: every logit was removed "
+                             "(-inf), or one is NaN or +inf")
         reasons: list[str | None] = []
-        for row, token in zip(self.running, tokens.tolist()):
+        for row, token in zip(self.running, drawn):
             out = self.generated[row]
             out.append(token)
             reasons.append("stop" if token == self.eos_id or self.stopper(out) else
                            "length" if len(out) == self.max_new_tokens else None)
         step = Step(list(self.running), tokens, info, reasons)
-        keep = [i for i, r in enumerate(reasons) if r is None]
-        if len(keep) < len(reasons):
-            self._keep(keep)
-        return step
+        return step, [i for i, r in enumerate(reasons) if r is None]
 
     def _keep(self, keep: list[int]) -> None:
         """Keep only these running rows (indices into `running`)."""
-        self.history = self.history.select(keep) if keep and self.history is not None else None
+        if len(keep) == len(self.running):
+            return
+        if self.history is not None:
+            self.history = self.history.select(keep) if keep else None
         self.running = [self.running[i] for i in keep]
-        if self.generators is not None:
-            self.generators = [self.generators[i] for i in keep]
-
-    def _context(self, row: int) -> list[int]:
-        return self.prompts[row] + self.generated[row]
 
 
 class RunningBatch:
@@ -237,6 +269,7 @@ class RunningBatch:
         self.prefix_cache = prefix_cache
         self.prefill_chunk = prefill_chunk
         self.slots: list[_Slot] = []
+        self._groups: list[_Group] = []  # see _regroup
         self.last = torch.zeros(max_rows, dtype=torch.long, device=param.device)  # fed next step
         self.prompt_tokens = 0  # tokens of the windows of new rows (vLLM's prefix_cache_queries)
         self.reused_tokens = 0  # of them, copied instead of computed (prefix_cache_hits)
@@ -265,7 +298,7 @@ class RunningBatch:
         token asked for, no prompt states wanted)."""
         if not (request.max_new_tokens or request.keep_prompt_states):
             return False
-        windows = [p[-self.block_size:] for p in request.prompts]
+        windows = request._windows(self.block_size)
         if len(windows) > self.free_rows:
             raise ValueError(f"{len(windows)} rows do not fit in the {self.free_rows} free rows "
                              f"of the batch")
@@ -293,7 +326,7 @@ class RunningBatch:
         """admit() for several requests, filled together (a burst of arrivals shares each
         forward): per request its first Step, None when it asks for no token, or the exception
         its first draw raised (then it is not in the batch; the others are)."""
-        n = sum(len(r.prompts) for r in requests if r.max_new_tokens or r.keep_prompt_states)
+        n = sum(r.n_rows for r in requests if r.max_new_tokens or r.keep_prompt_states)
         if n > self.free_rows:
             raise ValueError(f"{n} rows do not fit in the {self.free_rows} free rows of the batch")
         added = [self.add(r) for r in requests]
@@ -479,24 +512,43 @@ class RunningBatch:
         """The request's rows have filled: keep their prompt states if wanted, draw their first
         tokens (None when it asks for none)."""
         slots = self._slots_of(request)
+        cond = slots[:len(request.running)]  # then the unconditional twins, with guidance
         if request.keep_prompt_states:
-            request.prompt_states = [s.fill.states() for s in slots]
+            request.prompt_states = [s.fill.states() for s in cond]
         logits = torch.stack([s.fill.logits for s in slots])
         for slot in slots:
             slot.fill = None
         if not request.max_new_tokens:
             request._keep([])
             return None
+        request._start()
+        return self._draw(request, logits[:len(cond)], logits[len(cond):] if request.negative
+                          else None, self._positions()[request])
+
+    def _draw(self, request: Request, logits: Tensor, unconditional: Tensor | None,
+              slots: list[int]) -> Step | Exception:
+        """A request draws alone: its Step (its slots feed the tokens next step), or the
+        exception its draw raised (its rows are gone then; the batch is fine)."""
         try:
-            request._start()
-            step = request._sample(logits)
-        except (ValueError, RuntimeError) as e:  # this request's draw; the batch is fine
+            step = request._sample(logits, unconditional)
+        except (ValueError, RuntimeError) as e:
             request.error = e
             request._keep([])
             return e
-        first = self._index(slots[0])
-        self.last[first:first + len(slots)] = step.tokens
+        self._feed(step.tokens, slots)
         return step
+
+    def _feed(self, tokens: Tensor, slots: list[int]) -> None:
+        """The tokens [n] the rows drew go to their slots (and their twins', which follow)."""
+        idx = torch.tensor(slots, device=self.last.device)
+        self.last[idx] = tokens.repeat(len(slots) // len(tokens))
+
+    def _positions(self) -> dict[Request, list[int]]:
+        """Each request's slot indices, in slot order (its rows', then its twins')."""
+        out: dict[Request, list[int]] = {}
+        for i, slot in enumerate(self.slots):
+            out.setdefault(slot.request, []).append(i)
+        return out
 
     # ------------------------------------------------------------------------------ decoding
 
@@ -513,20 +565,75 @@ class RunningBatch:
         logits = self.model.logits(self.last[:n, None], cache)[:, -1]  # [n, V]
         for i in decoding:
             self.slots[i].length += 1
+        positions = self._positions()
         out: list[tuple[Request, Step | Exception | None]] = []
-        for request in dict.fromkeys(self.slots[i].request for i in decoding):
-            slots = self._slots_of(request)
-            first = self._index(slots[0])
-            end = first + len(slots)
+        for group in self._regroup(list(dict.fromkeys(self.slots[i].request for i in decoding))):
+            if isinstance(group, Request):
+                slots = positions[group]
+                half = len(group.running)
+                out.append((group, self._draw(group, _rows(logits, slots[:half]),
+                                              _rows(logits, slots[half:]) if group.negative
+                                              else None, slots)))
+            else:
+                out += self._draw_group(group, logits, positions)
+        return out
+
+    def _regroup(self, requests: list[Request]) -> list[Request | _Group]:
+        """The decoding requests as they draw this step: requests that share their SamplerStack
+        (and logprobs options) draw in one call, as a _Group; a group lives on while its requests
+        and their rows stay the same, so its History is appended to, not rebuilt, each step."""
+        buckets: dict[tuple, list[Request]] = {}
+        for request in requests:
+            key = (id(request.sampler), request.logprobs, request.logprobs_mode)
+            buckets.setdefault(key, []).append(request)
+        kept = [g for g in self._groups if any(g.same(b) for b in buckets.values())]
+        for group in self._groups:
+            if group not in kept:
+                group.dissolve()
+        out: list[Request | _Group] = []
+        for bucket in buckets.values():
+            group = next((g for g in kept if g.same(bucket)), None)
+            out.append(group or (_Group.of(bucket) if len(bucket) > 1 else bucket[0]))
+        self._groups = [g for g in out if isinstance(g, _Group)]
+        return out
+
+    def _draw_group(self, group: _Group, logits: Tensor, positions: dict[Request, list[int]]
+                    ) -> list[tuple[Request, Step | Exception]]:
+        """One draw for the rows of the group's requests; each request gets its Step. If the draw
+        fails, each request draws alone, so that only the one that cannot draw fails."""
+        first = group.requests[0]
+        slots = [positions[r] for r in group.requests]
+        cond = [i for r, s in zip(group.requests, slots) for i in s[:len(r.running)]]
+        twins = [i for r, s in zip(group.requests, slots) for i in s[len(r.running):]]
+        try:
+            tokens, info = first.sampler.sample(
+                _rows(logits, cond), group.history, top_logprobs=first.logprobs,
+                logprobs_mode=first.logprobs_mode,
+                unconditional_logits=_rows(logits, twins) if twins else None)
+        except (ValueError, RuntimeError):
+            group.dissolve()
+            self._groups.remove(group)
+            return [(r, self._draw(r, _rows(logits, s[:len(r.running)]),
+                                   _rows(logits, s[len(r.running):]) if r.negative else None, s))
+                    for r, s in zip(group.requests, slots)]
+        group.history.append(tokens)
+        out, keep, start = [], [], 0
+        for request, s in zip(group.requests, slots):
+            n = len(request.running)
             try:
-                step = request._sample(logits[first:end])
-            except (ValueError, RuntimeError) as e:  # this request's draw; the batch is fine
-                request.error = e
+                step, going_on = request._record(tokens[start:start + n],
+                                                 _info_rows(info, start, start + n))
+            except ValueError as e:  # a row the sampler could not draw for (an accelerator's)
+                request.error, going_on = e, []
                 request._keep([])
                 out.append((request, e))
-                continue
-            self.last[first:end] = step.tokens
-            out.append((request, step))
+            else:
+                self._feed(step.tokens, s)
+                request._keep(going_on)
+                out.append((request, step))
+            keep += [start + i for i in going_on]
+            start += n
+        group.drop_rows_but(keep)
         return out
 
     def _refill_full_windows(self) -> None:
@@ -555,7 +662,7 @@ class RunningBatch:
         """Drop the slots whose row no longer runs; move the rows after them down, in order. The
         rows that waited for a dropped one seek anew; a request that leaves hands its prefix-cache
         blocks on (or frees the unshared ones, if its caller went away)."""
-        keep = [i for i, s in enumerate(self.slots) if s.row in s.request.running]
+        keep = [i for i, s in enumerate(self.slots) if s.request._base(s.row) in s.request.running]
         if len(keep) == len(self.slots):
             return
         kept = set(keep)
@@ -628,6 +735,57 @@ class _Slot:
             self.length < len(self.fill.tokens)
 
 
+@dataclass(eq=False)
+class _Group:
+    """Requests that draw in one call of the SamplerStack they share (equal settings): the
+    History of their running rows as one (History.cat of theirs, which they hand over), kept while
+    the same requests run the same number of rows; `dissolve` hands each its rows back."""
+    requests: list[Request]
+    sizes: list[int]  # running rows of each request, as in `history`
+    history: History | None
+
+    @classmethod
+    def of(cls, requests: list[Request]) -> _Group:
+        history = History.cat([r.history for r in requests])
+        for request in requests:
+            request.history = None
+        return cls(requests, [len(r.running) for r in requests], history)
+
+    def same(self, requests: list[Request]) -> bool:
+        return self.requests == requests and \
+            self.sizes == [len(r.running) for r in requests]
+
+    def dissolve(self) -> None:
+        """Each request still running takes its rows' History back."""
+        start = 0
+        for request, n in zip(self.requests, self.sizes):
+            if request.running:
+                request.history = self.history.select(range(start, start + n))
+            start += n
+
+    def drop_rows_but(self, keep: list[int]) -> None:
+        """After a draw: keep only these rows (of the History, in order) of rows that go on."""
+        if len(keep) < sum(self.sizes):
+            self.history = self.history.select(keep) if keep else None
+            self.sizes = [len(r.running) for r in self.requests]
+
+
+def _rows(logits: Tensor, slots: list[int]) -> Tensor:
+    """logits[slots]: a view when the slots are adjacent (the usual case), else a copy."""
+    if slots and slots[-1] - slots[0] == len(slots) - 1:
+        return logits[slots[0]:slots[-1] + 1]
+    return logits[torch.tensor(slots, device=logits.device)]
+
+
+def _info_rows(info: SampleInfo, start: int, stop: int) -> SampleInfo:
+    """Rows [start, stop) of a SampleInfo, the raw log-probs still computed only when read."""
+    def part(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[start:stop]
+
+    return SampleInfo(lambda: info.logprobs[start:stop], info.processed_logprobs[start:stop],
+                      part(info.top_ids), part(info.top_logprobs))
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many first tokens a and b share."""
     n = 0
@@ -662,9 +820,9 @@ def _run_alone(model: GPT, request: Request) -> Iterator[Step]:
     """generate()'s loop: the request alone in a batch sized for it."""
     if request.max_new_tokens == 0:
         return
-    windows = [min(len(p), model.config.block_size) for p in request.prompts]
-    batch = RunningBatch(model, len(request.prompts),
-                         min(model.config.block_size, max(windows) + request.max_new_tokens - 1),
+    longest = max(map(len, request._windows(model.config.block_size)))
+    batch = RunningBatch(model, request.n_rows,
+                         min(model.config.block_size, longest + request.max_new_tokens - 1),
                          decode_layout=request.max_new_tokens > 1)  # not worth a copy for 1 token
     yield batch.admit(request)
     while batch.slots:
@@ -714,15 +872,20 @@ def prompt_states(model: GPT, prompt_ids: Prompts, batch_size: int = 8) -> list[
     return states
 
 
-def next_token_stages(model: GPT, prompt_ids: Prompts, sampler: SamplerStack
-                      ) -> list[tuple[str, Tensor]]:
+def next_token_stages(model: GPT, prompt_ids: Prompts, sampler: SamplerStack,
+                      negative_prompt: Prompts | None = None) -> list[tuple[str, Tensor]]:
     """The logits [B, V] of each prompt's next token after each stage of `sampler`, starting with
     ("raw", logits): what each setting does to the model's distribution (generate.py's
-    --show_distribution)."""
+    --show_distribution). With guidance the unconditional context is `negative_prompt` (see
+    Request)."""
     prompts = prompt_lists(prompt_ids, model.config.vocab_size)
+    negative = _unconditional_rows(sampler, negative_prompt, prompts, model.config.vocab_size)
     with model.inference():
         logits = _prefill(model, [p[-model.config.block_size:] for p in prompts])
-        return sampler.stages(logits, _prompt_history(prompts, logits.device))
+        unconditional = None if negative is None else \
+            _prefill(model, [p[-model.config.block_size:] for p in negative])
+        return sampler.stages(logits, _prompt_history(prompts, logits.device),
+                              unconditional_logits=unconditional)
 
 
 @dataclass
@@ -749,13 +912,14 @@ class NextTokenTable:
 
 
 def next_token_table(model: GPT, prompt_ids: Sequence[int], sampler: SamplerStack,
-                     top_n: int = 20, include: Sequence[int] = ()) -> NextTokenTable:
+                     top_n: int = 20, include: Sequence[int] = (),
+                     negative_prompt: Sequence[int] | None = None) -> NextTokenTable:
     """The table of one prompt's next token through the stages of `sampler`. Shown: the top_n
     tokens of the last stage, most likely first (tokens it removed after the kept ones, by raw
     logit), then any token of `include` (e.g. the logit-biased ones) not among them."""
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
-    stages = next_token_stages(model, [list(prompt_ids)], sampler)
+    stages = next_token_stages(model, [list(prompt_ids)], sampler, negative_prompt)
     z = torch.stack([logits[0] for _, logits in stages]).double()  # [S, V]
     kept = z > -math.inf
     logp = torch.log_softmax(z, dim=-1).nan_to_num(nan=-math.inf)  # a stage keeping none: all -inf
@@ -847,11 +1011,38 @@ class _StopMatcher:
         return False
 
 
-def _prompt_history(prompts: list[list[int]], device: torch.device) -> History:
+def _prompt_history(prompts: list[list[int]], device: torch.device,
+                    generators: list[torch.Generator] | None = None) -> History:
     """The History of prompts before any token is drawn (left-padded: what the penalties read)."""
     tokens, mask = _left_pad([torch.tensor(p, device=device) for p in prompts])
     lens = torch.tensor([len(p) for p in prompts], device=device)
-    return History(tokens, prompt_lens=lens, attention_mask=mask)
+    return History(tokens, prompt_lens=lens, attention_mask=mask, generators=generators)
+
+
+def guided(sampler: SamplerStack) -> bool:
+    """Whether the stack has classifier-free guidance: a stage that reads the unconditional
+    rows' logits."""
+    return any("unconditional_logits" in getattr(p, "inputs", ()) for p in sampler.processors)
+
+
+def _unconditional_rows(sampler: SamplerStack, negative_prompt: Prompts | None,
+                        prompts: list[list[int]], vocab_size: int) -> list[list[int]] | None:
+    """Each row's unconditional context when the sampler guides (else None): the negative prompt
+    (one for every row, or one per row), by default the prompt's last token (unconditional_prompt,
+    HF's rule)."""
+    if not guided(sampler):
+        if negative_prompt is not None:
+            raise ValueError("negative_prompt is classifier-free guidance's unconditional context: "
+                             "it needs a sampler with guidance (guidance_scale other than 1)")
+        return None
+    if negative_prompt is None:
+        return [unconditional_prompt(None, p, None, vocab_size) for p in prompts]
+    rows = prompt_lists(negative_prompt, vocab_size)
+    if len(rows) == 1:
+        return rows * len(prompts)
+    if len(rows) != len(prompts):
+        raise ValueError(f"got {len(rows)} negative prompts for {len(prompts)} prompts")
+    return rows
 
 
 def _left_pad(seqs: list[Tensor]) -> tuple[Tensor, Tensor | None]:

@@ -191,10 +191,11 @@ async def next_token_distribution(body: DistributionRequest, served: Served) -> 
     served.check_model(body.model)
     top_n = checked_top_n(body.top_n, 20)
     (ids,), (text,) = served.read_prompts(body.prompt)
-    sampler = body.sampler(served.vocab_size, served.tokenizer)
+    sampler = served.sampler(body)
+    negative = served.negative_prompt(body, sampler, ids)
     include = sorted(body.bias(served.tokenizer.encode))
     table = await served.engine.call(
-        lambda: next_token_table(served.model, ids, sampler, top_n, include))
+        lambda: next_token_table(served.model, ids, sampler, top_n, include, negative))
     return dict(
         object="distribution", model=served.name, prompt=text, prompt_token_ids=ids,
         vocab_size=table.vocab_size,

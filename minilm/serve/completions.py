@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from minilm.eval.scoring import TokenScores, score_hidden, score_tokens
-from minilm.sampling.generation import Request, RowToken
+from minilm.sampling.generation import Request, RowToken, guided
 from minilm.sampling.stages import MAX_LOGPROBS
 from minilm.serve.engine import Stream, Timer
 from minilm.serve.protocol import SEED_RANGE, APIError, CompletionRequest, bad_request, finite
@@ -66,9 +66,13 @@ def plan_completion(body: CompletionRequest, served: Served) -> Plan:
     n = 1 if body.n is None else body.n
     if n < 1:
         raise bad_request(f"n must be >= 1, got {n}", "n")
-    if n > served.engine.max_batch:
+    sampler = served.sampler(body)
+    rows_per_choice = 2 if guided(sampler) else 1  # guidance: each row's unconditional twin
+    if n * rows_per_choice > served.engine.max_batch:
         raise bad_request(f"n = {n} is more than the server's --max_batch "
-                          f"{served.engine.max_batch}", "n")
+                          f"{served.engine.max_batch}"
+                          + (" / 2 (guidance takes two rows per choice)"
+                             if rows_per_choice == 2 else ""), "n")
     if body.best_of is not None and body.best_of != n:
         raise bad_request("best_of is not supported (only best_of = n)", "best_of")
     if body.suffix is not None:
@@ -105,7 +109,6 @@ def plan_completion(body: CompletionRequest, served: Served) -> Plan:
             raise bad_request(f"prompt{f' {i}' if len(prompts) > 1 else ''} is "
                               f"{len(prompts[i])} tokens, more than the model's context of "
                               f"{served.block_size} tokens", "prompt")
-    sampler = body.sampler(served.vocab_size, served.tokenizer)
     processed = body.logprobs_mode in ("processed", "processed_logprobs")
     requests = []
     if max_tokens > 0 or prompt_logprobs is not None:
@@ -117,7 +120,8 @@ def plan_completion(body: CompletionRequest, served: Served) -> Plan:
                 eos_id=None if body.ignore_eos else served.tokenizer.eot_token, stop=stop,
                 seed=[seed + i for i in range(rows)], logprobs=body.logprobs or 0,
                 decode=served.decode, logprobs_mode="processed" if processed else "raw",
-                keep_prompt_states=prompt_logprobs is not None))
+                keep_prompt_states=prompt_logprobs is not None,
+                negative_prompt=served.negative_prompt(body, sampler, ids)))
     return Plan(prompts, texts, n, max_tokens, body.logprobs, processed, stop, prompt_logprobs,
                 requests)
 

@@ -118,8 +118,8 @@ class Engine:
         """Queue requests (from the event loop); each joins the batch when its rows fit. More
         than max_waiting waiting is a 503: the server is busy, the client may retry."""
         for request in requests:
-            if len(request.prompts) > self.max_batch:
-                raise ValueError(f"{len(request.prompts)} rows are more than the batch's "
+            if request.n_rows > self.max_batch:
+                raise ValueError(f"{request.n_rows} rows are more than the batch's "
                                  f"{self.max_batch}")
         with self._lock:
             if self.max_waiting is not None and self._n_waiting + len(requests) > self.max_waiting:
@@ -201,7 +201,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Give waiting requests rows, in arrival order, while their rows fit."""
-        while self._waiting and len(self._waiting[0].request.prompts) <= self.batch.free_rows:
+        while self._waiting and self._waiting[0].request.n_rows <= self.batch.free_rows:
             stream = self._waiting.popleft()
             self._took(1)
             try:
