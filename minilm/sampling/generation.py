@@ -200,14 +200,15 @@ class Request:
                                            logprobs_mode=self.logprobs_mode,
                                            unconditional_logits=unconditional)
         self.history.append(tokens)
-        step, keep = self._record(tokens, info)
+        step, keep = self._record(tokens, tokens.tolist(), info)
         self._keep(keep)
         return step
 
-    def _record(self, tokens: Tensor, info: SampleInfo) -> tuple[Step, list[int]]:
-        """Append each running row's token to what it generated: the Step, and which rows go on
-        (indices into `running`); finished: EOS, a stop sequence, max_new_tokens."""
-        drawn = tokens.tolist()  # the one host transfer of the step's tokens
+    def _record(self, tokens: Tensor, drawn: list[int], info: SampleInfo
+                ) -> tuple[Step, list[int]]:
+        """Append each running row's token (`drawn`: `tokens` as a list) to what it generated:
+        the Step, and which rows go on (indices into `running`); finished: EOS, a stop sequence,
+        max_new_tokens."""
         if min(drawn) < 0:  # an accelerator's sampler marks a row it could not draw for
             bad = [i for i, t in enumerate(drawn) if t < 0]
             raise ValueError(f"no token left to sample in row(s) {bad}: every logit was removed "
@@ -539,7 +540,8 @@ class RunningBatch:
         return step
 
     def _feed(self, tokens: Tensor, slots: list[int]) -> None:
-        """The tokens [n] the rows drew go to their slots (and their twins', which follow)."""
+        """The tokens [n] the rows drew go to their slots, and to their twins' (which follow, in
+        the same order) with guidance."""
         idx = torch.tensor(slots, device=self.last.device)
         self.last[idx] = tokens.repeat(len(slots) // len(tokens))
 
@@ -617,20 +619,20 @@ class RunningBatch:
                                    _rows(logits, s[len(r.running):]) if r.negative else None, s))
                     for r, s in zip(group.requests, slots)]
         group.history.append(tokens)
+        self._feed(tokens, cond + twins)
+        drawn = tokens.tolist()  # the one host transfer of the group's tokens
         out, keep, start = [], [], 0
-        for request, s in zip(group.requests, slots):
+        for request in group.requests:
             n = len(request.running)
             try:
-                step, going_on = request._record(tokens[start:start + n],
+                step, going_on = request._record(tokens[start:start + n], drawn[start:start + n],
                                                  _info_rows(info, start, start + n))
             except ValueError as e:  # a row the sampler could not draw for (an accelerator's)
                 request.error, going_on = e, []
-                request._keep([])
                 out.append((request, e))
             else:
-                self._feed(step.tokens, s)
-                request._keep(going_on)
                 out.append((request, step))
+            request._keep(going_on)
             keep += [start + i for i in going_on]
             start += n
         group.drop_rows_but(keep)
