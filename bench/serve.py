@@ -222,7 +222,7 @@ def complete_tokens_per_s(ckpt: Path, requests: list[list[int]], new_tokens: int
     """generation.complete() over the same prompts in this process (T = 1, a seed per row)."""
     from minilm.interop.loading import load_model
     from minilm.sampling.generation import complete
-    from minilm.sampling.stages import SamplerStack
+    from minilm.sampling.stack import SamplerStack
 
     model, _, _ = load_model(ckpt)
     stack = SamplerStack.from_settings(temperature=1.0)

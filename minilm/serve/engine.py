@@ -50,8 +50,9 @@ class Stream:
         self.cancelled = False
 
     def _put(self, item: list[RowToken] | Exception | None) -> None:
-        """From the engine thread: hand an item to the event loop."""
-        self.loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        """From the engine thread: hand an item to the event loop, with the other streams' items
+        of this step (Engine._flush): one wake-up of the event loop per step, not per stream."""
+        self.engine._outbox.append((self, item))
 
     def cancel(self) -> None:
         if not self.cancelled:
@@ -88,6 +89,7 @@ class Engine:
         self._lock = threading.Lock()
         self._streams: dict[Request, Stream] = {}
         self._counted = (0, 0)  # prompt and reused tokens of the batches that failed
+        self._outbox: list[tuple[Stream, Any]] = []  # items for the streams, sent once per step
         self._thread = threading.Thread(target=self._loop, name="minilm-engine", daemon=True)
         self._stopping = False
 
@@ -153,6 +155,16 @@ class Engine:
                 self._admit()
                 if self.batch.slots:
                     self._step()
+                self._flush()
+
+    def _flush(self) -> None:
+        """Send the streams' items of this step to their event loops, one call per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Any]]] = {}
+        for stream, item in self._outbox:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_hand_over, items)
 
     def _receive(self, block: bool) -> None:
         """Take every message waiting; with block, wait for the first."""
@@ -245,6 +257,12 @@ class Engine:
     def _finish(self, stream: Stream, error: Exception | None) -> None:
         self._streams.pop(stream.request, None)
         stream._put(error)
+
+
+def _hand_over(items: list[tuple[Stream, Any]]) -> None:
+    """On the event loop: each item into its stream's queue."""
+    for stream, item in items:
+        stream._queue.put_nowait(item)
 
 
 class Timer:
