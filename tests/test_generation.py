@@ -736,6 +736,7 @@ def hf_and_ours(tmp_path_factory):
 CFG_PROMPT = [464, 3290, 318, 257, 922]
 
 
+@pytest.mark.slow  # transformers' import and a saved model: ~7 s for the first case
 @pytest.mark.parametrize("prompts, negative, scale", [
     ([CFG_PROMPT], [[40, 588, 340]], 1.5),
     ([CFG_PROMPT], None, 1.5),  # no negative prompt: HF's default, the prompt's last token
