@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minilm.eval.scoring import Document, evaluate  # noqa: E402
+from minilm.eval.corpus import Document, evaluate  # noqa: E402
 from minilm.model.gpt import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {

@@ -3,7 +3,7 @@ memory-bandwidth floor, for a GPT-2 124M config (12 x 12 x 768, vocab 50257, blo
 weights, the same in both models).
 
     python bench/generate.py [--threads N] [--reps 3] [--recompute_steps 16 | --full_recompute]
-                             [--window_steps 5] [--window_only]
+                             [--window_steps 5] [--window_only] [--new_stack_only]
 
 Reports (markdown):
 1. tokens/s for a 64-token prompt + 128 new tokens, batch 1 and 8, greedy and with a full stack
@@ -22,11 +22,16 @@ Reports (markdown):
    Beside it, what a context shift (crop to block_size // 2, grow back; not exact) would cost per
    token: its re-fill of block_size // 2 - 1 tokens spread over block_size // 2 tokens, plus a
    decode step.
+5. a sampling step (sample() + History.append) with today's stack and with the full stack of
+   issue 20 (NEW_STACK: every stage on, guidance included, DRY over a 512-token history holding a
+   repeated passage), as a share of a decode step; --reps interleaved rounds, medians
+   (--new_stack_only: only this table).
 
 On a 2-core machine shared with other jobs use --threads 1: with two OpenMP threads on busy cores,
 each parallel op may wait a whole scheduler slice (~8 ms) for its second thread.
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,10 +42,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minilm.model.gpt import GPT, GPTConfig, KVCache  # noqa: E402
 from minilm.sampling.generation import Request, RunningBatch, complete, greedy  # noqa: E402
 from minilm.sampling.history import History  # noqa: E402
+from minilm.sampling.settings import SamplerSettings  # noqa: E402
 from minilm.sampling.stack import SamplerStack  # noqa: E402
+from minilm.tokenizer import TiktokenTokenizer  # noqa: E402
 
 V, N_LAYER, N_HEAD, N_EMBD, BLOCK = 50257, 12, 12, 768, 1024
 STACK = dict(repetition_penalty=1.1, temperature=0.8, top_k=50, top_p=0.95)
+NEW_STACK = dict(guidance_scale=1.5, repetition_penalty=1.1, dry_multiplier=0.8, temperature=0.8,
+                 top_n_sigma=2.0, top_h=0.95, top_k=50, top_p=0.95, min_p=0.02, typical_p=0.98,
+                 epsilon_cutoff=3e-4, eta_cutoff=3e-4, xtc_probability=0.5, xtc_threshold=0.1,
+                 mirostat=2)
 
 
 def best_time(fn, reps: int) -> float:
@@ -117,23 +128,31 @@ def throughput(ours: GPT, hf, reps: int, new: int = 128, prompt_len: int = 64) -
     return rows
 
 
+def cached_decode(ours: GPT, batch: int, steps: int, seed: int = 2):
+    """(ids [batch, 128], decode): decode() runs `steps` decode steps of one token each from the
+    KV cache at length 127 (the same steps every call; call it under inference_mode)."""
+    ids = torch.randint(0, V, (batch, 128), generator=torch.Generator().manual_seed(seed))
+    cache = KVCache(ours.config, batch, max_len=128 + steps)
+    with torch.inference_mode():
+        ours.logits(ids[:, :-1], cache)
+    start = cache.length
+
+    def decode():
+        cache.length = start
+        for _ in range(steps):
+            z = ours.logits(ids[:, -1:], cache)[:, -1]
+        return z
+
+    return ids, decode
+
+
 def stack_overhead(ours: GPT, reps: int, steps: int = 16) -> list[dict]:
     """A decode step (1 token, cache at 128) vs the stack's sample() on its logits."""
     ours.set_decode_layout(True)  # the layout generation decodes with
     rows = []
     for batch in (1, 8):
-        ids = torch.randint(0, V, (batch, 128), generator=torch.Generator().manual_seed(2))
-        cache = KVCache(ours.config, batch, max_len=128 + steps)
+        ids, decode = cached_decode(ours, batch, steps)
         with torch.inference_mode():
-            ours.logits(ids[:, :-1], cache)
-            start = cache.length
-
-            def decode():
-                cache.length = start
-                for _ in range(steps):
-                    z = ours.logits(ids[:, -1:], cache)[:, -1]
-                return z
-
             logits = decode()
             t_step = best_time(decode, reps) / steps
             for mode, sampler in (("greedy", None), ("stack", SamplerStack.from_settings(**STACK))):
@@ -143,6 +162,53 @@ def stack_overhead(ours: GPT, reps: int, steps: int = 16) -> list[dict]:
                 t_stack = best_time(lambda: [sampler.sample(logits, history, generator=gens)
                                              for _ in range(steps)], reps) / steps
                 rows.append(dict(batch=batch, mode=mode, step=t_step, stack=t_stack))
+    return rows
+
+
+def new_stack_overhead(ours: GPT, reps: int, steps: int = 16, prompt_len: int = 512) -> list[dict]:
+    """A decode step (1 token, cache at 128) vs a step of sampling (sample() then History.append)
+    with today's stack (STACK) and with the full stack of issue 20 (NEW_STACK: every stage on,
+    classifier-free guidance on a second logits tensor), on a History of `prompt_len` tokens with a
+    128-token passage repeated (DRY finds long matches). Interleaved: each rep times the decode
+    steps, then each stack's steps; medians over the reps."""
+    ours.set_decode_layout(True)
+    stacks = {"today's stack": SamplerStack.from_settings(**STACK),
+              "full new stack": SamplerStack.from_settings(
+                  SamplerSettings(**NEW_STACK), tokenizer=TiktokenTokenizer("gpt2"))}
+    rows = []
+    for batch in (1, 8):
+        g = torch.Generator().manual_seed(6)
+        passage = torch.randint(0, V, (batch, 128), generator=g)
+        context = torch.cat([torch.randint(0, V, (batch, prompt_len - 256), generator=g), passage,
+                             passage], dim=1)
+        _, decode = cached_decode(ours, batch, steps)
+        with torch.inference_mode():
+            logits = decode()
+            uncond = logits.roll(1, dims=-1)
+
+            def sampling(stack: SamplerStack) -> float:
+                generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+                history = History(context, prompt_lens=torch.full((batch,), prompt_len),
+                                  generators=generators)
+                stack.sample(logits, history, unconditional_logits=uncond)  # fills the caches
+                t = time.perf_counter()
+                for _ in range(steps):
+                    tokens, _ = stack.sample(logits, history, unconditional_logits=uncond)
+                    history.append(tokens)
+                return (time.perf_counter() - t) / steps
+
+            times: dict[str, list[float]] = {"decode step": [], **{name: [] for name in stacks}}
+            for _ in range(reps):
+                t = time.perf_counter()
+                decode()
+                times["decode step"].append((time.perf_counter() - t) / steps)
+                for name, stack in stacks.items():
+                    times[name].append(sampling(stack))
+        step = times.pop("decode step")
+        for name, t in times.items():
+            rows.append(dict(batch=batch, stack=name, step=statistics.median(step),
+                             time=statistics.median(t),
+                             share=statistics.median([b / a for a, b in zip(step, t)])))
     return rows
 
 
@@ -235,6 +301,7 @@ def main() -> None:
     p.add_argument("--full_recompute", action="store_true")
     p.add_argument("--window_steps", type=int, default=5)
     p.add_argument("--window_only", action="store_true", help="only table 4")
+    p.add_argument("--new_stack_only", action="store_true", help="only table 5")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -242,6 +309,8 @@ def main() -> None:
     window_models = {"124M": ours, "char": char_model()}
     if args.window_only:
         return print_past_block_size(window_models, args)
+    if args.new_stack_only:
+        return print_new_stack(ours, args)
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     floor_step = weight_bytes / bw
@@ -273,6 +342,18 @@ def main() -> None:
     print(f"| KV cache speed-up | {t_re / t_kv:.1f}x | |")
 
     print_past_block_size(window_models, args)
+    print_new_stack(ours, args)
+
+
+def print_new_stack(ours: GPT, args: argparse.Namespace) -> None:
+    """Table 5: sampling with today's stack and with the full stack of issue 20, beside a decode
+    step (medians of --reps interleaved rounds)."""
+    print("\n| batch | sampler | decode step ms | sample + append ms | share of a step |")
+    print("|---|---|---|---|---|")
+    for r in new_stack_overhead(ours, args.reps):
+        print(f"| {r['batch']} | {r['stack']} | {r['step'] * 1e3:.1f} | {r['time'] * 1e3:.2f} | "
+              f"{r['share']:.1%} |")
+
 
 if __name__ == "__main__":
     main()

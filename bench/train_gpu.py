@@ -146,7 +146,6 @@ def training_step(cfg: Config, vocab: int, dynamic_batch: bool = False):
     for every batch size instead of once per size."""
     device = torch.device("cuda")
     model = GPT(cfg.model.gpt_config(vocab)).to(device)
-    model.logit_softcap = cfg.loss.softcap
     optimizer = configure_optimizer(model, cfg.train, device)
     forward = torch.compile(model) if resolve_compile(cfg.train.compile, device) else model
     autocast = torch.autocast("cuda", dtype=resolve_dtype(cfg.train.dtype, device))

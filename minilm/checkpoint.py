@@ -72,8 +72,7 @@ def save_checkpoint(path: str | Path, model: GPT, optimizer: torch.optim.Optimiz
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
         torch.save(rng_states(), tmp / "rng.pt")
-        _write_state(tmp, dict(state, model_config=asdict(model.config),
-                               logit_softcap=model.logit_softcap))
+        _write_state(tmp, dict(state, model_config=asdict(model.config)))
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
@@ -127,22 +126,39 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def resume_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The settings a checkpoint fixes, from its config dict (dotted keys): the model, the data
-    (but where it is cached and how many processes tokenize it) and loss.softcap, which is part
-    of the model's output function (the trained logits are capped, and so are the sampled ones)."""
+    """The settings a checkpoint fixes, from its config dict (dotted keys): the model (its output
+    function, model.logit_softcap, included) and the data (but where it is cached and how many
+    processes tokenize it)."""
     fixed = {f"model.{k}": v for k, v in cfg.get("model", {}).items()}
     fixed.update({f"data.{k}": v for k, v in cfg.get("data", {}).items()
                   if k not in ("num_proc", "cache_dir")})
-    fixed["loss.softcap"] = cfg.get("loss", {}).get("softcap")
     return fixed
 
 
 def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, in today's layout whatever code wrote it (upgrade_state)."""
     try:
-        return json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"corrupt checkpoint {path}: state.json unreadable "
                               f"({type(e).__name__})") from None
+    return upgrade_state(state)
+
+
+def upgrade_state(state: Any) -> Any:
+    """Checkpoints written before the model owned its output function kept the soft-cap beside
+    the model: a top-level `logit_softcap` (and the run's `config.loss.softcap`). It becomes the
+    model's own `model_config.logit_softcap` (and `config.model.logit_softcap`), so that every
+    reader sees one layout."""
+    if not isinstance(state, dict) or "logit_softcap" not in state:
+        return state
+    cap = state.pop("logit_softcap")
+    config = state.get("config")
+    for model in (state.get("model_config"), config.get("model") if isinstance(config, dict)
+                  else None):
+        if isinstance(model, dict):
+            model.setdefault("logit_softcap", cap)
+    return state
 
 
 def load_weights(path: Path, model: GPT) -> None:
@@ -176,5 +192,4 @@ def read_model(path: Path) -> tuple[GPT, Tokenizer, dict[str, Any]]:
     # cached) is not a corrupt checkpoint, and says what is missing itself
     tokenizer = tokenizer_from_dict(tokenizer_description)
     load_weights(path, model)
-    model.logit_softcap = state.get("logit_softcap")
     return model, tokenizer, state

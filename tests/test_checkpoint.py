@@ -1,14 +1,17 @@
 """Checkpoint swaps interrupted at every point: a complete checkpoint is always found, resume puts
 it back in place, and the next save works."""
+import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from minilm import checkpoint
-from minilm.checkpoint import complete_checkpoint, copy_checkpoint, read_state, recover_checkpoint
+from minilm.checkpoint import (complete_checkpoint, copy_checkpoint, read_state, recover_checkpoint,
+                               resume_settings)
 from minilm.interop.loading import load_model
 from minilm.model.gpt import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer
@@ -124,3 +127,54 @@ def test_nothing_complete_is_nothing(tmp_path):
     (tmp_path / "last.tmp" / "model.safetensors").write_bytes(b"half")
     assert complete_checkpoint(tmp_path / "last") is None
     assert recover_checkpoint(tmp_path / "last") is None
+
+
+# ---------------------------------------------------------------- the soft-cap is the model's
+
+
+LEGACY = Path(__file__).parent / "data" / "legacy_checkpoints"
+
+
+def greedy(model: GPT, ids: list[int], n: int) -> list[int]:
+    """n argmax tokens, each from a full forward over the sequence so far."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model.logits(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[-n:]
+
+
+@pytest.mark.parametrize("name, cap", [("tied_softcap", 5.0), ("untied", None)])
+def test_checkpoints_written_before_the_model_owned_its_softcap_still_load(name, cap):
+    """state.json of the code before: a top-level logit_softcap and config.loss.softcap; read
+    today, the cap is the model's config, and logits and greedy tokens are the ones that code
+    computed (expected.json, written by it)."""
+    folder = LEGACY / name
+    assert "logit_softcap" in json.loads((folder / "state.json").read_text())
+    expected = json.loads((folder / "expected.json").read_text())
+    model, tokenizer, state = load_model(folder)
+    assert model.config.logit_softcap == cap and "logit_softcap" not in state
+    assert state["model_config"]["logit_softcap"] == cap
+    assert resume_settings(state["config"])["model.logit_softcap"] == cap
+    ids = tokenizer.encode(expected["prompt"])
+    with torch.no_grad():
+        logits = model.logits(torch.tensor([ids]))[0, -1]
+    torch.testing.assert_close(logits, torch.tensor(expected["last_logits"]), atol=1e-5, rtol=0)
+    assert greedy(model, ids, len(expected["greedy_tokens"])) == expected["greedy_tokens"]
+    if cap is not None:  # the cap acts: every logit within (-cap, cap), and it is not a no-op
+        assert logits.abs().max() < cap
+        uncapped = model.lm_head(model.hidden_states(torch.tensor([ids]))[0, -1]).detach()
+        assert not torch.allclose(uncapped, logits, atol=1e-3)
+
+
+def test_a_new_checkpoint_keeps_the_softcap_in_the_model_config(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=TOKENIZER.vocab_size, n_layer=1, n_head=1, n_embd=8,
+                          block_size=8, logit_softcap=3.0))
+    save_model(tmp_path / "last", model, TOKENIZER.to_dict())
+    state = json.loads((tmp_path / "last" / "state.json").read_text())
+    assert state["model_config"]["logit_softcap"] == 3.0 and "logit_softcap" not in state
+    loaded, _, _ = load_model(tmp_path / "last")
+    x = torch.randint(TOKENIZER.vocab_size, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)

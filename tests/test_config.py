@@ -6,7 +6,11 @@ import sys
 
 import pytest
 
+from minilm.cli import train as cli_train
+from minilm.cli.common import run_cli
+from minilm.cli.train import train_main
 from minilm.errors import ConfigError
+from minilm.train import config as train_config
 from minilm.train.config import load_config
 
 from conftest import ROOT
@@ -18,7 +22,8 @@ def test_defaults_yaml_and_overrides(tmp_path):
     cfg = load_config(path, ["--model.n_layer=5", "--train.dtype=bfloat16", "--loss.softcap=30",
                              "--data.name=null"])
     assert cfg.model.n_layer == 5 and cfg.train.learning_rate == 3e-4
-    assert cfg.train.dtype == "bfloat16" and cfg.loss.softcap == 30.0 and cfg.data.name is None
+    assert cfg.train.dtype == "bfloat16" and cfg.model.logit_softcap == 30.0
+    assert cfg.data.name is None
     assert cfg.model.n_head == 4  # untouched default
 
 
@@ -55,13 +60,12 @@ def test_shipped_configs_are_valid():
             load_config(path)
 
 
-def test_cli_exits_2_with_one_line():
-    proc = subprocess.run([sys.executable, "train.py", "--train.max_iter=5"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+def test_cli_exits_2_with_one_line(capsys):
+    assert run_cli(train_main, ["--train.max_iter=5"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and "did you mean train.max_iters" in lines[0]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
 
 
 # ---------------------------------------------------------------- YAML 1.2 numbers (issue 8.1)
@@ -187,6 +191,7 @@ def test_configs_by_name_and_default():
         load_config("shakespear_char")
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_the_configs_and_finds_them(tmp_path):
     """A non-editable build: the wheel holds minilm/configs (built from configs/) and, unpacked
     away from the repository, minilm finds its configs there."""
@@ -226,28 +231,33 @@ def test_the_wheel_ships_the_configs_and_finds_them(tmp_path):
     assert out_dir == "out/shakespeare_char"
 
 
-def test_train_finds_a_config_by_name(tmp_path):
+def test_train_finds_a_config_by_name(tmp_path, capsys, monkeypatch):
     """train.py NAME, and train.py with no config, use the shipped configs (checked here up to
     the one-line refusal of an out_dir that already holds a run)."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    read = []
+    real = train_config.load_config
+    monkeypatch.setattr(cli_train, "load_config",
+                        lambda path, *a, **kw: read.append(path) or real(path, *a, **kw))
     for argv in (["shakespeare_gpt2"], []):
-        proc = subprocess.run([sys.executable, "train.py", *argv, f"--out_dir={out}"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr
+        assert run_cli(train_main, [*argv, f"--out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert "already holds a run" in err, err
+    assert read == ["shakespeare_gpt2", "shakespeare_char"]
 
 
-def test_help_anywhere_lists_every_key():
+def test_help_anywhere_lists_every_key(capsys):
     from minilm.train.config import Config, config_keys, flatten
 
     for argv in (["--help"], ["shakespeare_char", "--train.max_iters=5", "-h"]):
-        proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0 and proc.stderr == ""
-        lines = proc.stdout.splitlines()
+        assert run_cli(train_main, argv) == 0
+        stdout, err = capsys.readouterr()
+        assert err == ""
+        lines = stdout.splitlines()
         assert lines[0] == "usage: train.py [CONFIG] [--section.key=value ...]"
-        assert "Sections: out_dir, model, data, train, loss, wandb." in proc.stdout
+        assert "Sections: out_dir, model, data, train, loss, wandb." in stdout
         keys = config_keys(Config)
         assert [k.key for k in keys] == list(flatten(Config().to_dict()))  # every key, in order
         for k in keys:  # one line each: key, type = default, description
@@ -325,3 +335,60 @@ def test_merge_keys_may_override_what_they_merge():
 
     values = read_yaml("base: &b {n_layer: 2, n_head: 2}\nmodel:\n  <<: *b\n  n_layer: 3\n")
     assert values["model"] == {"n_layer": 3, "n_head": 2}
+
+
+# ---------------------------------------------------------------- model.logit_softcap and its alias
+
+
+def test_softcap_is_a_model_key_and_loss_softcap_its_alias(tmp_path):
+    assert load_config(None, ["--model.logit_softcap=30"]).model.logit_softcap == 30.0
+    assert load_config(None, ["--loss.softcap=30"]).model.logit_softcap == 30.0
+    assert load_config(None, ["--loss.softcap=30", "--model.logit_softcap=30"]
+                       ).model.logit_softcap == 30.0  # both, agreeing
+    cfg = load_config(None, ["--loss.softcap=30"])
+    assert "softcap" not in cfg.to_dict()["loss"]  # one value, under its key
+    assert cfg.to_dict()["model"]["logit_softcap"] == 30.0
+    old = tmp_path / "old.yaml"  # a config file of the code before (and a saved config.yaml)
+    old.write_text("loss:\n  softcap: 20\n  z_loss: 0.001\n")
+    assert load_config(old).model.logit_softcap == 20.0 and load_config(old).loss.z_loss == 1e-3
+    assert load_config(old, ["--model.logit_softcap=10"]).model.logit_softcap == 10.0  # override
+    both = tmp_path / "both.yaml"
+    both.write_text("model:\n  logit_softcap: 20\nloss:\n  softcap: null\n")
+    assert load_config(both).model.logit_softcap == 20.0  # a null alias is no value
+
+
+@pytest.mark.parametrize("args, text, message", [
+    (["--loss.softcap=30", "--model.logit_softcap=20"], None,
+     "the command line: loss.softcap is 30 but model.logit_softcap is 20 (loss.softcap is the old "
+     "name of model.logit_softcap): give one of them"),
+    (["--model.logit_softcap=20", "--loss.softcap=30"], None,
+     "the command line: loss.softcap is 30 but model.logit_softcap is 20 (loss.softcap is the old "
+     "name of model.logit_softcap): give one of them"),
+    ([], "model:\n  logit_softcap: 20\nloss:\n  softcap: 30\n",
+     "config file {path}: loss.softcap is 30 but model.logit_softcap is 20 (loss.softcap is the "
+     "old name of model.logit_softcap): give one of them"),
+    (["--model.logit_softcap=0"], None, r"model.logit_softcap must be > 0 \(or null: off\), got "
+                                        "0.0"),
+    (["--loss.softcap=-1"], None, r"model.logit_softcap must be > 0 \(or null: off\), got -1.0"),
+])
+def test_softcap_given_twice_or_out_of_range_is_one_line(tmp_path, capsys, args, text, message):
+    from minilm.cli.common import run_cli
+    from minilm.cli.train import train_main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text or "{}\n")
+    message = message.replace("{path}", str(path))
+    with pytest.raises(ConfigError, match=message if "\\(" in message else None) as e:
+        load_config(path, args)
+    if "\\(" not in message:
+        assert str(e.value) == message
+    assert run_cli(train_main, [str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_help_lists_the_alias():
+    from minilm.train.config import Config, config_help
+
+    (line,) = [ln for ln in config_help(Config).splitlines() if ln.split()[:1] == ["loss.softcap"]]
+    assert "float | null = null" in line and "the old name of model.logit_softcap" in line

@@ -15,7 +15,8 @@ from minilm.checkpoint import save_checkpoint
 from minilm.cli.common import run_cli
 from minilm.cli.eval import main
 from minilm.eval.calibration import ReliabilityBins, fit_temperature
-from minilm.eval.scoring import Document, encode_pair, score
+from minilm.eval.corpus import Document, Sink, evaluate
+from minilm.eval.scoring import encode_pair, score
 from minilm.model.gpt import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer, TiktokenTokenizer
 from minilm.train.config import load_config
@@ -33,7 +34,6 @@ CHARS = CharTokenizer.from_texts([CORPUS + string.ascii_letters + string.digits 
 def float64_copy(model):
     m = GPT(model.config).double()
     m.load_state_dict(model.state_dict())
-    m.logit_softcap = model.logit_softcap
     return m.eval()
 
 
@@ -205,6 +205,50 @@ def test_bpe_model_figures_per_byte_and_word(tmp_path, capsys):
     assert_figures(got, ref)
     assert got["bytes"] == len(text.encode()) and got["words"] == 12
     assert got["tokens"] < got["bytes"]  # BPE: fewer tokens than bytes, same bits per byte rule
+
+
+class Recorder(Sink):
+    """Every row it is given (document, position, target, log-prob), the width of the top
+    alternatives it asked for, and the results as they stand when it finishes."""
+    top_n = 3
+
+    def __init__(self):
+        self.rows, self.top_widths, self.results = [], set(), None
+
+    def add(self, chunk, stats):
+        self.rows += zip(chunk.seq.tolist(), chunk.positions.tolist(), chunk.targets.tolist(),
+                         stats.logprobs.tolist())
+        self.top_widths.add(stats.top_ids.shape[1])
+
+    def finish(self, results):
+        self.results = dict(results)
+
+
+def test_one_pass_feeds_every_sink_each_token_once_in_document_order():
+    """evaluate(sinks=[...]): a sink sees every scored token once, in document order, with its
+    float64 log-probability, then the figures of every sink before it. Batches of 3 windows
+    put the fit half's last window and the held-out half's first in one chunk: each half gets
+    exactly its own tokens."""
+    model, eot = random_model(CHARS), CHARS.eot_token
+    texts = ["All:\nSpeak, speak.", "", "First Citizen:\nBefore we proceed any further.", "x"]
+    docs = [Document(str(i), t, CHARS.encode(t)) for i, t in enumerate(texts)]
+    recorder = Recorder()
+    got = evaluate(model, docs, eot, stride=5, batch_size=3, fit_temperature=True,
+                   sweep=[2.0], sinks=[recorder])
+    assert [r[:3] for r in recorder.rows] == [(i, p, t) for i, d in enumerate(docs)
+                                              for p, t in enumerate(d.tokens, 1)]
+    z, y = reference_logits(model, [d for d in docs if d.tokens], eot, 5)
+    ref = torch.log_softmax(z, -1).gather(1, y[:, None])[:, 0]
+    assert [r[3] for r in recorder.rows] == pytest.approx(ref.tolist(), abs=1e-5)
+    assert recorder.top_widths == {3}
+    assert recorder.results["nll"] == got["nll"] == pytest.approx(-ref.mean().item(), rel=1e-5)
+    assert "temperature" in recorder.results and "sweep" in recorder.results
+    fit, held = got["temperature"]["fit"], got["temperature"]["heldout"]
+    n_fit = len(docs[0].tokens)
+    assert (fit["documents"], fit["tokens"]) == (2, n_fit)
+    assert (held["documents"], held["tokens"]) == (2, len(ref) - n_fit)
+    assert fit["nll_at_1"] == pytest.approx(-ref[:n_fit].mean().item(), rel=1e-5)
+    assert held["nll_at_1"] == pytest.approx(-ref[n_fit:].mean().item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- calibration
@@ -464,13 +508,17 @@ def test_tokens_jsonl_and_html(tmp_path, capsys):
     assert "".join(page.texts) == "".join(texts)  # the emoji's byte tokens give it back whole
     assert len(page.data) == got["tokens"] and not page.refs  # nothing loaded from outside
     assert [d[1] for d in page.data] == pytest.approx([r["logprob"] for r in records], abs=1e-4)
-    browser_hover(tmp_path / "t.html")
 
 
-def browser_hover(path):
+@pytest.mark.slow  # Chromium
+def test_token_page_hover_in_chromium(tmp_path, capsys):
     """Open the page in Chromium with every network request refused; hover a token: the
     tooltip lists its alternatives."""
-    requests = []
+    save_random(tmp_path / "ckpt", CHARS)
+    (tmp_path / "t.txt").write_text("All:\nSpeak, speak.")
+    run_json(capsys, "--ckpt", tmp_path / "ckpt", "--text", tmp_path / "t.txt", "--html",
+             tmp_path / "t.html")
+    path, requests = tmp_path / "t.html", []
     with chromium() as browser:
         page = browser.new_page()
         page.on("request", lambda r: requests.append(r.url))
@@ -489,6 +537,7 @@ def browser_hover(path):
 # ---------------------------------------------------------------- wandb, entry point, errors
 
 
+@pytest.mark.slow  # wandb's import and its service process: ~6 s of CPU
 def test_wandb_offline_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     save_random(tmp_path / "ckpt", CHARS)
@@ -508,16 +557,16 @@ def test_wandb_offline_run(tmp_path, capsys, monkeypatch):
                                                "reliability_*.png"))
 
 
+@pytest.mark.slow  # a Python that imports torch
 def test_python_m_entry_point(tmp_path):
+    """The one subprocess of this file: python -m minilm.eval runs minilm-eval (its error lines
+    are checked in-process below)."""
     save_random(tmp_path / "ckpt", CHARS)
     (tmp_path / "t.txt").write_text("All:\nSpeak.")
     ok = subprocess.run([sys.executable, "-m", "minilm.eval", "--ckpt", str(tmp_path / "ckpt"),
                          "--text", str(tmp_path / "t.txt"), "--json"], capture_output=True,
                         text=True, cwd=ROOT)
-    assert ok.returncode == 0 and json.loads(ok.stdout)["tokens"] == 11
-    bad = subprocess.run([sys.executable, "-m", "minilm.eval", "--ckpt", str(tmp_path / "ckpt"),
-                          "--stride", "0"], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and bad.stderr == "error: --stride must be >= 1, got 0\n"
+    assert ok.returncode == 0 and json.loads(ok.stdout)["tokens"] == 11, ok.stderr
 
 
 @pytest.fixture
@@ -561,7 +610,8 @@ def test_bad_input_is_one_line(bad_inputs, capsys, args, message):
         argv = argv[:-4]
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and message.format(d=d) in err, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert message.format(d=d) in err, err
     assert not (d / "report").exists() and not list(d.glob("*.html")) and not list(d.glob(".*"))
 
 

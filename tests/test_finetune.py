@@ -80,6 +80,8 @@ def test_init_from_hf_folder_starts_from_its_loss_and_learns(hf_source, corpus_f
                               "to at most 32)"),
     ("--data.tokenizer=char", "data.tokenizer is 'char' but train.init_from '{src}' has 'gpt2' (the "
                               "source decides it: leave data.tokenizer out or set it to 'gpt2')"),
+    ("--loss.softcap=10", "model.logit_softcap is 10.0 but train.init_from '{src}' has None (the "
+                          "source decides it: leave model.logit_softcap out or set it to None)"),
 ])
 def test_contradicting_the_source_is_one_line(hf_source, corpus_file, tmp_path, capsys, override,
                                               message):
@@ -94,8 +96,7 @@ def char_source(folder, chars: str, softcap=None) -> GPT:
     tok = CharTokenizer(chars)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16,
-                          block_size=16))
-    model.logit_softcap = softcap
+                          block_size=16, logit_softcap=softcap))
     save_model(folder / "last", model, tok.to_dict())
     return model
 
@@ -109,7 +110,7 @@ def test_init_from_a_minilm_char_checkpoint(corpus_file, tmp_path, capsys, monke
     overrides = [o for o in overrides if not o.startswith("--model.")]
     cfg = load_config(None, overrides)
     train(cfg)
-    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.loss.softcap) == (1, 16, 20.0)
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.logit_softcap) == (1, 16, 20.0)
     data = prepare(**dataclasses.asdict(cfg.data), log=lambda *_: None)
     x, y = get_batch(data.tokens("train"), 4, 16, batch_generator(cfg.train.seed, 0, 0, 0), "cpu")
     with torch.no_grad():

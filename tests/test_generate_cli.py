@@ -15,6 +15,7 @@ import torch
 from minilm.cli.common import run_cli
 from minilm.cli.generate import build_parser, sampler_settings, stream_text
 from minilm.cli.generate import main as generate_main
+from minilm.interop.loading import load_model
 from minilm.model.gpt import GPT, GPTConfig
 from minilm.sampling.settings import SamplerSettings, knobs
 from minilm.tokenizer import CharTokenizer
@@ -230,3 +231,34 @@ def test_a_closed_stdout_ends_quietly(ckpt):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and err == ""
+
+
+def test_show_distribution_shows_every_new_stage(ckpt, capsys):
+    """--show_distribution has a row per stage in use, in order; top-nσ keeps what its formula
+    keeps (on the model's own logits at T = 0.8)."""
+    lines = show(capsys, "--ckpt", str(ckpt), "--prompt", "ROMEO:", "--top_k", "0",
+                 "--dry_multiplier", "0.8", "--top_n_sigma", "1.0", "--top_h", "0.9",
+                 "--epsilon_cutoff", "0.01", "--eta_cutoff", "0.01", "--xtc_probability", "1",
+                 "--xtc_threshold", "0.05", "--mirostat", "2", "--mirostat_tau", "2")
+    names = ["raw (T = 1)", "dry", "temperature", "top_n_sigma", "top_h", "epsilon_cutoff",
+             "eta_cutoff", "xtc", "mirostat"]
+    rows = lines[1:1 + len(names)]
+    assert [row.split("  ")[0].strip() for row in rows] == names
+    kept_counts = [int(row.split()[-5]) for row in rows]
+    assert kept_counts[3:] == sorted(kept_counts[3:], reverse=True) and kept_counts[-1] >= 1
+    model, _, _ = load_model(str(ckpt))
+    with torch.no_grad():
+        z = model(torch.tensor([TOKENIZER.encode("ROMEO:")]))[0, -1].double() / 0.8
+    assert kept_counts[3] == int((z >= z.max() - z.std(unbiased=False)).sum())  # DRY: no repeat yet
+
+
+def test_generation_with_the_new_stages_is_reproducible(ckpt, capsys):
+    args = ["--ckpt", str(ckpt), "--prompt", "ROMEO:", "--max_new_tokens", "20", "--json",
+            "--num_samples", "2", "--dry_multiplier", "0.8", "--xtc_probability", "0.5",
+            "--mirostat", "2", "--top_n_sigma", "2", "--seed", "5"]
+    outs = []
+    for _ in range(2):
+        assert run_cli(generate_main, args) == 0
+        outs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
+    assert outs[0] == outs[1] and len(outs[0]) == 2
+    assert all(lp <= 0 for s in outs[0] for lp in s["processed_logprobs"])

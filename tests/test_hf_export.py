@@ -29,8 +29,8 @@ MIXED = (CORPUS[:400] + "naïve café, Straße, 東京タワー 😀🏳️‍�
 
 def minilm_checkpoint(folder: Path, tokenizer, seed: int = 0, softcap=None, **config) -> GPT:
     torch.manual_seed(seed)
-    model = randomize_(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **config)), seed).eval()
-    model.logit_softcap = softcap
+    model = randomize_(GPT(GPTConfig(vocab_size=tokenizer.vocab_size, logit_softcap=softcap,
+                                     **config)), seed).eval()
     save_model(folder / "last", model, tokenizer.to_dict())
     return model
 
@@ -153,7 +153,7 @@ def test_export_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     minilm_checkpoint(tmp_path / "bias", tok, lm_head_bias=True, **small)
     minilm_checkpoint(tmp_path / "capped", tok, softcap=30.0, **small)
     for run, message in [("bias", "model.lm_head_bias=true: GPT-2's LM head has no bias"),
-                         ("capped", "loss.softcap=30.0: the model soft-caps its logits")]:
+                         ("capped", "model.logit_softcap=30.0: the model soft-caps its logits")]:
         assert export_cli(tmp_path / run, tmp_path / f"hf-{run}") == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and err.count("\n") == 1

@@ -75,8 +75,9 @@ def test_every_layer_equals_hf_hidden_states_through_ln_f_and_the_head(hf_pair, 
 
 def test_the_last_layer_is_the_models_own_distribution_softcap_included():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=16, block_size=8)).eval()
-    model.logit_softcap = 0.5  # tight: a lens that skipped the cap would differ everywhere
+    # a tight cap: a lens that skipped it would differ everywhere
+    model = GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=16, block_size=8,
+                          logit_softcap=0.5)).eval()
     ids = [3, 1, 4, 1, 5, 9]
     lens = logit_lens(model, ids, top_n=40)
     with torch.no_grad():

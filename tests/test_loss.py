@@ -321,7 +321,7 @@ def compiled_vs_eager(case, device, impl, backend):
     explain() of the model's forward."""
     case = dict(case)
     model, idx, targets = tiny_gpt(case.pop("tie"), device)
-    model.logit_softcap = case.pop("softcap", None)
+    model.config.logit_softcap = case.pop("softcap", None)
     dtype = case.pop("dtype", None)
     eager = step_loss_and_grads(model, model, idx, targets, dtype, impl=impl, **case)
     torch._dynamo.reset()

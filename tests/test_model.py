@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minilm.model.gpt import GPT, GPTConfig, KVCache
 
@@ -149,3 +150,58 @@ def test_sequence_longer_than_block_size_is_an_error():
     model = tiny()
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- the model's output function
+
+
+def test_softcap_is_part_of_the_model_config_and_of_both_outputs():
+    """config.logit_softcap caps the logits (cap · tanh(z / cap)) and the loss alike; float64
+    references from the model's own hidden states and head matrix."""
+    cap = 0.5  # small, so that the cap acts on every logit
+    model = tiny(tie_embeddings=False, lm_head_bias=True, logit_softcap=cap)
+    assert not hasattr(model, "logit_softcap")  # the model's config holds it, nowhere else
+    x, y = torch.randint(0, V, (2, 12)), torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        h = model.hidden_states(x).double()
+        z = F.linear(h, model.lm_head.weight.double(), model.lm_head.bias.double())
+        want = cap * torch.tanh(z / cap)
+        torch.testing.assert_close(model(x).double(), want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model.logits(x)[:, -1].double(), want[:, -1], atol=1e-6, rtol=0)
+        loss = F.cross_entropy(want.flatten(0, 1), y.flatten())
+        torch.testing.assert_close(model(x, y).double(), loss, atol=1e-6, rtol=0)
+        assert not torch.allclose(z, want, atol=1e-2)  # the cap is not a no-op here
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0])
+def test_softcap_must_be_positive(cap):
+    with pytest.raises(ValueError, match=rf"model.logit_softcap must be > 0 \(or null: off\), "
+                                         rf"got {cap}"):
+        GPTConfig(logit_softcap=cap)
+
+
+# ---------------------------------------------------------------- the decode layout's switches
+
+
+def contiguous(model) -> list[bool]:
+    return [p.is_contiguous() for p in model.parameters()]
+
+
+def test_the_decode_layout_switches_only_where_asked():
+    """Generation switches it on (set_decode_layout); a forward never switches it, whatever the
+    grad mode; evaluating() (each generation step) keeps it; train() is where a notebook's
+    training starts, and puts the usual layout back. Values never change."""
+    model = tiny().train()
+    values = [p.detach().clone() for p in model.parameters()]
+    model.set_decode_layout(True)
+    assert not model.transformer.h[0].attn.c_attn.weight.is_contiguous()
+    x, y = torch.randint(0, V, (1, 8)), torch.randint(0, V, (1, 8))
+    model(x, y).backward()  # explicit: a forward with grad leaves the layout alone
+    assert model.decode_layout
+    with model.evaluating():
+        assert not model.training
+    assert model.training and model.decode_layout  # the caller's mode, the decode layout kept
+    model.eval()
+    assert model.decode_layout
+    assert model.train() is model and not model.decode_layout and all(contiguous(model))
+    assert all(torch.equal(a, b) for a, b in zip(values, model.parameters()))

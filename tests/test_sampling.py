@@ -4,13 +4,17 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
     LogitsProcessorList,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
+    TopHLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
@@ -21,18 +25,30 @@ from minilm.sampling.history import History
 from minilm.sampling.settings import ORDERS, SamplerSettings, describe, knobs, user_logit_bias
 from minilm.sampling.stack import SamplerStack, _draw
 from minilm.sampling.stages import (
+    DRY,
     STAGES,
+    XTC,
+    EpsilonCutoff,
+    EtaCutoff,
     FrequencyPenalty,
     LogitBias,
     MinP,
+    Mirostat,
     PresencePenalty,
     RepetitionPenalty,
     Temperature,
+    TopH,
     TopK,
+    TopNSigma,
     TopP,
     TypicalP,
+    breaker_sequences,
+    classifier_free_guidance,
+    unconditional_prompt,
 )
 from minilm.tokenizer import CharTokenizer
+
+from hf_models import gpt2_bpe
 
 INF = float("inf")
 
@@ -766,3 +782,459 @@ def test_sample_uses_the_history_generators():
     a, _ = stack.sample(logits, h)
     b, _ = stack.sample(logits, generator=gens(1, 2, 3))
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 20's stages, each against HF's warper or a float64 formula written here from the papers
+# and llama.cpp's source (independent of minilm.sampling)
+
+def ref_softmax(x):
+    """float64 probabilities over the kept (finite) entries of a 1-D array; 0 elsewhere."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.where(np.isfinite(x), np.exp(x - x[np.isfinite(x)].max()), 0.0)
+    return e / e.sum()
+
+
+def ref_top_n_sigma(x, n):
+    """Tang et al. 2024 / llama.cpp: remove x < max - n·σ, σ the population std of the finite x."""
+    x = np.array(x, dtype=np.float64)
+    f = x[np.isfinite(x)]
+    if n <= 0 or f.size <= 1:
+        return x
+    x[x < f.max() - n * math.sqrt(((f - f.mean()) ** 2).mean())] = -INF
+    return x
+
+
+def ref_xtc(x, threshold, probability, coin):
+    """llama.cpp's XTC: if coin < probability, of the tokens with p >= threshold (at least two)
+    remove all but the least likely (of equally least likely ones, the highest id stays)."""
+    x = np.array(x, dtype=np.float64)
+    p = ref_softmax(x)
+    if coin >= probability or threshold > 0.5:
+        return x
+    above = [i for i in np.argsort(-x, kind="stable") if p[i] > 0 and p[i] >= threshold]
+    if len(above) < 2:
+        return x
+    low = min(x[above])
+    stays = max(i for i in above if x[i] == low)
+    x[[i for i in above if i != stays]] = -INF
+    return x
+
+
+def ref_dry(x, context, multiplier, base, allowed, last_n, breakers):
+    """DRY as llama.cpp defines it (llama_sampler_dry_apply), by brute force over the window."""
+    x = np.array(x, dtype=np.float64)
+    W = list(context)[-last_n:] if last_n > 0 else list(context)
+    N = len(W)
+    if multiplier == 0 or last_n == 0 or N <= allowed:
+        return x
+    rep_limit = N
+    for h in range(N - 1, -1, -1):  # the most recent complete breaker, its longest tail
+        tails = [len(b) - 1 for b in breakers if W[h:h + len(b)] == list(b)]
+        if tails:
+            rep_limit = N - 1 - h - max(tails)
+            break
+    if rep_limit < allowed:
+        return x
+    longest = {}
+    for e in range(N - 1):
+        n = 0
+        while n <= e and W[e - n] == W[N - 1 - n]:
+            n += 1
+        n = min(n, rep_limit)
+        if n >= allowed:
+            longest[W[e + 1]] = max(longest.get(W[e + 1], 0), n)
+    singles = {b[0] for b in breakers if len(b) == 1}
+    cap = int(88.7228391 / math.log(base)) if base > 1.000001 else None
+    for t, n in longest.items():
+        if t not in singles:
+            x[t] -= multiplier * base ** (n - allowed if cap is None else min(n - allowed, cap))
+    return x
+
+
+def as_row(x, dtype=torch.float64):
+    return torch.tensor(np.asarray(x), dtype=dtype)[None]
+
+
+def same_kept_values(ours, ref):
+    """Equal kept sets, equal values (float64) on them."""
+    ours = ours[0].double().numpy() if torch.is_tensor(ours) else ours
+    assert (np.isfinite(ours) == np.isfinite(ref)).all()
+    np.testing.assert_allclose(ours[np.isfinite(ours)], ref[np.isfinite(ref)], rtol=0, atol=1e-12)
+
+
+HF_NEW = [
+    *[pytest.param(EpsilonCutoff(e), EpsilonLogitsWarper(e), id=f"epsilon={e}")
+      for e in (3e-4, 0.01, 0.2, 0.9)],
+    *[pytest.param(EtaCutoff(e), EtaLogitsWarper(e), id=f"eta={e}") for e in (3e-4, 2e-3, 0.05, 0.5)],
+    *[pytest.param(TopH(t), TopHLogitsWarper(t), id=f"top_h={t}") for t in (0.1, 0.4, 0.7, 0.95, 1.0)],
+]
+
+
+@pytest.mark.parametrize("ours,hf", HF_NEW)
+@pytest.mark.parametrize("n_removed", [0, 100, 250])
+def test_new_processor_matches_hf(ours, hf, n_removed):
+    for seed in range(3):
+        for scale in (0.5, 3.0):
+            logits = rand_logits(seed=seed, n_removed=n_removed, scale=scale)
+            torch.testing.assert_close(ours(logits), hf(None, logits.clone()), rtol=0, atol=0)
+
+
+def test_epsilon_eta_top_h_boundaries():
+    quarter = torch.tensor([[0.5, 0.25, 0.25, 0.0]]).log()   # p 1/2, 1/4, 1/4, 0
+    p = ref_softmax(quarter[0].numpy())[1]
+    assert kept(EpsilonCutoff(p * (1 - 1e-9))(quarter)) == [0, 1, 2]  # p < ε removes
+    assert kept(EpsilonCutoff(p * (1 + 1e-9))(quarter)) == [0]
+    uniform = torch.zeros(2, 10)                              # all tied with the top: all stay
+    assert len(kept(EpsilonCutoff(0.5)(uniform))) == len(kept(EtaCutoff(0.5)(uniform))) == 20
+    peaked = torch.tensor([[4.0, 1.0, 0.5, -2.0, -INF]], dtype=torch.float64)
+    p = ref_softmax(peaked[0].numpy())
+    entropy = -(p[p > 0] * np.log(p[p > 0])).sum()
+    for eps in (1e-3, 0.02, 0.1, 0.6):
+        eta = min(eps, math.sqrt(eps) * math.exp(-entropy))
+        assert kept(EtaCutoff(eps)(peaked)) == [i for i in range(5) if p[i] >= eta or i == 0], eps
+        for proc, warper in ((EtaCutoff(eps), EtaLogitsWarper(eps)),
+                             (EpsilonCutoff(eps), EpsilonLogitsWarper(eps))):
+            assert torch.equal(proc(peaked), warper(None, peaked.clone()))
+    wide = rand_logits(B=2, V=300, seed=9)
+    assert max((TopH(1.0)(wide) > -INF).sum(-1).tolist()) <= 100   # τ = 1 still caps at 100
+    few = torch.full((1, 300), -INF)
+    few[0, [3, 70, 200]] = torch.tensor([1.0, 2.0, 0.5])
+    assert set(kept(TopH(1.0)(few))) <= {3, 70, 200} and 70 in kept(TopH(0.01)(few))
+    one = torch.full((1, 300), -INF)
+    one[0, 5] = 0.0
+    for proc in (TopH(0.5), EpsilonCutoff(0.5), EtaCutoff(0.5), TopNSigma(1.0), XTC(0.0, 1.0)):
+        assert kept(proc(one)) == [5], proc.name
+
+
+def random_rows(seed, V, removed, n=60):
+    """(i, float64 row): three spreads; every other row with `removed` tokens already at -inf."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        x = rng.normal(0, [0.5, 2.0, 5.0][i % 3], size=V)
+        if i % 2:
+            x[rng.choice(V, removed, replace=False)] = -INF
+        yield i, x
+
+
+def test_top_n_sigma_matches_the_formula():
+    for _, x in random_rows(0, 200, removed=70):
+        for n in (-1.0, 0.0, 0.5, 1.0, 2.5):
+            same_kept_values(TopNSigma(n)(as_row(x)), ref_top_n_sigma(x, n))
+    # llama.cpp's test vectors (tests/test-sampling.cpp): probabilities .1 .2 .3 .4
+    base = as_row(np.log([0.1, 0.2, 0.3, 0.4]))
+    assert kept(TopNSigma(1.0)(base)) == [2, 3] and kept(TopNSigma(3.0)(base)) == [0, 1, 2, 3]
+    # the same tokens after any temperature (max and σ scale alike)
+    x = rand_logits(B=4, V=500, seed=3).double()
+    for t in (0.3, 0.7, 2.0):
+        assert torch.equal(TopNSigma(1.5)(x) > -INF, TopNSigma(1.5)(x / t) > -INF)
+
+
+def test_xtc_matches_the_formula():
+    for i, x in random_rows(1, 40, removed=10):
+        if i % 5 == 0:
+            x[:6] = x[0]  # a tie among the tokens above the threshold
+        for threshold in (0.0, 0.02, 0.1, 0.3, 0.6):
+            for coin in (0.05, 0.5, 0.95):
+                ours = XTC(threshold, 0.5)(as_row(x), coins=torch.tensor([coin], dtype=torch.float64))
+                same_kept_values(ours, ref_xtc(x, threshold, 0.5, coin))
+    # llama.cpp's vectors: probabilities .4 .3 .2 .1, probability .99 (the coin says act)
+    x = as_row(np.log([0.4, 0.3, 0.2, 0.1]))
+    act = torch.zeros(1, dtype=torch.float64)
+    for threshold, expected in ((0.09, [3]), (0.19, [2, 3]), (0.29, [1, 2, 3]), (0.39, [0, 1, 2, 3])):
+        assert kept(XTC(threshold, 0.99)(x, coins=act)) == expected
+    assert kept(XTC(0.09, 0.5)(x, coins=torch.tensor([0.5], dtype=torch.float64))) == [0, 1, 2, 3]
+    assert kept(XTC(0.09, 1.0)(x)) == [3]  # no coin (the stages view): as when it acts
+
+
+def test_xtc_coin_comes_from_the_row_generator_before_the_draw():
+    """Per row: its generator gives the coin, then the draw's u; seeds reproduce both."""
+    logits = torch.tensor([[2.0, 1.9, 1.8, 0.0, -1.0]]).expand(200, -1)
+    stack = SamplerStack([XTC(0.1, 0.5)])
+    tokens, _ = stack.sample(logits, generator=gens(*range(200)))
+    replay = gens(*range(200))
+    coins = torch.stack([torch.rand((), dtype=torch.float64, generator=g) for g in replay])
+    acted = XTC(0.1, 0.5)(logits, coins=coins)
+    assert torch.equal(tokens, _draw(torch.softmax(acted, -1), replay))
+    assert 60 < int((coins < 0.5).sum()) < 140 and (tokens[coins < 0.5] >= 2).all()
+
+
+def test_xtc_draws_follow_the_mixture():
+    logits = torch.tensor([[1.5, 1.2, 0.9, 0.2, -0.5, -1.0]])
+    n = 6000
+    tokens, _ = SamplerStack([XTC(0.15, 0.4)]).sample(logits.expand(n, -1),
+                                                      generator=gens(*range(n)))
+    acted = torch.softmax(XTC(0.15, 0.4)(logits), -1)[0].double()
+    assert_chi_square(tokens, 0.4 * acted + 0.6 * torch.softmax(logits, -1)[0].double())
+
+
+def repetitive_context(rng, V, length):
+    motif = list(rng.integers(0, V, size=rng.integers(2, 9)))
+    ctx = []
+    while len(ctx) < length:
+        ctx += motif[:rng.integers(1, len(motif) + 1)] + [int(rng.integers(V))]
+    return ctx[:length]
+
+
+def test_dry_matches_the_definition():
+    rng = np.random.default_rng(2)
+    V = 16
+    for i in range(300):
+        ctx = repetitive_context(rng, V, int(rng.integers(2, 150)))
+        breakers = [[int(t)] for t in rng.choice(V, size=rng.integers(0, 3), replace=False)]
+        if i % 3 == 0:
+            breakers.append([int(t) for t in rng.integers(0, V, size=int(rng.integers(2, 4)))])
+        m, base = float(rng.choice([0.8, 2.0])), float(rng.choice([1.75, 1.01, 1.0000005]))
+        allowed, last_n = int(rng.integers(1, 4)), int(rng.choice([-1, 7, 50]))
+        x = rng.normal(0, 2, size=V)
+        ours = DRY(m, base, allowed, last_n, breakers)(as_row(x), History(torch.tensor([ctx]),
+                                                                         torch.tensor([1])))
+        same_kept_values(ours, ref_dry(x, ctx, m, base, allowed, last_n, breakers))
+
+
+def test_dry_planted_repeats():
+    # llama.cpp's own comment example: a b c c b c y a b c -> c extends "a b" (3), y "b c" (2),
+    # b "c" (1); with allowed length 1 and base 2 the penalties are 2^2, 2^1, 2^0
+    a, b, c, y = 0, 1, 2, 3
+    h = History(torch.tensor([[a, b, c, c, b, c, y, a, b, c]]), torch.tensor([1]))
+    out = DRY(1.0, 2.0, 1, -1)(torch.zeros(1, 5, dtype=torch.float64), h)
+    assert out[0].tolist() == [0.0, -1.0, -4.0, -2.0, 0.0]
+    # a 70-token passage repeated: L = 69 before its last token, the exponent 67 is capped at
+    # int(88.7228391 / ln 4) = 63 (88.7228391 is a hair below 64 ln 4)
+    passage = list(range(10, 80))
+    h = History(torch.tensor([passage + [5] + passage[:-1]]), torch.tensor([1]))
+    out = DRY(0.5, 4.0, 2, -1)(torch.zeros(1, 100, dtype=torch.float64), h)
+    assert out[0, 79] == -0.5 * 4.0 ** 63 and (out[0, :79] == 0).all()
+    # a breaker in the repeat limits it to the tokens after the breaker
+    h = History(torch.tensor([[1, 2, 3, 4, 9, 1, 2, 3]]), torch.tensor([1]))
+    free = DRY(1.0, 2.0, 2, -1)(torch.zeros(1, 10, dtype=torch.float64), h)
+    broken = DRY(1.0, 2.0, 2, -1, breakers=[[2]])(torch.zeros(1, 10, dtype=torch.float64), h)
+    assert free[0, 4] == -2.0 and broken[0, 4] == 0  # "1 2 3" (L 3) vs only "3" after the 2
+
+
+def test_dry_state_follows_appends_padding_and_select():
+    """The match lengths kept in History.cache, extended per appended token, equal the definition
+    at every step, with left-padded rows and after rows leave."""
+    rng = np.random.default_rng(3)
+    V, steps = 12, 40
+    prompts = [repetitive_context(rng, V, n) for n in (9, 3, 6)]
+    T = max(map(len, prompts))
+    tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], dtype=torch.bool)
+    h = History(tokens, torch.tensor([len(p) for p in prompts]), attention_mask=mask)
+    dry = DRY(0.8, 1.75, 2, 30, breakers=[[7], [3, 4]])
+    rows, contexts = [0, 1, 2], [list(p) for p in prompts]
+    for step in range(steps):
+        x = rng.normal(0, 2, size=(len(rows), V))
+        ours = dry(torch.tensor(x), h)
+        for r, ctx in enumerate(contexts):
+            same_kept_values(ours[r:r + 1], ref_dry(x[r], ctx, 0.8, 1.75, 2, 30, [[7], [3, 4]]))
+        new = [ctx[-2] if rng.random() < 0.7 and len(ctx) > 1 else int(rng.integers(V))
+               for ctx in contexts]
+        h.append(torch.tensor(new))
+        for ctx, t in zip(contexts, new):
+            ctx.append(t)
+        if step == steps // 2:  # the middle row leaves the batch
+            h, rows, contexts = h.select([0, 2]), [0, 2], [contexts[0], contexts[2]]
+    assert DRY.CACHE in h.cache
+
+
+def test_dry_breaker_texts_become_token_sequences():
+    tok = CharTokenizer("\nab:c")
+    ids = {ch: tok.encode(ch)[0] for ch in "\nab:c"}
+    # "\n" and ":" are in one token each; "ab" is in none, but "a" ends with its prefix "a"
+    got = breaker_sequences(["\n", ":", "ab"], tok)
+    assert sorted(got) == sorted([(ids["\n"],), (ids[":"],), (ids["a"], ids["b"])])
+    s = SamplerSettings(dry_multiplier=0.8, dry_sequence_breakers=["\n", "ab"])
+    dry = SamplerStack.from_settings(s, tokenizer=tok).processors[0]
+    assert dry.single == [ids["\n"]] and dry.multi == [(ids["a"], ids["b"])]
+    with pytest.raises(SettingError, match="needs the tokenizer") as info:
+        SamplerStack.from_settings(s)
+    assert info.value.param == "dry_sequence_breakers"
+
+
+def test_dry_default_breakers_on_gpt2():
+    """The four defaults ("\\n", ":", '"', "*") are the tokens containing them: 204 on GPT-2."""
+    bpe = gpt2_bpe()
+    got = breaker_sequences(SamplerSettings().dry_sequence_breakers, bpe)
+    expected = [t for t in range(bpe.vocab_size)
+                if any(ch in bpe.decode([t]) for ch in ("\n", ":", '"', "*"))]
+    assert sorted(got) == [(t,) for t in expected] and len(expected) == 204
+
+
+def mirostat_history(B, tau=None, mu=None):
+    h = History(torch.zeros(B, 1, dtype=torch.long), torch.ones(B))
+    if mu is not None:
+        h.state[Mirostat.STATE] = torch.tensor(mu, dtype=torch.float64)
+    return h
+
+
+def test_mirostat_first_step_matches_the_formula():
+    """μ starts at 2τ: keep the tokens of surprise −log2 p <= 2τ; after the draw μ = 2τ −
+    η(−log2 q(token) − τ), q the truncated distribution renormalised (llama.cpp's mirostat v2)."""
+    tau, eta = 1.5, 0.1
+    x = np.array([2.0, 1.6, 0.4, 0.1, -0.3, -1.0, -INF, -3.0])
+    p = ref_softmax(x)
+    truncated = np.where((p > 0) & (-np.log2(np.where(p > 0, p, 1)) <= 2 * tau), x, -INF)
+    q = ref_softmax(truncated)
+    B = 500
+    h = mirostat_history(B)
+    stack = SamplerStack([Mirostat(tau, eta)])
+    logits = as_row(x, torch.float32).expand(B, -1)
+    shown = stack.stages(logits, h)[-1][1]
+    assert Mirostat.STATE not in h.state and (shown[0] > -INF).tolist() == list(truncated > -INF)
+    tokens, _ = stack.sample(logits, h, generator=gens(*range(B)))
+    expected = 2 * tau - eta * (-np.log2(q[tokens.numpy()]) - tau)
+    np.testing.assert_allclose(h.state[Mirostat.STATE].numpy(), expected, rtol=0, atol=1e-6)
+    assert_chi_square(tokens, torch.tensor(q))
+    # no token of surprise <= μ: the most likely one alone
+    none = mirostat_history(1, mu=[-1.0])
+    assert kept(Mirostat(tau, eta)(as_row(x), none)) == [0]
+
+
+def test_mirostat_state_survives_rows_leaving():
+    """A row's μ (and tokens) are its own: rows 0 and 2 of a batch whose row 1 leaves draw what
+    they draw alone."""
+    V = 40
+    base = torch.randn(V, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
+    stack = SamplerStack.from_settings(temperature=0.9, mirostat=2, mirostat_tau=3.0)
+
+    def logits_of(h):  # logits depend on each row's last token, as a model's would
+        return (base + torch.roll(base, 3) * h.tokens[:, -1:].double() / V).float()
+
+    def run(seeds, leave_at=None, steps=12):
+        h = History(torch.tensor([[s % V] for s in seeds]), torch.ones(len(seeds)),
+                    generators=gens(*seeds))
+        out = [[] for _ in seeds]
+        alive = list(range(len(seeds)))
+        for step in range(steps):
+            if step == leave_at:
+                h, alive = h.select([0, 2]), [alive[0], alive[2]]
+            tokens, _ = stack.sample(logits_of(h), h)
+            h.append(tokens)
+            for r, t in zip(alive, tokens.tolist()):
+                out[r].append(t)
+        return out, h.state[Mirostat.STATE]
+
+    batch, mu = run([11, 12, 13], leave_at=5)
+    for r, seed in ((0, 11), (2, 13)):
+        alone, mu_alone = run([seed])
+        assert batch[r] == alone[0]
+        assert mu[[0, 2].index(r)] == mu_alone[0]
+
+
+def test_classifier_free_guidance_matches_hf_and_the_formula():
+    from transformers.generation.logits_process import (
+        UnbatchedClassifierFreeGuidanceLogitsProcessor,
+    )
+
+    g = torch.Generator().manual_seed(6)
+    cond = torch.randn(3, 50, generator=g, dtype=torch.float64) * 3
+    uncond = torch.randn(3, 50, generator=g, dtype=torch.float64) * 3
+
+    class Stub(dict):  # HF's processor runs the model on the unconditional context: return uncond
+        def __init__(self):
+            super().__init__(logits=uncond[:, None])
+            self.logits = uncond[:, None]
+
+    for scale in (1.5, 3.0, 0.0, -0.5):
+        hf = UnbatchedClassifierFreeGuidanceLogitsProcessor(scale, lambda ids, **kw: Stub())
+        ours = classifier_free_guidance(cond, uncond, scale)
+        torch.testing.assert_close(ours, hf(torch.zeros(3, 2, dtype=torch.long), cond.clone()),
+                                   rtol=0, atol=1e-12)
+        c, u = cond.numpy(), uncond.numpy()
+        lc = c - np.log(np.exp(c).sum(-1, keepdims=True))
+        lu = u - np.log(np.exp(u).sum(-1, keepdims=True))
+        np.testing.assert_allclose(ours.numpy(), scale * (lc - lu) + lu, rtol=0, atol=1e-12)
+
+
+def test_guidance_runs_first_and_keeps_raw_logprobs_conditional():
+    g = torch.Generator().manual_seed(7)
+    cond, uncond = torch.randn(2, 30, generator=g) * 2, torch.randn(2, 30, generator=g) * 2
+    stack = SamplerStack.from_settings(guidance_scale=2.0, temperature=0.5, top_k=5)
+    assert [p.name for p in stack.processors] == ["guidance", "temperature", "top_k"]
+    guided = classifier_free_guidance(cond, uncond, 2.0)
+    assert torch.equal(stack.apply(cond, unconditional_logits=uncond), TopK(5)(guided / 0.5))
+    tokens, info = stack.sample(cond, unconditional_logits=uncond, generator=gens(1, 2))
+    torch.testing.assert_close(info.logprobs, torch.log_softmax(cond, -1).gather(
+        -1, tokens[:, None])[:, 0])
+    with pytest.raises(ValueError, match="unconditional rows' logits"):
+        stack.sample(cond)
+    assert unconditional_prompt(None, [5, 6, 7], None, 10) == [7]  # HF's default: the last token
+    assert unconditional_prompt("ab", [5], CharTokenizer("abc").encode, 4) == [0, 1]
+    assert unconditional_prompt((2, 3), [5], None, 4) == [2, 3]
+    with pytest.raises(SettingError, match=r"negative_prompt must be token ids in \[0, 3\]"):
+        unconditional_prompt((2, 9), [5], None, 4)
+
+
+NEW_ON_CANDIDATES = [
+    [TopK(30), MinP(0.05), EpsilonCutoff(0.004), EtaCutoff(0.004)],
+    [TopK(40), TopH(0.7), XTC(0.03, 1.0), Temperature(0.8)],
+    [Temperature(0.7), TopK(60), TopP(0.9), TopH(0.95), XTC(0.02, 1.0), Mirostat(2.0, 0.1)],
+    [TopK(20), Mirostat(0.5, 0.1)],
+    [Temperature(0.8), TopH(0.9), TopK(40), MinP(0.05), XTC(0.05, 1.0)],  # top-H narrows first
+    [TopH(0.5), EtaCutoff(0.01), Mirostat(2.0, 0.1)],
+]
+
+
+@pytest.mark.parametrize("procs", NEW_ON_CANDIDATES,
+                         ids=lambda procs: "-".join(p.name for p in procs))
+def test_new_stages_on_candidates_equal_apply(procs):
+    stack = SamplerStack(procs)
+    logits = rand_logits(B=6, V=500, seed=8, n_removed=100)
+    logits[2, 5:] = -INF  # fewer than k tokens left
+    h = mirostat_history(6, mu=[4.0, 1.0, 0.0, 9.0, -2.0, 3.0])
+    values, ids = stack._candidates(logits, h, {"coins": torch.zeros(6, dtype=torch.float64)})
+    assert ids is not None  # the stages after the TopK ran on its candidates
+    values = torch.full_like(logits, -INF).scatter(-1, ids, values)
+    assert torch.equal(values, stack.apply(logits, h))
+
+
+def test_showing_the_stages_draws_nothing_and_changes_no_state():
+    stack = SamplerStack.from_settings(xtc_probability=0.5, mirostat=2, mirostat_tau=2.0)
+    generators = gens(0, 1)
+    h = History(torch.zeros(2, 1, dtype=torch.long), torch.ones(2), generators=generators)
+    before = [g.get_state() for g in generators]
+    stack.stages(rand_logits(B=2, V=40), h)
+    assert all(torch.equal(a, g.get_state()) for a, g in zip(before, generators))
+    assert h.state == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device sync shows on CUDA only")
+def test_sampling_queues_without_syncing_the_device():
+    """No penalty read, no sort (top-k/p, typical): sample() and History.append only queue work
+    (torch's sync debug mode raises on any sync); a row with no token left then gets -1."""
+    dev, B, V = "cuda", 4, 2000
+    logits = rand_logits(B=B, V=V).to(dev)
+    uncond = logits.roll(1, -1)
+    h = History(torch.randint(0, V, (B, 40)).to(dev), torch.full((B,), 20), vocab_size=V,
+                generators=[torch.Generator(device=dev).manual_seed(i) for i in range(B)])
+    stack = SamplerStack.from_settings(
+        guidance_scale=1.5, dry_multiplier=0.8, temperature=0.8, top_n_sigma=2.0, top_h=0.95,
+        min_p=0.02, epsilon_cutoff=3e-4, eta_cutoff=3e-4, xtc_probability=0.5, mirostat=2,
+        tokenizer=CharTokenizer("ab\n:"))
+    greedy = SamplerStack([Temperature(0)])
+    empty = logits.clone()
+    empty[1] = -INF
+    for check in (False, True):  # a warm-up (caches, tables), then the same under the check
+        torch.cuda.set_sync_debug_mode("error" if check else 0)
+        try:
+            tokens, info = stack.sample(logits, h, unconditional_logits=uncond)
+            h.append(tokens)
+            left, left_info = greedy.sample(empty)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert (tokens >= 0).all() and left.tolist()[1] == -1 and left_info.processed_logprobs[1].isnan()
+    assert torch.equal(h.counts.sum(-1).cpu(), torch.full((B,), 22))  # 20 of 40, 2 appended
+
+
+def test_top_k_candidates_of_a_row_with_fewer_tokens_left_are_few():
+    """A row with fewer than k tokens left (after top-H or top-nσ, say) keeps those: the candidates
+    stay MIN_CANDIDATES wide, not the whole vocabulary (a sort of all V on every step)."""
+    logits = rand_logits(B=3, V=5000, seed=2)
+    logits[1, 10:] = -INF  # 10 tokens left, k = 50
+    values, ids = TopK(50).candidates(logits, 64)
+    assert values.shape == (3, 64)
+    assert sorted(ids[1][values[1] > -INF].tolist()) == list(range(10))
+    full = torch.full_like(logits, -INF).scatter(-1, ids, values)
+    assert torch.equal(full, TopK(50)(logits))

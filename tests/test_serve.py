@@ -488,6 +488,28 @@ def test_sampler_settings_endpoint_describes_every_knob(server):
     assert r.json()["orders"]["llama.cpp"][-2:] == ["temperature", "mirostat"]
 
 
+def test_new_stages_through_the_api(client, server):
+    """Every new stage through the request body: the distribution shows each, in order; and a
+    choice of n = 2 (Mirostat's μ, XTC's coin, DRY's matches per row, batched with the other)
+    equals the same seed asked alone."""
+    body = dict(prompt=PROMPT, dry_multiplier=0.8, top_n_sigma=1.5, top_h=0.9,
+                epsilon_cutoff=0.001, eta_cutoff=0.001, xtc_probability=1, xtc_threshold=0.05,
+                mirostat=2, mirostat_tau=3, temperature=0.9, top_n=5)
+    r = httpx.post(f"{server.url}/v1/distribution", json=body)
+    assert r.status_code == 200, r.text
+    assert [s["name"] for s in r.json()["stages"]] == [
+        "raw", "dry", "temperature", "top_n_sigma", "top_h", "epsilon_cutoff", "eta_cutoff", "xtc",
+        "mirostat"]
+    extra = {k: v for k, v in body.items() if k not in ("prompt", "temperature", "top_n")}
+    extra["xtc_probability"] = 0.5
+    both = create(client, server, prompt=PROMPT, max_tokens=12, n=2, seed=4, temperature=0.9,
+                  ignore_eos=True, extra_body=extra)
+    for i in range(2):
+        alone = create(client, server, prompt=PROMPT, max_tokens=12, seed=4 + i, temperature=0.9,
+                       ignore_eos=True, extra_body=extra)
+        assert both.choices[i].text == alone.choices[0].text
+
+
 def test_model_name():
     assert model_name("out/shakespeare_char") == "shakespeare_char"
     assert model_name("out/shakespeare_char/best/") == "shakespeare_char"

@@ -1,4 +1,8 @@
-"""Training end to end: a tiny run, checkpoints, resume equality, DDP with gloo, errors."""
+"""Training end to end: a tiny run, checkpoints, resume equality, DDP with gloo, errors.
+
+Most tests start from one tiny run trained once for the module (`trained`: 8 steps, evals at 0, 4
+and 8), copied into their own out_dir; signals and crashes are raised in-process at a known step.
+"""
 
 import json
 import os
@@ -8,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +28,7 @@ from minilm.train.tracking import read_metrics as read_records
 from minilm.train.trainer import batch_generator, lr_at, resolve_compile
 from minilm.train.trainer import train as train_run
 
-from conftest import ROOT, tiny_overrides
+from conftest import CORPUS, ROOT, tiny_overrides
 
 
 def read_metrics(out_dir):
@@ -34,10 +39,37 @@ def read_metrics(out_dir):
     return steps, evals, lines
 
 
-def test_tiny_run_logs_and_checkpoints(corpus_file, tmp_path):
-    cfg = load_config(None, tiny_overrides(tmp_path, corpus_file))
-    summary = train_run(cfg)
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run (tiny_overrides: 8 steps, evals at 0, 4, 8), trained once for the module;
+    tests that change a run work on a copy (copy_run)."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "corpus.txt"
+    corpus.write_text(CORPUS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "disabled")  # (CI exports offline) its files stay the run's
+        summary = train_run(load_config(None, tiny_overrides(root, corpus)))
+    return SimpleNamespace(root=root, corpus=corpus, out=root / "out", summary=summary)
+
+
+def copy_run(trained, tmp_path, **extra) -> list[str]:
+    """The module's run copied to tmp_path/out; the overrides that continue it (its corpus and
+    data cache, this out_dir) with `extra`."""
+    shutil.copytree(trained.out, tmp_path / "out")
+    return tiny_overrides(tmp_path, trained.corpus,
+                          **{"data.cache_dir": trained.root / "cache", **extra})
+
+
+def cli(tmp_path, args: list[str]) -> list[str]:
+    """train.py's arguments for the config load_config(None, args) makes: a config file of the
+    dataclass defaults (with none, train.py reads its default config, shakespeare_char)."""
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text("{}\n")
+    return [str(defaults), *args]
+
+
+def test_tiny_run_logs_and_checkpoints(trained):
+    summary, out = trained.summary, trained.out
     steps, evals, lines = read_metrics(out)
     assert sorted(steps) == list(range(1, 9)) and sorted(evals) == [0, 4, 8]
     step_record = next(r for r in lines if r.get("step") == 3 and "loss" in r)
@@ -71,23 +103,22 @@ def test_resumed_run_logs_the_same_losses(corpus_file, tmp_path):
     assert evals == ref_evals
 
 
-def test_resume_with_changed_model_is_refused(corpus_file, tmp_path):
-    train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4})))
-    cfg = load_config(None, tiny_overrides(tmp_path, corpus_file, **{"train.resume": True,
-                                                                     "model.n_embd": 64}))
+def test_resume_with_changed_model_is_refused(trained, tmp_path):
+    cfg = load_config(None, copy_run(trained, tmp_path, **{
+        "train.resume": True, "train.max_iters": 10, "model.n_embd": 64}))
     with pytest.raises(ConfigError, match="model.n_embd is 64 but the checkpoint was trained with 32"):
         train_run(cfg)
 
 
-def test_missing_and_corrupt_checkpoints_are_one_line_errors(corpus_file, tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", *tiny_overrides(tmp_path, corpus_file),
-                           "--train.resume=true"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2 and "no checkpoint to resume from" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_missing_and_corrupt_checkpoints_are_one_line_errors(trained, corpus_file, tmp_path,
+                                                              capsys):
+    assert run_cli(train_main, [*tiny_overrides(tmp_path, corpus_file),
+                                "--train.resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint to resume from" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         load_model(tmp_path / "nowhere")
-    train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4})))
+    copy_run(trained, tmp_path)
     weights = tmp_path / "out" / "last" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt checkpoint .*model.safetensors"):
@@ -121,6 +152,7 @@ def test_batches_differ_by_rank_and_repeat_by_step():
     assert draw(0, 5) == draw(0, 5)
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes(corpus_file, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
@@ -155,32 +187,28 @@ def strict_json_files(out_dir):
     return files
 
 
-def test_resume_with_changed_softcap_is_refused(corpus_file, tmp_path):
-    train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4})))
-    cfg = load_config(None, tiny_overrides(tmp_path, corpus_file, **{"train.resume": True,
-                                                                     "loss.softcap": 30}))
-    with pytest.raises(ConfigError, match="loss.softcap is 30.0 but the checkpoint was trained "
-                                          "with None"):
+def test_resume_with_changed_softcap_is_refused(trained, tmp_path):
+    cfg = load_config(None, copy_run(trained, tmp_path, **{
+        "train.resume": True, "train.max_iters": 10, "loss.softcap": 30}))
+    with pytest.raises(ConfigError, match="model.logit_softcap is 30.0 but the checkpoint was "
+                                          "trained with None"):
         train_run(cfg)
 
 
-def test_diverged_loss_stops_with_one_line_and_strict_json(corpus_file, tmp_path, capsys):
-    args = tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4,
-                                                    "train.lr_decay_iters": 100})
-    assert run_cli(train_main, args) == 0
-    capsys.readouterr()
+def test_diverged_loss_stops_with_one_line_and_strict_json(trained, tmp_path, capsys):
+    args = copy_run(trained, tmp_path)  # out/last at step 8
     # a learning rate that overflows the weights: the loss is no longer finite within steps
-    code = run_cli(train_main, [*args, "--train.resume=true", "--train.max_iters=100",
-                                "--train.learning_rate=1e30", "--train.min_lr=0"])
+    code = run_cli(train_main, cli(tmp_path, [*args, "--train.resume=true", "--train.max_iters=100",
+                                              "--train.learning_rate=1e30", "--train.min_lr=0"]))
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1, err
     m = re.fullmatch(r"error: the loss is (nan|inf) at step (\d+), training stopped: the last good "
-                     r"checkpoint is (\S+) \(step 4\); lower train.learning_rate .*", err)
-    assert m and 4 < int(m.group(2)) < 100 and m.group(3) == str(tmp_path / "out" / "last")
+                     r"checkpoint is (\S+) \(step 8\); lower train.learning_rate .*", err)
+    assert m and 8 < int(m.group(2)) < 100 and m.group(3) == str(tmp_path / "out" / "last")
     out = tmp_path / "out"
     assert read_records(out)[-1]["loss"] is None  # the diverged step, recorded as null
     assert {p.parent.name for p in strict_json_files(out)} == {"out", "last", "best"}
-    assert json.loads((out / "last" / "state.json").read_text())["step"] == 4  # not overwritten
+    assert json.loads((out / "last" / "state.json").read_text())["step"] == 8  # not overwritten
     load_model(out / "last")
 
 
@@ -196,50 +224,60 @@ def wait_for_step(proc, out_dir, step: int, timeout: float = 240.0) -> None:
     raise AssertionError(f"no step {step}: {proc.poll()} {proc.stderr and proc.stderr.read()}")
 
 
-def start_train(tmp_path, corpus_file, out_dir, **extra) -> subprocess.Popen:
-    args = tiny_overrides(tmp_path, corpus_file, out_dir=out_dir, **{
-        "train.max_iters": 100000, "train.lr_decay_iters": 1000, **extra})
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # bit-exact resumes
-    defaults = tmp_path / "defaults.yaml"  # the dataclass defaults, as load_config(None, ...)
-    defaults.write_text("{}\n")
-    return subprocess.Popen([sys.executable, "train.py", str(defaults), *args], cwd=ROOT, env=env,
-                            text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+# a run long enough to stop in the middle and resume: checkpoints at 4 and 8, evals at 0, 4, 8, 12
+STOPPED_RUN = {"train.max_iters": 12, "train.lr_decay_iters": 1000, "train.eval_interval": 4}
 
 
-def reference_run(tmp_path, corpus_file, max_iters: int, **extra):
-    out = tmp_path / "reference"
-    train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, out_dir=out, **{
-        "train.max_iters": max_iters, "train.lr_decay_iters": 1000, **extra})))
+@pytest.fixture(scope="module")
+def reference(trained):
+    """STOPPED_RUN uninterrupted: what a stopped and resumed run must log."""
+    out = trained.root / "reference"
+    train_run(load_config(None, tiny_overrides(trained.root, trained.corpus, out_dir=out,
+                                               **STOPPED_RUN)))
     return read_metrics(out)
 
 
+def after_step(monkeypatch, step: int, action) -> None:
+    """action() in this process (a signal it sends itself, a crash) once the run's step `step`
+    has computed, before the loop logs it."""
+    real = trainer.train_step
+
+    def train_step(run, at):
+        result = real(run, at)
+        if at + 1 == step:
+            action()
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_finishes_the_step_saves_and_resumes_exactly(corpus_file, tmp_path, sig):
+def test_signal_finishes_the_step_saves_and_resumes_exactly(trained, reference, tmp_path, capsys,
+                                                            monkeypatch, sig):
     out = tmp_path / "run"
-    proc = start_train(tmp_path, corpus_file, out, **{"train.eval_interval": 1000})
-    wait_for_step(proc, out, 3)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, err
+    args = tiny_overrides(tmp_path, trained.corpus, out_dir=out, **STOPPED_RUN)
+    after_step(monkeypatch, 3, lambda: signal.raise_signal(sig))  # a real signal, mid-run
+    assert run_cli(train_main, cli(tmp_path, args)) == 128 + sig
+    err = capsys.readouterr().err
     last_line = err.strip().splitlines()[-1]  # after data preparation's progress bar
     m = re.fullmatch(rf"{sig.name} received: stopped after step (\d+) and saved (\S+); continue "
                      r"with the same command and --train.resume=true", last_line)
     assert m and m.group(2) == str(out / "last"), err
     stopped = int(m.group(1))
+    assert stopped == 3  # one process: the step the signal came in
     assert json.loads((out / "last" / "state.json").read_text())["step"] == stopped
     assert max(r["step"] for r in read_records(out)) == stopped
     strict_json_files(out)
     # resumed, the run logs what an uninterrupted one logs, each step once
-    train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, out_dir=out, **{
-        "train.max_iters": stopped + 3, "train.lr_decay_iters": 1000,
-        "train.eval_interval": 1000, "train.resume": True})))
+    monkeypatch.undo()
+    train_run(load_config(None, [*args, "--train.resume=true"]))
     steps, evals, lines = read_metrics(out)
-    assert [r["step"] for r in lines if "loss" in r] == list(range(1, stopped + 4))
-    ref_steps, ref_evals, _ = reference_run(tmp_path, corpus_file, stopped + 3,
-                                            **{"train.eval_interval": 1000})
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 13))
+    ref_steps, ref_evals, _ = reference
     assert steps == ref_steps and evals == ref_evals
 
 
+@pytest.mark.slow
 def test_ddp_ranks_stop_together_on_sigterm(corpus_file, tmp_path):
     """A preempted torchrun job: the agent forwards SIGTERM to every worker; all stop after the
     same step, rank 0 saves it and says so, once."""
@@ -263,30 +301,37 @@ def test_ddp_ranks_stop_together_on_sigterm(corpus_file, tmp_path):
     load_model(out / "last")
 
 
-def test_records_after_the_checkpoint_are_not_logged_twice(corpus_file, tmp_path):
+class Killed(BaseException):
+    """The process dying outright: nothing of the run catches it."""
+
+
+def test_records_after_the_checkpoint_are_not_logged_twice(trained, reference, tmp_path,
+                                                           monkeypatch):
     """A run killed outright (SIGKILL, a crash) logged steps after its last checkpoint; resumed,
     it logs them again, and metrics.jsonl holds each once, as an uninterrupted run."""
     out = tmp_path / "run"
-    proc = start_train(tmp_path, corpus_file, out, **{"train.eval_interval": 4})
-    wait_for_step(proc, out, 10)
-    proc.kill()
-    proc.communicate(timeout=60)
+    args = tiny_overrides(tmp_path, trained.corpus, out_dir=out, **STOPPED_RUN)
+
+    def kill():
+        raise Killed
+
+    after_step(monkeypatch, 11, kill)  # step 11 dies before its record: 10 are logged
+    with pytest.raises(Killed):
+        train_run(load_config(None, args))
     logged = max(r["step"] for r in read_records(out))
-    saved = load_model(out / "last")[2]["step"]  # the checkpoint may be mid-swap: still found
-    assert saved <= logged
-    train_run(load_config(None, tiny_overrides(tmp_path, corpus_file, out_dir=out, **{
-        "train.max_iters": logged + 2, "train.lr_decay_iters": 1000, "train.eval_interval": 4,
-        "train.resume": True})))
+    saved = load_model(out / "last")[2]["step"]
+    assert (saved, logged) == (8, 10)
+    monkeypatch.undo()
+    train_run(load_config(None, [*args, "--train.resume=true"]))
     steps, evals, lines = read_metrics(out)
-    assert [r["step"] for r in lines if "loss" in r] == list(range(1, logged + 3))
-    ref_steps, ref_evals, _ = reference_run(tmp_path, corpus_file, logged + 2,
-                                            **{"train.eval_interval": 4})
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 13))
+    ref_steps, ref_evals, _ = reference
     assert steps == ref_steps and evals == ref_evals
 
 
 def test_training_survives_a_closed_stdout(corpus_file, tmp_path):
     """train.py | head: console output is not the run; it goes on to the end, quietly."""
-    args = tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 40})
+    args = tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 16})
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline()  # head -1
@@ -294,21 +339,20 @@ def test_training_survives_a_closed_stdout(corpus_file, tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, err
     assert "Error" not in err and "Traceback" not in err, err
-    assert json.loads((tmp_path / "out" / "last" / "state.json").read_text())["step"] == 40
-    assert max(r["step"] for r in read_records(tmp_path / "out")) == 40
+    assert json.loads((tmp_path / "out" / "last" / "state.json").read_text())["step"] == 16
+    assert max(r["step"] for r in read_records(tmp_path / "out")) == 16
 
 
-def test_fresh_run_into_a_used_out_dir_is_refused(corpus_file, tmp_path):
-    args = tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4})
-    train_run(load_config(None, args))
+def test_fresh_run_into_a_used_out_dir_is_refused(trained, tmp_path, capsys):
+    args = copy_run(trained, tmp_path, **{"train.max_iters": 4})
     out = tmp_path / "out"
     before = (out / "metrics.jsonl").read_text()
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert run_cli(train_main, cli(tmp_path, args)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
     assert (f"error: out_dir {out} already holds a run (metrics.jsonl, last/, best/): continue it "
             "with --train.resume=true, choose another --out_dir, or replace it with "
-            "--train.overwrite=true") == proc.stderr.strip()
+            "--train.overwrite=true") == err.strip()
     assert (out / "metrics.jsonl").read_text() == before  # untouched
     shutil.rmtree(out / "best")
     os.replace(out / "last", out / "last.old")  # an interrupted swap still counts
@@ -370,18 +414,16 @@ def run_files(out_dir) -> dict:
 
 
 def test_resume_with_nothing_left_to_train_is_refused_and_writes_nothing(
-        corpus_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")  # (CI exports offline) the first run: no wandb
-    args = tiny_overrides(tmp_path, corpus_file)  # 8 steps: out/last is at step 8
-    assert run_cli(train_main, args) == 0
+        trained, tmp_path, capsys, monkeypatch):
+    args = copy_run(trained, tmp_path)  # 8 steps, trained without wandb: out/last is at step 8
     out = tmp_path / "out"
     before = run_files(out)
     assert {"config.yaml", "metrics.jsonl", "summary.json"} <= {str(p) for p in before}
     capsys.readouterr()
     offline_wandb(monkeypatch)  # a resume that started would start a wandb run in out/wandb
     for max_iters, why in ((4, "past train.max_iters 4"), (8, "already at train.max_iters 8")):
-        code = run_cli(train_main, [*args, "--train.resume=true",
-                                    f"--train.max_iters={max_iters}"])
+        code = run_cli(train_main, cli(tmp_path, [*args, "--train.resume=true",
+                                                  f"--train.max_iters={max_iters}"]))
         stdout, err = capsys.readouterr()
         assert code == 2 and stdout == ""
         assert err == (f"error: {out / 'last'} is at step 8, {why}: nothing to do; raise "
@@ -462,18 +504,16 @@ def test_a_data_error_stops_the_run_before_wandb_starts(tmp_path, capsys, monkey
     assert not (out / "wandb").exists() and not (out / "metrics.jsonl").exists()
 
 
-def test_checks_come_before_an_overwrite_deletes_the_old_run(corpus_file, tmp_path, capsys,
-                                                            monkeypatch):
+def test_checks_come_before_an_overwrite_deletes_the_old_run(trained, tmp_path, capsys):
     """--train.overwrite=true deletes the old run only once the new one has passed its checks."""
-    # no wandb run (CI exports WANDB_MODE=offline): its service may still append to its own logs
-    # after the run has returned, which is not the run's files changing
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    args = tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 4})
-    assert run_cli(train_main, args) == 0
+    # the module's run was trained without wandb (CI exports WANDB_MODE=offline): wandb's service
+    # may append to its own logs after a run has returned, which is not the run's files changing
+    args = copy_run(trained, tmp_path, **{"train.max_iters": 4})
     out = tmp_path / "out"
     before = run_files(out)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert run_cli(train_main, [*args, "--train.overwrite=true", f"--data.source={empty}"]) == 2
+    assert run_cli(train_main, cli(tmp_path, [*args, "--train.overwrite=true",
+                                              f"--data.source={empty}"])) == 2
     assert capsys.readouterr().err.endswith(f"error: data file {empty} is empty\n")
     assert run_files(out) == before

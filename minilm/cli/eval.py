@@ -7,8 +7,8 @@ scaling of a checkpoint on its own val split or on text files; scoring completio
     minilm-eval --ckpt out/run --text a.txt --tokens a.jsonl --html a.html
     minilm-eval --ckpt out/run --context "ROMEO:" --choices " Good" " Bad" --json
 
-Every figure comes from minilm.eval.evaluate (one pass of the shared scorer); this module finds
-the documents, checks the arguments, and writes what was asked for.
+Every figure comes from minilm.eval.corpus.evaluate (one pass of the shared scorer); this
+module checks the arguments, runs evaluate_checkpoint and shows what was asked for.
 """
 
 from __future__ import annotations

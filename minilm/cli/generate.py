@@ -89,8 +89,8 @@ def order_names(text: str) -> str | list[str]:
 FLAG_TYPES = {"number": float, "integer": int, "choice": int, "token_bias": str,
               "texts": json_texts, "order": order_names, "prompt": str}
 FLAG_FORMS = {
-    "token_bias": ("JSON", 'a JSON object, e.g. \'{"1234": -100, "ROMEO": 5, "text:7": 2}\': a key is '
-                           'a token id ("1234" or "id:1234") or a text of one token ("ROMEO"; '
+    "token_bias": ("JSON", 'a JSON object, e.g. \'{"1234": -100, "ROMEO": 5, "text:7": 2}\': a key '
+                           'is a token id ("1234" or "id:1234") or a text of one token ("ROMEO"; '
                            '"text:7" for a text of digits, which alone would be an id); values in '
                            '[-100, 100]; -100 bans the token'),
     "texts": ("JSON", "a JSON list of strings"),

@@ -1,2 +1,3 @@
-"""Evaluation: the shared scorer, calibration and the temperature fit, the documents to score, the
-reports and per-token views, and evaluate_checkpoint that runs them."""
+"""Evaluation: the shared scorer (scoring), calibration and the temperature fit, one pass of the
+scorer over documents feeding sinks (corpus), the documents to score, the reports and per-token
+views, and evaluate_checkpoint (run) that puts them together."""

@@ -1,7 +1,7 @@
 """Calibration: are 90%-confident predictions right 90% of the time, and which temperature makes
 them so?
 
-    tally = Tally(); tally.add(stats)      # stats: minilm.eval.TokenStats of each scored chunk
+    tally = Tally(); tally.add(stats)      # stats: the TokenStats of each scored chunk
     tally.nll, tally.bins.ece, tally.bins.mce, tally.bins.table()
     fit = fit_temperature(chunks)          # chunks(): a fresh iterator of (logits [n, V], targets [n])
 
@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from minilm.eval.scoring import TokenStats
+from minilm.eval.scoring import TokenStats
 
 N_BINS = 15
 T_MIN, T_MAX = 0.01, 100.0  # where the temperature fit looks
@@ -173,7 +172,7 @@ def fit_temperature(chunks: LogitChunks, tol: float = 1e-6, max_passes: int = 60
     < tol.
 
     at_1: nll_and_derivatives over all the chunks at T = 1, when the caller has it already
-    (minilm.eval sums it chunk by chunk in its scoring pass): it counts as the first pass."""
+    (minilm.eval.corpus sums it chunk by chunk in its scoring pass): it counts as the first pass."""
     u_min, u_max = math.log(T_MIN), math.log(T_MAX)
     lo, hi, tried_lo, tried_hi = u_min, u_max, False, False
     u = 0.0

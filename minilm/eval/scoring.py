@@ -1,15 +1,15 @@
-"""Scoring text with a model: the log-probability of every token given the tokens before it, and
-what is made of it (perplexity, bits per byte, calibration, scoring completions).
+"""The shared scorer: the log-probability of every token given the tokens before it.
 
     seq = [eot] + tokenizer.encode(document)      # the first token is context only, never scored
     for chunk in scored_logits(model, [seq, ...]):  # raw logits (T = 1) of every scored position
         chunk.seq, chunk.positions, chunk.targets, chunk.logits   # [n], [n], [n], [n, V]
+        stats = token_stats(chunk.logits, chunk.targets)          # log-prob, rank, entropy, ...
     score_tokens(model, [seq], top_n=5)           # per token: log-prob, rank, top alternatives
-    evaluate(model, [Document(...)], eot)         # ppl, bits per byte, ECE, T* (minilm-eval)
     score(model, tokenizer, context, [choice, ...])  # log p(choice | context) per choice
 
-One scorer serves every consumer (perplexity and calibration here, the server's `echo` with
-`logprobs`), so a token's log-probability is the same number wherever it is reported.
+One scorer serves every consumer (minilm.eval.corpus's perplexity and calibration, the server's
+`echo` with `logprobs`, scoring completions), so a token's log-probability is the same number
+wherever it is reported.
 
 Sequences longer than block_size are scored in sliding windows (lm-evaluation-harness's rolling
 log-likelihood): the first window predicts tokens 1 .. block_size, each later one advances by
@@ -21,14 +21,12 @@ block_size - stride tokens of context once the first window is passed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
-from minilm.eval.calibration import Tally, TemperatureFit, nll_and_derivatives
-from minilm.eval.calibration import fit_temperature as fit_temperature_on
 from minilm.model.gpt import GPT
 from minilm.sampling.generation import prompt_states
 from minilm.tokenizer import Tokenizer
@@ -66,8 +64,23 @@ def rolling_windows(n_tokens: int, block_size: int, stride: int, seq: int = 0) -
     return windows
 
 
+R = TypeVar("R", bound="Rows")
+
+
+class Rows:
+    """A dataclass of tensors that hold one row per scored token (their first dimension)."""
+
+    def select(self: R, rows: Tensor) -> R:
+        """The rows where the bool mask `rows` is true; self itself when that is all of them, so
+        a consumer that splits chunks copies nothing in the common case."""
+        if rows.all():
+            return self
+        tensors = (getattr(self, f.name) for f in fields(self))
+        return type(self)(*(t[rows.to(t.device)] for t in tensors))
+
+
 @dataclass
-class ScoredChunk:
+class ScoredChunk(Rows):
     """Rows of scored positions: sequence index, position of the predicted token in it, the token,
     the raw logits [n, V] (fp32, T = 1) that predicted it, and the final hidden states [n, d] they
     came from (model.logits_from_hidden(hidden) == logits): [n, d] is what a consumer can afford to
@@ -118,7 +131,7 @@ def scored_logits(model: GPT, sequences: Sequence[Sequence[int]], stride: int | 
 
 
 @dataclass
-class TokenStats:
+class TokenStats(Rows):
     """What a logits chunk [n, V] says about its n targets; every figure of minilm-eval (NLL,
     accuracy, entropy, calibration, the per-token outputs) is made of these."""
     logprobs: Tensor  # [n] log p(target)
@@ -262,114 +275,3 @@ def score(model: GPT, tokenizer: Tokenizer, context: str, continuations: Sequenc
                         logprob=total, is_greedy=all(s.greedy[-len(cont):]),
                         logprob_per_char=total / len(c) if c else total, prob=p)
             for c, cont, s, total, p in zip(continuations, pairs, scored, sums.tolist(), probs)]
-
-
-# ---------------------------------------------------------------- corpus evaluation
-
-
-@dataclass
-class Document:
-    """One text scored on its own, preceded by the end-of-text token: its tokens (without that
-    token) and its text, whose UTF-8 bytes and whitespace-separated words the per-byte and
-    per-word figures divide by."""
-    name: str
-    text: str
-    tokens: list[int]
-
-
-# called with (document index [n], position [n], target [n], stats) for every scored chunk
-TokenSink = Callable[[Tensor, Tensor, Tensor, TokenStats], None]
-TOP_N = 5  # alternatives per token in the per-token outputs; also top-k accuracy's k
-
-
-def corpus_figures(nll_sum: float, tokens: int, n_bytes: int, n_words: int) -> dict[str, Any]:
-    """Perplexity per token, per byte and per word from one summed NLL (nats): the byte and word
-    figures do not depend on the tokenizer, so they compare a char model with a BPE model."""
-    nll = nll_sum / tokens
-    return dict(tokens=tokens, bytes=n_bytes, words=n_words, nll=nll, ppl=_exp(nll),
-                bits_per_byte=nll_sum / n_bytes / math.log(2) if n_bytes else math.nan,
-                byte_perplexity=_exp(nll_sum / n_bytes) if n_bytes else math.nan,
-                word_perplexity=_exp(nll_sum / n_words) if n_words else math.nan)
-
-
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf
-
-
-def evaluate(model: GPT, documents: Sequence[Document], eot: int, stride: int | None = None,
-             batch_size: int = 8, fit_temperature: bool = False, sweep: Sequence[float] = (),
-             on_tokens: TokenSink | None = None) -> dict[str, Any]:
-    """Perplexity, bits per byte and calibration of `model` on `documents`, from one pass of
-    scored_logits (the rolling log-likelihood of each document after the end-of-text token).
-
-    fit_temperature: fit T* on the first half of the documents (Guo et al. 2017) and report NLL
-    and ECE at T = 1 and at T* on the second half. The scoring pass measures the fit's first
-    step (T = 1) and keeps the first half's hidden states [tokens, d]; each later Newton step
-    re-applies the head to them. The second half is scored after the fit, at both temperatures,
-    in the same pass that scores it at T = 1.
-    sweep: temperatures at which NLL, ECE, entropy and top-1 probability are also measured.
-    on_tokens: receives every chunk's per-token statistics (T = 1), in document order."""
-    if sum(len(d.tokens) for d in documents) == 0:
-        raise ValueError("nothing to score: the text is empty")
-    n_fit = len(documents) // 2
-    if fit_temperature and (n_fit == 0 or not any(d.tokens for d in documents[:n_fit])):
-        raise ValueError(f"fitting a temperature needs at least 2 non-empty documents (one half "
-                         f"to fit on, the other to report on), got {len(documents)}")
-    parts = [(0, n_fit), (n_fit, len(documents))] if fit_temperature else [(0, len(documents))]
-    total = Tally()
-    sweeps = {t: Tally() for t in sweep}
-    kept: list[tuple[Tensor, Tensor]] = []  # the fit half's (hidden [n, d], targets [n])
-    at_1 = (0.0, 0.0, 0.0, 0)  # the fit half's nll_and_derivatives at T = 1, summed by chunk
-    fit, held, held_t = None, Tally(), Tally()
-    for part, (lo, hi) in enumerate(parts):
-        fitting, reporting = fit_temperature and part == 0, fit_temperature and part == 1
-        if reporting:
-            fit = _fit_on_hidden(model, kept, at_1)
-            kept.clear()
-        sequences = [[eot] + d.tokens for d in documents[lo:hi]]
-        for chunk in scored_logits(model, sequences, stride, batch_size):
-            stats = token_stats(chunk.logits, chunk.targets, TOP_N if on_tokens else 0)
-            total.add(stats)
-            for t, tally in sweeps.items():
-                tally.add(stats if t == 1 else token_stats(chunk.logits / t, chunk.targets))
-            if fitting:
-                kept.append((chunk.hidden, chunk.targets))
-                at_1 = tuple(a + b for a, b in zip(at_1, nll_and_derivatives(
-                    [(chunk.logits, chunk.targets)], 0.0)))
-            if reporting:
-                held.add(stats)
-                held_t.add(token_stats(chunk.logits / fit.temperature, chunk.targets))
-            if on_tokens is not None:
-                on_tokens(chunk.seq + lo, chunk.positions, chunk.targets, stats)
-
-    n_bytes = sum(len(d.text.encode("utf-8")) for d in documents)
-    n_words = sum(len(d.text.split()) for d in documents)
-    results = dict(documents=len(documents), **corpus_figures(total.nll_sum, total.tokens,
-                                                              n_bytes, n_words),
-                   **total.figures(), reliability=total.bins.table())
-    if fit is not None:
-        results["temperature"] = dict(
-            T=fit.temperature, passes=fit.passes, at_bound=fit.at_bound,
-            fit=dict(documents=n_fit, tokens=fit.tokens, nll_at_1=fit.nll_at_1, nll_at_T=fit.nll),
-            heldout=dict(documents=len(documents) - n_fit, tokens=held.tokens,
-                         nll_at_1=held.nll, nll_at_T=held_t.nll, ece_at_1=held.bins.ece,
-                         ece_at_T=held_t.bins.ece, mce_at_1=held.bins.mce,
-                         mce_at_T=held_t.bins.mce, reliability_at_1=held.bins.table(),
-                         reliability_at_T=held_t.bins.table()))
-    if sweeps:
-        results["sweep"] = [dict(temperature=t, nll=s.nll, ppl=_exp(s.nll), ece=s.bins.ece,
-                                 mce=s.bins.mce, entropy=s.entropy, top1_prob=s.top1_prob)
-                            for t, s in sweeps.items()]
-    return results
-
-
-def _fit_on_hidden(model: GPT, kept: list[tuple[Tensor, Tensor]],
-                   at_1: tuple[float, float, float, int]) -> TemperatureFit:
-    """T* from the kept hidden states, starting from at_1 (the scoring pass's T = 1 step): each
-    later pass of the fit re-applies the head chunk by chunk."""
-    def chunks() -> Iterator[tuple[Tensor, Tensor]]:
-        with model.inference():
-            for hidden, targets in kept:
-                yield model.logits_from_hidden(hidden).float(), targets
-
-    return fit_temperature_on(chunks, at_1=at_1)

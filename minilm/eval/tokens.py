@@ -7,8 +7,9 @@
                           file (inline CSS and script, a Content-Security-Policy that forbids
                           every network request)
 
-Both are sinks for minilm.eval.evaluate(on_tokens=...): called with (document index [n],
-position [n], target [n], TokenStats) per chunk; position p is token p - 1 of the document.
+Both are sinks of minilm.eval.corpus.evaluate(sinks=[...]): each chunk's rows are (document
+index, position, target) with their statistics at T = 1; position p is token p - 1 of the
+document.
 """
 
 from __future__ import annotations
@@ -19,32 +20,32 @@ import json
 import math
 from typing import Any, Sequence, TextIO
 
-from torch import Tensor
-
-from minilm.eval.scoring import Document, TokenStats
+from minilm.eval.corpus import Document, Sink
+from minilm.eval.scoring import ScoredChunk, TokenStats
 from minilm.tokenizer import Tokenizer
 
+TOP_N = 5  # alternatives per token in the per-token outputs
 
-def _rows(docs: Tensor, positions: Tensor, targets: Tensor, stats: TokenStats):
+
+def _rows(chunk: ScoredChunk, stats: TokenStats):
     """The chunk as per-token tuples of Python values."""
-    return zip(docs.tolist(), positions.tolist(), targets.tolist(), stats.logprobs.tolist(),
-               stats.ranks.tolist(), stats.entropy.tolist(), stats.top_ids.tolist(),
-               stats.top_logprobs.tolist())
+    return zip(chunk.seq.tolist(), chunk.positions.tolist(), chunk.targets.tolist(),
+               stats.logprobs.tolist(), stats.ranks.tolist(), stats.entropy.tolist(),
+               stats.top_ids.tolist(), stats.top_logprobs.tolist())
 
 
-class TokenRecords:
+class TokenRecords(Sink):
     """--tokens: {"doc", "index", "token", "text", "logprob", "rank", "entropy",
     "top": [{"token", "text", "logprob"}, ...]} per line; index counts the document's tokens
     from 0, text is the token decoded alone."""
+    top_n = TOP_N
 
     def __init__(self, out: TextIO, tokenizer: Tokenizer):
         self.out = out
         self.text = functools.lru_cache(maxsize=None)(lambda t: tokenizer.decode([t]))
 
-    def __call__(self, docs: Tensor, positions: Tensor, targets: Tensor,
-                 stats: TokenStats) -> None:
-        for doc, pos, tok, lp, rank, ent, top_ids, top_lps in _rows(docs, positions, targets,
-                                                                    stats):
+    def add(self, chunk: ScoredChunk, stats: TokenStats) -> None:
+        for doc, pos, tok, lp, rank, ent, top_ids, top_lps in _rows(chunk, stats):
             self.out.write(json.dumps(dict(
                 doc=doc, index=pos - 1, token=tok, text=self.text(tok), logprob=lp, rank=rank,
                 entropy=ent, top=[dict(token=i, text=self.text(i), logprob=v)
@@ -123,9 +124,10 @@ def level(logprob: float) -> str:
     return next(cls for low, cls, _, _ in LEVELS if p >= low)
 
 
-class TokenHtml:
-    """--html: written as the chunks arrive, one <section> per document; close(results) adds the
-    summary, the legend and the hover script."""
+class TokenHtml(Sink):
+    """--html: written as the chunks arrive, one <section> per document; finish(results) adds
+    the summary (of the figures before it), the legend and the hover script."""
+    top_n = TOP_N
 
     def __init__(self, out: TextIO, tokenizer: Tokenizer, documents: Sequence[Document],
                  title: str):
@@ -144,10 +146,8 @@ class TokenHtml:
         self.pieces = token_pieces(self.tokenizer, self.documents[doc].tokens)
         self.out.write(f"<section><h2>{html.escape(self.documents[doc].name)}</h2><pre>")
 
-    def __call__(self, docs: Tensor, positions: Tensor, targets: Tensor,
-                 stats: TokenStats) -> None:
-        for doc, pos, tok, lp, rank, ent, top_ids, top_lps in _rows(docs, positions, targets,
-                                                                    stats):
+    def add(self, chunk: ScoredChunk, stats: TokenStats) -> None:
+        for doc, pos, tok, lp, rank, ent, top_ids, top_lps in _rows(chunk, stats):
             if doc != self.doc:
                 self._start(doc)
             data = [tok, round(lp, 5), rank, round(ent, 4),
@@ -155,7 +155,7 @@ class TokenHtml:
             self.out.write(f'<span class="{level(lp)}" data-s="{html.escape(json.dumps(data))}">'
                            f"{html.escape(self.pieces[pos - 1])}</span>")
 
-    def close(self, results: dict[str, Any]) -> None:
+    def finish(self, results: dict[str, Any]) -> None:
         if self.doc >= 0:
             self.out.write("</pre></section>\n")
         legend = "".join(f'<span class="{cls}">{html.escape(label)}</span>'

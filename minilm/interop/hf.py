@@ -124,9 +124,10 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     if model.config.lm_head_bias:
         raise CheckpointError("model.lm_head_bias=true: GPT-2's LM head has no bias, so "
                               "GPT2LMHeadModel cannot hold this model")
-    if model.logit_softcap:
-        raise CheckpointError(f"loss.softcap={model.logit_softcap}: the model soft-caps its logits "
-                              "(cap * tanh(z / cap)), which GPT2LMHeadModel cannot express")
+    if model.config.logit_softcap is not None:
+        raise CheckpointError(f"model.logit_softcap={model.config.logit_softcap}: the model "
+                              "soft-caps its logits (cap * tanh(z / cap)), which GPT2LMHeadModel "
+                              "cannot express")
     own = model.state_dict()
     dtype = model.transformer.wte.weight.dtype
     tensors = {}
@@ -229,7 +230,7 @@ def _load(folder: Path, hf: dict[str, Any], where: str) -> tuple[GPT, Tokenizer,
         model = GPT(config)
     model.load_state_dict(weights, assign=True)  # the loaded tensors become the parameters
     state = dict(source=where, format="huggingface", path=str(folder), hf_config=hf,
-                 model_config=asdict(config), tokenizer=tokenizer.to_dict(), logit_softcap=None)
+                 model_config=asdict(config), tokenizer=tokenizer.to_dict())
     return model.eval(), tokenizer, state
 
 

@@ -26,7 +26,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu"
     source: a minilm checkpoint folder or a run's out_dir; a Hugging Face GPT-2 folder (config.json
     + model.safetensors or pytorch_model.bin); or a hub id ('gpt2', 'openai-community/gpt2-medium').
     state: a minilm checkpoint's state.json (config, tokenizer, step, ...); for Hugging Face models
-    {source, format: 'huggingface', path, hf_config, model_config, tokenizer, logit_softcap}.
+    {source, format: 'huggingface', path, hf_config, model_config, tokenizer}.
     """
     path = Path(source).expanduser()
     if not path.exists() and complete_checkpoint(path) is None:  # (an interrupted swap: found)

@@ -36,6 +36,9 @@ class GPTConfig:
         "help": "the LM head is the token embedding matrix (one Parameter)"})
     lm_head_bias: bool = field(default=False,
                                metadata={"help": "logits z = W·h + b instead of W·h"})
+    logit_softcap: float | None = field(default=None, metadata={
+        "help": "Gemma 2 logit soft-capping of the model's output, cap · tanh(z / cap), in "
+                "training and sampling (null: off)"})
     layer_norm_eps: float = field(default=1e-5,
                                   metadata={"help": "nn.LayerNorm's (and GPT-2's) epsilon"})
 
@@ -52,6 +55,9 @@ class GPTConfig:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"model.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"model.logit_softcap must be > 0 (or null: off), got "
+                             f"{self.logit_softcap!r}")
 
 
 class KVCache:
@@ -199,7 +205,6 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
         ))
         self.lm_head = LMHead(config, self.transformer.wte)
-        self.logit_softcap: float | None = None  # set when the model was trained with loss.softcap
         self.decode_layout = False  # see set_decode_layout
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2·n_layer), two per block add to the stream.
@@ -235,8 +240,6 @@ class GPT(nn.Module):
         positions: [T] or [B, T] position ids (default: cache length + arange(T)).
         key_padding: [B, S] bool, True for real tokens, S = cache length + T (left-padded batches).
         """
-        if self.decode_layout and torch.is_grad_enabled():
-            self.set_decode_layout(False)  # training: gradients and optimizer state keep theirs
         B, T = idx.shape
         if kv_cache is not None and kv_cache.lengths is not None:
             if T != 1 or key_padding is not None:
@@ -293,10 +296,12 @@ class GPT(nn.Module):
         return self.logits_from_hidden(h)
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """The head on final hidden states [..., d] -> raw logits [..., V], softcap included."""
+        """The head on final hidden states [..., d] -> raw logits [..., V]: the model's output
+        function, config.logit_softcap included (the loss applies the same cap)."""
         z = self.lm_head(h)
-        if self.logit_softcap:
-            z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
+        cap = self.config.logit_softcap
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
         return z
 
     @contextlib.contextmanager
@@ -312,13 +317,21 @@ class GPT(nn.Module):
             yield self
         finally:
             if was_training:
-                self.train()
+                super().train(True)  # the caller's mode back, not training's layout (see train)
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[GPT]:
         """Eval mode and no autograd for the block; the mode is restored after."""
         with self.evaluating(), torch.inference_mode():
             yield self
+
+    def train(self, mode: bool = True) -> GPT:
+        """nn.Module.train; train() (mode True) is where a notebook's training starts, so it also
+        puts back the usual weight layout if generation left the decode layout on (see
+        set_decode_layout). evaluating() restores a caller's training mode without this."""
+        if mode:
+            self.set_decode_layout(False)
+        return super().train(mode)
 
     def set_decode_layout(self, enabled: bool = True) -> GPT:
         """Lay out every matrix a decode step multiplies by (the four per block and the head) as
@@ -329,11 +342,14 @@ class GPT(nn.Module):
         2-16) MKL's sgemm is up to 2x faster when that operand is contiguous (measured on this
         project's CPU box); one token (GEMV) is as fast either way. The embedding lookups of a tied
         head become strided reads of B·d floats, which cost nothing next to the matmuls. On an
-        H100 it gains nothing (batch 1-32, fp32 and bf16) and costs 18% at fp32 batch 32, so
-        generation switches it on itself, on CPU only. Training never runs on it: the first
-        forward that records gradients switches it off (hidden_states), so gradients, optimizer
-        state and the training matmuls keep the usual layout, for one copy of the matrices per
-        switch.
+        H100 it gains nothing (batch 1-32, fp32 and bf16) and costs 18% at fp32 batch 32.
+
+        The rule: generation switches it on (RunningBatch, on CPU only) and leaves it on, so that
+        the next generate() pays no copy; training switches it off where training starts, so that
+        gradients, optimizer state and the training matmuls keep the usual layout. The trainer
+        does so before it wraps the model; a notebook that samples and then trains does so with
+        `model.train()` (PyTorch's start of training, see `train`) or with this method. No
+        forward switches it: a step costs no check, and a copy happens only at those calls.
         """
         if enabled == self.decode_layout:
             return self
@@ -354,4 +370,5 @@ class GPT(nn.Module):
             return self.logits(idx, last_n=None)
         h = self.hidden_states(idx)
         return linear_cross_entropy(h, self.lm_head.matrix, targets, bias=self.lm_head.bias,
-                                    reduction=reduction, softcap=self.logit_softcap, **loss_options)
+                                    reduction=reduction, softcap=self.config.logit_softcap,
+                                    **loss_options)

@@ -6,9 +6,9 @@ span of the explorer page's slider. The CLI's flags, the server's request fields
 controls (``GET /v1/sampler_settings``, ``describe()``) are all generated from it, so a knob is
 written once.
 
-    s = SamplerSettings(temperature=0.8, top_k=50)   # validates itself: one SettingError naming the knob
-    s.pipeline()                                     # the stages in use, in order: ["temperature", "top_k"]
-    SamplerStack.from_settings(s, tokenizer=tok)     # the processors (minilm.sampling.stack)
+    s = SamplerSettings(temperature=0.8, top_k=50)  # checks itself: a SettingError naming the knob
+    s.pipeline()                                    # the stages in use, in order
+    SamplerStack.from_settings(s, tokenizer=tok)    # the processors (minilm.sampling.stack)
 
 A stage with several knobs (DRY, XTC, Mirostat, classifier-free guidance) has one *switch* knob:
 the stage runs when its switch is off its no-op value; its other knobs are parameters.
@@ -28,7 +28,7 @@ from minilm.errors import SettingError
 NEG_INF = float("-inf")
 BAN = -100.0  # a logit bias of -100 (or less) bans the token, as in the OpenAI API
 ID_KEY, TEXT_KEY = "id:", "text:"  # explicit logit_bias keys: "id:5" token id 5, "text:5" the text
-MAX_BREAKER_CHARS = 40  # llama.cpp cuts a DRY sequence breaker to 40 characters; minilm refuses longer
+MAX_BREAKER_CHARS = 40  # llama.cpp cuts a DRY sequence breaker there; minilm refuses longer ones
 
 # The kinds of knob, and how each is written in JSON (the server's request model reads these).
 KINDS = ("number", "integer", "choice", "token_bias", "texts", "order", "prompt")

@@ -5,8 +5,8 @@
     tokens, info = stack.sample(logits, h, generator=g)  # tokens [B]; info.logprobs [B], ...
     h.append(tokens)                                     # O(B) update of what the penalties read
 
-``from_settings`` builds the stack from a SamplerSettings (minilm.sampling.settings: the knobs, their
-ranges and the stage orders) with the processor of each stage (stages.STAGES).
+``from_settings`` builds the stack from a SamplerSettings (minilm.sampling.settings: the knobs,
+their ranges and the stage orders) with the processor of each stage (stages.STAGES).
 """
 from __future__ import annotations
 
@@ -22,8 +22,14 @@ from minilm.sampling.history import History
 from minilm.sampling.settings import SamplerSettings
 from minilm.sampling.stages import (
     STAGES,
+    XTC,
+    EpsilonCutoff,
+    EtaCutoff,
+    MinP,
+    Mirostat,
     Processor,
     Temperature,
+    TopH,
     TopK,
     TopP,
     TypicalP,
@@ -33,12 +39,13 @@ from minilm.sampling.stages import (
 NEG_INF = float("-inf")
 LOGPROBS_MODES = ("raw", "processed")
 
-# The processors that read nothing but each row's logit values (not token ids, V or the History), so
-# give the same values on a row's candidate tokens as on the whole row with the rest at -inf: after a
-# TopK, sample() runs them on its kept tokens only. Not MinP (nor the other probability thresholds):
-# its softmax over the whole row rounds differently from one over the candidates, which could flip a
-# token at the boundary.
-ON_CANDIDATES = (Temperature, TopK, TopP, TypicalP)
+# The processors that read nothing but each row's logit values (not token ids, V or the History),
+# so give the same kept set on a row's candidate tokens (kept first, in token order) as on the whole
+# row with the rest at -inf: after a TopK or TopH, sample() runs them on its kept tokens only. Top-H
+# ranks with topk (the same sorted values either way); the probability thresholds sum the row in
+# float64 (stages._probs64), which rounds at ~1e-16 whichever order the tokens come in.
+ON_CANDIDATES = (Temperature, TopK, TopP, TypicalP, TopH, MinP, EpsilonCutoff, EtaCutoff, XTC,
+                 Mirostat)
 # The fewest candidates a row gets (the rest padded with removed tokens): torch's softmax sums a row
 # shorter than a SIMD register (8 or 16 floats) in another order than a longer one, so a row's
 # probabilities would depend on how many candidates the other rows of the batch need; from 64 on,
@@ -99,9 +106,9 @@ class SamplerStack:
         the settings' order (``SamplerSettings.pipeline``). Knobs may be given as keywords, alone
         (``from_settings(**{knob: value})``, as the README's examples) or over a SamplerSettings.
 
-        ``tokenizer`` (encode/decode) turns DRY's breaker texts into token sequences; ``vocab_size``,
-        if given, lets the logit bias's keys be checked now. A bad setting is a SettingError naming
-        it."""
+        ``tokenizer`` (encode/decode) turns DRY's breaker texts into token sequences;
+        ``vocab_size``, if given, lets the logit bias's keys be checked now. A bad setting is a
+        SettingError naming it."""
         if settings is None:
             settings = SamplerSettings(**knobs)
         elif knobs:
@@ -132,17 +139,17 @@ class SamplerStack:
                unconditional_logits: Tensor | None = None) -> tuple[Tensor, SampleInfo]:
         """Draw one token per row from softmax(apply(logits)): tokens [B] and their ``SampleInfo``.
 
-        ``generator``: None (the History's generators if it has them, else torch's global RNG), one
-        torch.Generator for the batch, or a list of B generators, one per row, so that a row's tokens
-        depend only on its own seed and logits, whatever else is in the batch. ``top_logprobs`` = N >
-        0 also returns the N most likely tokens of the raw distribution (``logprobs_mode="raw"``,
-        what the OpenAI API reports) or of the processed one (``"processed"``, vLLM's
-        processed_logprobs). ``unconditional_logits``: classifier-free guidance's (see
+        ``generator``: None (the History's generators if it has them, else torch's global RNG),
+        one torch.Generator for the batch, or a list of B generators, one per row, so that a row's
+        tokens depend only on its own seed and logits, whatever else is in the batch.
+        ``top_logprobs`` = N > 0 also returns the N most likely tokens of the raw distribution
+        (``logprobs_mode="raw"``, what the OpenAI API reports) or of the processed one
+        (``"processed"``, vLLM's processed_logprobs). ``unconditional_logits``: classifier-free guidance's (see
         ClassifierFreeGuidance). Stateful stages update the History after the draw (Mirostat).
 
-        A row with no token left (all -inf) or with a NaN/+inf logit raises ValueError on CPU. On an
-        accelerator that check would cost a device sync per step: there such a row's token is -1
-        (never a token id) and its log-probs NaN, for the caller, who reads the tokens anyway.
+        A row with no token left (all -inf) or with a NaN/+inf logit raises ValueError on CPU. On
+        an accelerator that check would cost a device sync per step: there such a row's token is
+        -1 (never a token id) and its log-probs NaN, for the caller, who reads the tokens anyway.
         """
         if logits.dim() != 2:
             raise ValueError(f"logits must be a FloatTensor[B, V], got shape {tuple(logits.shape)}")
@@ -180,24 +187,25 @@ class SamplerStack:
                 proc.after_draw(history, logits, tokens, info.processed_logprobs)
         return tokens, info
 
-    def _candidates(self, logits: Tensor, history: History | None, inputs: dict[str, Any] | None = None
-                    ) -> tuple[Tensor, Tensor | None]:
-        """``apply(logits, history)``, cheaper: (processed [B, V], None), or after a TopK (values, ids)
-        [B, n] of each row's candidate tokens (the processed logits of ``ids``; every other token is
-        removed).
+    def _candidates(self, logits: Tensor, history: History | None,
+                    inputs: dict[str, Any] | None = None) -> tuple[Tensor, Tensor | None]:
+        """``apply(logits, history)``, cheaper: (processed [B, V], None), or after a TopK or TopH
+        (values, ids) [B, n] of each row's candidate tokens (the processed logits of ``ids``; every
+        other token is removed).
 
-        From a TopK(k) on, the processors of ON_CANDIDATES, then sample()'s softmax and draw, work on
-        the k (+ ties) tokens it kept, not on all V: on a 50k vocabulary, sorting and scanning the
-        removed tokens was most of a step's sampling time. Each token keeps the value apply() gives it,
-        except that which of two exactly tied tokens top-p or typical-p ranks first is torch's choice
-        on either path. Any other processor gets the full logits [B, V] back.
+        From a TopK(k) or a TopH on (a stage that ``narrows``), the processors of ON_CANDIDATES,
+        then sample()'s softmax and draw, work on the tokens it kept (k + ties; Top-H's 100), not on
+        all V: on a 50k vocabulary, sorting and scanning the removed tokens was most of a step's
+        sampling time. Each token keeps the value apply() gives it, except that which of two
+        exactly tied tokens top-p or typical-p ranks first is torch's choice on either path. Any
+        other processor gets the full logits [B, V] back.
         """
         V, inputs = logits.size(-1), inputs or {}
         x, ids = logits, None
         for proc in self.processors:
             if ids is not None and type(proc) not in ON_CANDIDATES:
                 x, ids = x.new_full((x.size(0), V), NEG_INF).scatter(-1, ids, x), None  # (B, V)
-            if ids is None and type(proc) is TopK and 0 < proc.k < V:
+            if ids is None and hasattr(proc, "narrows") and proc.narrows(V):
                 x, ids = proc.candidates(x, MIN_CANDIDATES)
             else:
                 x = _call(proc, x, history, inputs)
@@ -260,7 +268,8 @@ def _draw(probs: Tensor, generator: torch.Generator | Sequence[torch.Generator] 
     total = block_cdf[:, -1:]                                                # (B, 1), ~1
     zero = torch.zeros_like(total)
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, zero))  # (B, 1), < total
-    b = torch.searchsorted(block_cdf, target, right=True).clamp(max=n_blocks - 1)  # (B, 1), mass > 0
+    b = torch.searchsorted(block_cdf, target, right=True)                    # (B, 1), a block of mass > 0
+    b = b.clamp(max=n_blocks - 1)  # a row of NaN (no token left, on an accelerator) stays in range
     before = torch.where(b > 0, block_cdf.gather(-1, (b - 1).clamp(min=0)), zero)  # mass of blocks < b
     inner_cdf = blocks.gather(1, b[:, :, None].expand(B, 1, block))[:, 0].double().cumsum(dim=-1)
     rest = torch.minimum(target - before, torch.nextafter(inner_cdf[:, -1:], zero))  # < mass of block b

@@ -105,7 +105,8 @@ class _SamplerMethods(_Body):
     def settings(self, encode=None) -> SamplerSettings:
         """The request's SamplerSettings (a field left out or null: the knob's default); a bad
         value is a 400 naming its field."""
-        values = {k.name: getattr(self, k.name) for k in knobs() if getattr(self, k.name) is not None}
+        values = {k.name: getattr(self, k.name) for k in knobs()}
+        values = {name: value for name, value in values.items() if value is not None}
         try:
             return settings_from_user(values, encode)
         except SettingError as e:

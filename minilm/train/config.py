@@ -99,8 +99,6 @@ class LossConfig:
         "auto", "`auto` (triton on CUDA, chunked elsewhere), or one implementation")
     chunk_size: int | None = setting(None, "tokens per chunk (null: from a memory budget)")
     z_loss: float = setting(0.0, "PaLM's z-loss coefficient (z · lse²)")
-    softcap: float | None = setting(None, "Gemma 2 logit soft-capping, cap · tanh(z / cap) (also "
-                                       "applied when sampling)")
 
 
 @dataclass
@@ -366,11 +364,61 @@ def find_config(name: str | Path) -> Path:
     raise ConfigError(f"config file not found: {name} (shipped configs: {names})")
 
 
+# Old names that files and flags may still use: each is read as the key it names (one value, kept
+# under the key; --help and the README list the alias beside the keys).
+ALIASES = {"loss.softcap": "model.logit_softcap"}
+
+_ABSENT = object()
+
+
+def _alias_conflict(where: str, alias: str, value: Any, key: str, other: Any) -> ConfigError:
+    return ConfigError(f"{where}: {alias} is {_plain(value)!r} but {key} is {_plain(other)!r} "
+                       f"({alias} is the old name of {key}): give one of them")
+
+
+def _pop(values: dict[str, Any], dotted: str) -> Any:
+    """Remove and return values[a][b] for dotted 'a.b' (_ABSENT when it is not there)."""
+    *sections, name = dotted.split(".")
+    node = values
+    for section in sections:
+        node = node.get(section) if isinstance(node, dict) else None
+    return node.pop(name, _ABSENT) if isinstance(node, dict) else _ABSENT
+
+
+def rename_aliases(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """A file's values with each alias moved to its key. Both given with different values is an
+    error naming `where` (null for the alias counts as not given: the default)."""
+    for alias, key in ALIASES.items():
+        value = _pop(values, alias)
+        if value is _ABSENT or value is None:
+            continue
+        section, name = key.split(".")
+        node = values.setdefault(section, {})
+        if node is None:
+            node = values[section] = {}
+        if isinstance(node, dict):
+            other = node.setdefault(name, value)
+            if other != value:
+                raise _alias_conflict(where, alias, value, key, other)
+    return values
+
+
 def merge_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply --a.b=c overrides onto a nested dict (a copy)."""
+    """Apply --a.b=c overrides onto a nested dict (a copy). An alias sets the key it names; an
+    alias and its key both given with different values is an error."""
     values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    given: dict[str, tuple[str, Any]] = {}  # key -> (the name it was given as, value)
     for arg in overrides:
         keys, value = parse_override(arg)
+        dotted = ".".join(keys)
+        key = ALIASES.get(dotted, dotted)
+        name, earlier = given.get(key, (dotted, value))
+        if name != dotted and earlier != value:  # one is the alias, the other its key
+            alias = (dotted, value) if dotted in ALIASES else (name, earlier)
+            other = (name, earlier) if dotted in ALIASES else (dotted, value)
+            raise _alias_conflict("the command line", *alias, *other)
+        given[key] = (dotted, value)
+        keys = key.split(".")
         node = values
         for k in keys[:-1]:
             child = node.get(k)
@@ -399,7 +447,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
                 default_file: bool = False) -> Any:
     """The resolved config: defaults <- YAML file <- command-line overrides, validated.
     default_file: the file is the CLI's default, not the user's choice (see given_keys)."""
-    values = load_yaml(find_config(path)) if path else {}
+    values = rename_aliases(load_yaml(find_config(path)), f"config file {path}") if path else {}
     given = {} if default_file else values
     values = merge_overrides(values, list(overrides))
     cfg = build(cls, values)
@@ -468,8 +516,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.z_loss must be >= 0, got {cfg.loss.z_loss}")
     if not t.init_from:
         raise ConfigError("train.init_from must be 'scratch', a checkpoint, an HF folder or a hub id")
-    if cfg.loss.softcap is not None and cfg.loss.softcap <= 0:
-        raise ConfigError(f"loss.softcap must be > 0, got {cfg.loss.softcap}")
     if t.resume and t.overwrite:
         raise ConfigError("train.resume and train.overwrite exclude each other: continue the run "
                           "in out_dir, or replace it")
@@ -524,9 +570,22 @@ def sections(cls: type = Config) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+def documented_keys(cls: type = Config) -> list[KeyInfo]:
+    """config_keys, and each alias (its key's type and default) after the keys of its section."""
+    keys = config_keys(cls)
+    for alias, key in ALIASES.items():
+        info = next((k for k in keys if k.key == key), None)
+        if info is not None:
+            section = alias.split(".")[0] + "."
+            at = max(i for i, k in enumerate(keys) if k.key.startswith(section)) + 1
+            keys.insert(at, info._replace(key=alias, help=f"the old name of {key} (an alias: "
+                                                           "give one of the two)"))
+    return keys
+
+
 def config_help(cls: type = Config) -> str:
     """--help's list of keys: `key  type = default  description`, one line each."""
-    keys = config_keys(cls)
+    keys = documented_keys(cls)
     width = max(len(k.key) for k in keys) + 2
     typed = [f"{k.type} = {k.default}" for k in keys]
     twidth = max(len(t) for t in typed if len(t) <= 24)  # longer ones just push their line out
@@ -537,7 +596,7 @@ def config_help(cls: type = Config) -> str:
 def config_reference(cls: type = Config) -> str:
     """The README's config reference table (tests check that the README holds this text)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for k in config_keys(cls):
+    for k in documented_keys(cls):
         kind = k.type.replace("|", "\\|")  # a bare | would end the table cell
         rows.append(f"| `{k.key}` | {kind} | `{k.default}` | {k.help} |")
     return "\n".join(rows)

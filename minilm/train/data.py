@@ -208,15 +208,6 @@ def _source_fingerprint(source: str) -> Any:
     return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
 
 
-def cache_key(source: str, tokenizer: str, text_field: str, name: str | None, split: str,
-              val_fraction: float) -> str:
-    settings = dict(source=_source_fingerprint(source), tokenizer=tokenizer, text_field=text_field,
-                    name=name, split=split, val_fraction=val_fraction, version=1)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    slug = re.sub(r"[^\w.-]+", "_", Path(source).name or source)[:40]
-    return f"{slug}-{tokenizer}-{digest}"
-
-
 def _write_tokens(path: Path, ds, dtype: np.dtype) -> int:
     """Concatenate ds["ids"] into a flat .bin file; returns the token count."""
     n = int(sum(ds["len"])) if len(ds) else 0
@@ -233,49 +224,50 @@ def _write_tokens(path: Path, ds, dtype: np.dtype) -> int:
     return n
 
 
-def cache_folder(source: str, tokenizer: str, text_field: str, name: str | None, split: str,
-                 val_fraction: float, cache_dir: str | Path) -> Path:
-    """Where prepare() keeps the tokens of these data settings."""
-    key = cache_key(source, tokenizer, text_field, name, split, val_fraction)
-    return Path(cache_dir).expanduser() / key
+def cache_folder(source: str, tokenizer: str = "char", text_field: str = "text",
+                 name: str | None = None, split: str = "train", val_fraction: float = 0.1,
+                 cache_dir: str | Path = "data_cache", root: str | Path = ".",
+                 **_no_effect: Any) -> Path:
+    """Where prepare() keeps the tokens of these data settings: cache_dir/<key>, the key hashing
+    the source (a local one by its files' content), the tokenizer and the split settings.
 
-
-def cached_data(source: str, tokenizer: str, text_field: str, name: str | None, split: str,
-                val_fraction: float, cache_dir: str | Path) -> PreparedData | None:
-    """The data prepare() wrote for these settings, or None when it has not (yet)."""
-    return _read_prepared(cache_folder(source, tokenizer, text_field, name, split, val_fraction,
-                                       cache_dir))
+    Takes a run's data settings whole (prepare's arguments, a DataConfig as a dict), the ones
+    that change nothing in the files (num_proc) included. root: the folder that a relative
+    source and cache_dir are read from (where training ran)."""
+    local = Path(root) / Path(source).expanduser()
+    if source != "shakespeare" and local.exists():
+        source = str(local)  # the same files give the same key from any folder
+    settings = dict(source=_source_fingerprint(source), tokenizer=tokenizer, text_field=text_field,
+                    name=name, split=split, val_fraction=val_fraction, version=1)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^\w.-]+", "_", Path(source).name or source)[:40]
+    return Path(root) / Path(cache_dir).expanduser() / f"{slug}-{tokenizer}-{digest}"
 
 
 def find_data_cache(state: dict[str, Any], ckpt_dir: Path | None, ckpt: str) -> PreparedData:
     """The prepared data the checkpoint was trained on: the folder prepare() would use for the
     state's data config, looked up from the current folder and, for a relative out_dir, from the
     folder training ran in. Never re-tokenizes: a missing cache is an error."""
-    data = (state.get("config") or {}).get("data")
+    config = state.get("config") or {}
+    data = config.get("data")
     if not data:
-        raise ValueError(f"{ckpt} has no data cache (its state names no training data, e.g. a "
-                         "Hugging Face model): evaluate it on --text FILE")
+        raise DataError(f"{ckpt} has no data cache (its state names no training data, e.g. a "
+                        "Hugging Face model): evaluate it on --text FILE")
     roots = [Path.cwd()]
-    out_dir = (state.get("config") or {}).get("out_dir")
+    out_dir = config.get("out_dir")
     if ckpt_dir is not None and out_dir and not Path(out_dir).is_absolute():
         run_dir, parts = ckpt_dir.resolve().parent, Path(out_dir).parts
         if run_dir.parts[-len(parts):] == parts:  # training ran in the folder above out_dir
             roots.append(Path(*run_dir.parts[:-len(parts)]))
-    tried = []
-    for root in roots:
-        source = data["source"]
-        if source != "shakespeare" and (root / source).exists():
-            source = str(root / source)  # the same files give the same key from anywhere
-        settings = (source, data["tokenizer"], data.get("text_field", "text"), data.get("name"),
-                    data.get("split", "train"), data["val_fraction"],
-                    root / Path(data.get("cache_dir", "data_cache")).expanduser())
-        found = cached_data(*settings)
+    folders = [cache_folder(**data, root=root) for root in roots]
+    for folder in folders:
+        found = _read_prepared(folder)
         if found is not None:
             return found
-        tried.append(str(cache_folder(*settings)))
-    raise ValueError(f"the data cache {ckpt} was trained on is missing (looked for "
-                     f"{' and '.join(dict.fromkeys(tried))}; data.source {data['source']!r}): "
-                     "prepare it again with the same data settings, or evaluate on --text FILE")
+    raise DataError(f"the data cache {ckpt} was trained on is missing (looked for "
+                    f"{' and '.join(dict.fromkeys(map(str, folders)))}; data.source "
+                    f"{data['source']!r}): prepare it again with the same data settings, or "
+                    "evaluate on --text FILE")
 
 
 def _read_prepared(folder: Path) -> PreparedData | None:
@@ -290,7 +282,6 @@ def prepare(source: str = "shakespeare", tokenizer: str = "char", text_field: st
             num_proc: int = 1, cache_dir: str | Path = "data_cache",
             log=print) -> PreparedData:
     """Tokenize a source into cache_dir/<key>/{train,val}.bin + meta.json (reused when present)."""
-    # one cache key: it fingerprints every file of a local source
     out = cache_folder(source, tokenizer, text_field, name, split, val_fraction, cache_dir)
     cached = _read_prepared(out)
     if cached is not None:

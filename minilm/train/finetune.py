@@ -1,11 +1,12 @@
 """train.init_from: start training from a pretrained model, as nanoGPT's init_from.
 
 The source (a minilm checkpoint or out_dir, a Hugging Face GPT-2 folder, a hub id) decides the
-model's shape, its tokenizer and its logit soft-cap. Those enter the run's config, so config.yaml
-and every checkpoint describe the model truthfully. A model.* key, data.tokenizer or loss.softcap
-that the user set and that contradicts the source is a one-line ConfigError naming both values;
-model.dropout is free (it only acts in training), and model.block_size may be set smaller (the
-position table is cropped, as nanoGPT's crop_block_size). The optimizer starts fresh.
+model's shape and output function (model.*, model.logit_softcap included) and its tokenizer. Those
+enter the run's config, so config.yaml and every checkpoint describe the model truthfully. A
+model.* key or data.tokenizer that the user set and that contradicts the source is a one-line
+ConfigError naming both values; model.dropout is free (it only acts in training), and
+model.block_size may be set smaller (the position table is cropped, as nanoGPT's
+crop_block_size). The optimizer starts fresh.
 
 When the run resumes (train.resume), the source is the out_dir's own last checkpoint: its config
 gives the shape, and the trainer's resume loads its weights and optimizer state as for any run.
@@ -25,7 +26,7 @@ from minilm.model.gpt import GPT
 from minilm.train.config import Config, ModelConfig, given_keys
 from minilm.train.data import PreparedData
 
-# What the source decides: every model key but dropout, the tokenizer and the soft-cap.
+# What the source decides: every model key but dropout (the soft-cap included), and the tokenizer.
 SHAPE_KEYS = tuple(f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name != "dropout")
 
 
@@ -42,8 +43,8 @@ def tokenizer_name(description: dict[str, Any]) -> str:
 
 
 def resolve_init_from(cfg: Config, resume_state: dict[str, Any] | None) -> Source | None:
-    """Load train.init_from's source and write its shape, tokenizer and soft-cap into cfg (the
-    user's contradicting keys are errors). None for train.init_from: scratch. When the run
+    """Load train.init_from's source and write its model keys and tokenizer into cfg (the user's
+    contradicting keys are errors). None for train.init_from: scratch. When the run
     resumes, resume_state (out_dir/last's state.json, read by the trainer) is the source."""
     if cfg.train.init_from == "scratch":
         return None
@@ -55,11 +56,10 @@ def resolve_init_from(cfg: Config, resume_state: dict[str, Any] | None) -> Sourc
         except (KeyError, TypeError, AttributeError):
             raise CheckpointError(f"corrupt checkpoint {ckpt}: state.json has no run "
                                   "config") from None
-        values = {key: fixed[key] for key in (*SHAPE_KEYS, "loss.softcap") if key in fixed}
+        values = {key: fixed[key] for key in SHAPE_KEYS if key in fixed}
     else:
         model, tokenizer, _ = load_model(cfg.train.init_from, "cpu")
         values = {key: getattr(model.config, key.split(".")[1]) for key in SHAPE_KEYS}
-        values["loss.softcap"] = model.logit_softcap
         source = Source(f"train.init_from {cfg.train.init_from!r}", tokenizer.to_dict(), model)
     values["data.tokenizer"] = tokenizer_name(source.tokenizer)
     _adopt(cfg, values, source.label)
@@ -87,7 +87,6 @@ def initial_model(cfg: Config, data: PreparedData, source: Source | None) -> GPT
     """The model training starts from: new weights (scratch, or a resume, whose weights the trainer
     loads next) or the source's, once the data's tokenizer is checked to be the source's."""
     model = GPT(cfg.model.gpt_config(data.vocab_size))
-    model.logit_softcap = cfg.loss.softcap
     if source is None or source.model is None:
         return model
     ours, theirs = data.meta["tokenizer"], source.tokenizer

@@ -1,5 +1,9 @@
-"""The training loop: AdamW, warmup + cosine schedule, AMP, gradient accumulation, DDP, eval,
-checkpoints, resume and stopping.
+"""The training loop: AdamW, warmup + cosine schedule, AMP, gradient accumulation, eval,
+checkpoints, resume and stopping; the processes and the model's wrapping (DDP) are parallel.py's.
+
+A run is a few named steps over a small state (RunState: the step, the best val loss, the step
+out_dir/last holds): train_step (micro-batches, accumulation, clipping, the optimizer step),
+log_step, eval_and_checkpoint, save_last, and the stop vote (stop_if_asked).
 
 Batches are a pure function of (seed, rank, step, micro-step), so a resumed run, or any rank of a
 DDP run, draws exactly the windows an uninterrupted run would have drawn.
@@ -16,16 +20,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
-import torch.distributed as dist
+import torch.nn as nn
 import yaml
 
 from minilm.checkpoint import (
@@ -40,62 +43,14 @@ from minilm.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from minilm.device import resolve_device
 from minilm.errors import CheckpointError, ConfigError, TrainingStopped
 from minilm.model.gpt import GPT
 from minilm.train.config import Config, TrainConfig, validate
 from minilm.train.data import PreparedData, get_batch, prepare
 from minilm.train.finetune import initial_model, resolve_init_from
+from minilm.train.parallel import Distributed, gradient_sync, setup_distributed, wrap_model
 from minilm.train.tracking import Timer, Tracker, console_log, make_tracker
 
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    control: Any = None  # a gloo group for the CPU flags all ranks agree on (None: the default)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, value: float) -> float:
-        """The sum of a number over all ranks, on the CPU: every rank decides on the same figure
-        at the same step without syncing the GPU."""
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.control)
-        return t.item()
-
-    def max_later(self, read: Callable[[], float]) -> Callable[[], float]:
-        """The max of read() over all ranks, on the CPU, sent now and waited for when the function
-        returned is called: the collective travels while this rank works on, so a per-step vote
-        costs no rank a wait. One process: read() itself, read when called."""
-        if self.world_size == 1:
-            return read
-        t = torch.tensor([float(read())], dtype=torch.float64)
-        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
-
-        def result() -> float:
-            work.wait()
-            return t.item()
-        return result
-
-
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """This process's rank and device; under torchrun, join the process group (nccl on CUDA,
-    gloo otherwise)."""
-    env = os.environ
-    d = Distributed(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                    int(env.get("LOCAL_RANK", 0)))
-    device = resolve_device(device_name, d.local_rank, key="train.device")
-    if "RANK" in env and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if d.world_size > 1 and dist.get_backend() != "gloo":
-        d.control = dist.new_group(backend="gloo")
-    return d, device
 
 
 class StopSignals:
@@ -191,8 +146,8 @@ def eval_splits(cfg: Config) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, data: PreparedData, cfg: Config, device: torch.device,
-             autocast) -> dict[str, float]:
+def estimate_loss(model: GPT, data: PreparedData, cfg: Config, device: torch.device,
+                  autocast: ContextManager) -> dict[str, float]:
     """Mean loss over eval_iters fixed batches of each split; the same batches every eval."""
     model.eval()
     losses, loss_kwargs = {}, loss_options(cfg)
@@ -300,6 +255,7 @@ def _interrupted(signum: int, step: int, last: Path, show: bool = True) -> Train
                            exit_code=128 + signum, show=show)
 
 
+
 def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by cfg; returns the run summary. Raises
     TrainingStopped when a signal or a diverged loss ends the run early.
@@ -307,24 +263,32 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     Everything that can be checked is checked before the run writes anything (see start_run):
     a run that cannot start leaves out_dir as it was, and no wandb run."""
     validate(cfg)
-    ddp, device = setup_distributed(cfg.train.device)
+    ranks, device = setup_distributed(cfg.train.device)
     try:
-        start = start_run(cfg, ddp, device,
-                          tracker.info if tracker is not None else console_log(ddp.is_main))
-        if cfg.train.overwrite and ddp.is_main:
+        start = start_run(cfg, ranks, device,
+                          tracker.info if tracker is not None else console_log(ranks.is_main))
+        if cfg.train.overwrite and ranks.is_main:
             clear_out_dir(Path(cfg.out_dir))
-        tracker = tracker or make_tracker(cfg, enabled=ddp.is_main,
-                                          resume_step=start.step if start.resumed else None)
+        tracker = tracker or make_tracker(cfg, enabled=ranks.is_main,
+                                          resume_step=start.state.step if start.resumed else None)
         try:
-            return _train(cfg, tracker, ddp, device, start)
+            return _train(Run(cfg, tracker, ranks, device, start), start.state)
         except BaseException as e:
             # a stop, a crash: the run is closed (wandb marks it failed), so that none stays open
             # in this process for the next wandb.init to continue
             tracker.close(exit_code=getattr(e, "exit_code", 1))
             raise
     finally:
-        if ddp.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        ranks.close()
+
+
+@dataclass
+class RunState:
+    """What changes as a run goes: the steps done, the best val loss so far and the step that
+    out_dir/last holds (None before the first save)."""
+    step: int = 0
+    best_val: float = math.inf
+    saved_step: int | None = None
 
 
 @dataclass
@@ -332,21 +296,21 @@ class Start:
     """What a run starts from, checked and loaded before anything of the run is written."""
     data: PreparedData
     model: GPT
+    forward: nn.Module  # what the training step calls: the model compiled and/or in DDP
     optimizer: torch.optim.AdamW
-    step: int = 0
-    best_val: float = math.inf
+    state: RunState
     resumed: bool = False  # from out_dir/last
 
 
-def start_run(cfg: Config, ddp: Distributed, device: torch.device,
+def start_run(cfg: Config, ranks: Distributed, device: torch.device,
               log: Callable[[str], None]) -> Start:
     """Every check a run can make before it writes anything, in the order of their cost: out_dir
     (resume, overwrite), the checkpoint resumed from, train.init_from, the data (preparation,
-    tokenizer, split lengths), a char vocabulary against the source's; then the model and the
-    optimizer, loaded from the checkpoint when resuming."""
+    tokenizer, split lengths), a char vocabulary against the source's; then the model, its
+    wrapping and the optimizer, loaded from the checkpoint when resuming."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ckpt = claim_out_dir(cfg, ddp.is_main)
+    ckpt = claim_out_dir(cfg, ranks.is_main)
     # read once, by every rank, from the complete version (rank 0 may still be renaming it back)
     state = read_state(complete_checkpoint(ckpt)) if ckpt is not None else None
     step = resume_step(ckpt, state, cfg.train.max_iters) if ckpt is not None else 0
@@ -354,40 +318,41 @@ def start_run(cfg: Config, ddp: Distributed, device: torch.device,
     if ckpt is not None:
         _check_resumable(cfg, state)
     warning = warmup_warning(cfg.train)
-    if warning and ddp.is_main:
+    if warning and ranks.is_main:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    data = _prepare_data(cfg, ddp, log)
+    data = _prepare_data(cfg, ranks, log)
 
-    torch.manual_seed(cfg.train.seed + ddp.rank)
+    torch.manual_seed(cfg.train.seed + ranks.rank)
     model = initial_model(cfg, data, source)
     if source is not None and source.model is not None:
         log(f"initialised from {source.label}")
     model.to(device)
+    forward = wrap_model(model, ranks, device, resolve_compile(cfg.train.compile, device))
     optimizer = configure_optimizer(model, cfg.train, device)
     if ckpt is None:
-        return Start(data, model, optimizer)
+        return Start(data, model, forward, optimizer, RunState())
     load_weights(ckpt, model)
     opt_state, rng = load_training_state(ckpt)
     optimizer.load_state_dict(opt_state)
-    if ddp.is_main:
+    if ranks.is_main:
         set_rng_states(rng)
     else:
-        torch.manual_seed(cfg.train.seed + ddp.rank + 7919 * step)
+        torch.manual_seed(cfg.train.seed + ranks.rank + 7919 * step)
     log(f"resuming from {ckpt} at step {step}")
     best_val = state.get("best_val_loss")
-    return Start(data, model, optimizer, step, math.inf if best_val is None else best_val,
+    return Start(data, model, forward, optimizer,
+                 RunState(step, math.inf if best_val is None else best_val, saved_step=step),
                  resumed=True)
 
 
-def _prepare_data(cfg: Config, ddp: Distributed, log: Callable[[str], None]) -> PreparedData:
+def _prepare_data(cfg: Config, ranks: Distributed, log: Callable[[str], None]) -> PreparedData:
     """The run's tokens, each split checked to hold a window. Rank 0 prepares, the others wait
     and then read the cached files."""
     data_args = dataclasses.asdict(cfg.data)
-    if ddp.is_main:
+    if ranks.is_main:
         data = prepare(**data_args, log=log)
-    if ddp.world_size > 1:
-        dist.barrier()
-    if not ddp.is_main:
+    ranks.barrier()
+    if not ranks.is_main:
         data = prepare(**data_args, log=lambda *_: None)
     splits = eval_splits(cfg)
     data.check_windows(splits, cfg.model.block_size)
@@ -397,134 +362,168 @@ def _prepare_data(cfg: Config, ddp: Distributed, log: Callable[[str], None]) -> 
     return data
 
 
-def _train(cfg: Config, tracker: Tracker, ddp: Distributed, device: torch.device,
-           start: Start) -> dict[str, Any]:
+class Run:
+    """What the steps of a run share, fixed once it starts: the config, the tracker, the ranks,
+    the data, the model (evals and checkpoints read it), what a training step calls (`forward`),
+    the optimizer, and the precision (autocast, the fp16 grad scaler)."""
+
+    def __init__(self, cfg: Config, tracker: Tracker, ranks: Distributed, device: torch.device,
+                 start: Start):
+        self.cfg, self.tracker, self.ranks, self.device = cfg, tracker, ranks, device
+        self.data, self.model, self.forward = start.data, start.model, start.forward
+        self.optimizer, self.resumed = start.optimizer, start.resumed
+        self.dtype = resolve_dtype(cfg.train.dtype, device)
+        self.autocast = (torch.autocast(device.type, dtype=self.dtype)
+                         if self.dtype != torch.float32 else contextlib.nullcontext())
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.out_dir = Path(cfg.out_dir)
+        self.last = self.out_dir / "last"
+        self.train_tokens = start.data.tokens("train")
+        self.loss_options = loss_options(cfg)
+        t = cfg.train
+        self.tokens_per_micro = t.batch_size * cfg.model.block_size
+        self.tokens_per_step = self.tokens_per_micro * t.grad_accum_steps * ranks.world_size
+
+    def is_eval_step(self, step: int) -> bool:
+        return step % self.cfg.train.eval_interval == 0 or step == self.cfg.train.max_iters
+
+    def is_log_step(self, step: int) -> bool:
+        return self.is_eval_step(step) or step % self.cfg.train.log_interval == 0 or step == 1
+
+
+def _train(run: Run, state: RunState) -> dict[str, Any]:
     """train()'s work, from the run's first record to the last checkpoint."""
-    dtype = resolve_dtype(cfg.train.dtype, device)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
-    out_dir = Path(cfg.out_dir)
-    last = out_dir / "last"
-    data, model, optimizer = start.data, start.model, start.optimizer
-    step, best_val = start.step, start.best_val
-    saved_step = step if start.resumed else None  # the step out_dir/last holds
-
-    counts = model.param_counts()
-    compile_model = resolve_compile(cfg.train.compile, device)
-    tracker.info(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts}), "
-                 f"device {device}, dtype {str(dtype).removeprefix('torch.')}"
-                 + (", compiled" if compile_model else "")
-                 + (f", {ddp.world_size} processes" if ddp.world_size > 1 else ""))
-    if ddp.is_main:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    raw_model = model
-    if compile_model:
-        model = torch.compile(model)
-    if ddp.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    t = cfg.train
-    tokens_per_micro = t.batch_size * cfg.model.block_size
-    tokens_per_step = tokens_per_micro * t.grad_accum_steps * ddp.world_size
-    train_tokens = data.tokens("train")
-    loss_kwargs = loss_options(cfg)
-    state_base = dict(config=cfg.to_dict(), tokenizer=data.meta["tokenizer"])
-    tracker.set_summary(params_total=counts["total"], params_embedding=counts["embedding"],
-                        params_head=counts["head"], params_non_embedding=counts["non_embedding"])
-
-    def save_last(step: int, **metrics: float) -> None:
-        nonlocal saved_step
-        save_checkpoint(last, raw_model, optimizer,
-                        dict(state_base, step=step, best_val_loss=best_val, **metrics))
-        saved_step = step
-
-    def eval_and_checkpoint(step: int) -> None:
-        nonlocal best_val
-        metrics = evaluate(raw_model, data, cfg, device, autocast)
-        tracker.log_eval(step, **metrics)
-        bad = next((v for v in metrics.values() if not math.isfinite(v)), None)
-        if bad is not None:  # never a checkpoint of diverged weights
-            raise _diverged(step, bad, last, saved_step)
-        if step == 0:
-            return
-        is_best = metrics.get("val_loss", math.inf) < best_val
-        best_val = min(best_val, metrics.get("val_loss", math.inf))
-        save_last(step, **metrics)
-        if is_best:
-            copy_checkpoint(last, out_dir / "best")
-
-    stop = StopSignals(once=ddp.world_size == 1)
+    describe_run(run)
+    stop = StopSignals(once=run.ranks.world_size == 1)
     try:
         with stop:
-            if not start.resumed and ddp.is_main:
-                eval_and_checkpoint(0)
+            if not run.resumed:
+                eval_and_checkpoint(run, state)  # step 0: the loss before training
             timer = Timer()
-            timer.restart(step)
-            model.train()
-            while step < t.max_iters:
+            timer.restart(state.step)
+            run.forward.train()
+            while state.step < run.cfg.train.max_iters:
                 # every rank's signal, voted on while the step computes: all ranks stop after the
                 # same step (under torchrun the one after the signal, one process this one)
-                stop_vote = ddp.max_later(lambda: stop.received or 0)
-                lr = lr_at(step, t)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step_loss = torch.zeros((), device=device)
-                for micro in range(t.grad_accum_steps):
-                    x, y = get_batch(train_tokens, t.batch_size, cfg.model.block_size,
-                                     batch_generator(t.seed, ddp.rank, step, micro), device)
-                    is_last = micro == t.grad_accum_steps - 1
-                    sync = model.no_sync() if (ddp.world_size > 1 and not is_last) \
-                        else contextlib.nullcontext()
-                    with sync:
-                        with autocast:
-                            # "sum" over the micro-batch, one divisor for the whole step: the step's
-                            # loss is the mean over all its tokens, however they are split into
-                            # micro-batches.
-                            loss = model(x, y, reduction="sum", **loss_kwargs) / (
-                                tokens_per_micro * t.grad_accum_steps)
-                        scaler.scale(loss).backward()
-                    step_loss += loss.detach()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    raw_model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-
-                evaluating = step % t.eval_interval == 0 or step == t.max_iters
-                if evaluating or step % t.log_interval == 0 or step == 1:
-                    sec = timer.seconds_per_step(step)  # .item() below syncs: an honest time
-                    # every rank checks the same (all-rank mean) loss, so all stop together
-                    loss_value = ddp.sum(step_loss.item()) / ddp.world_size
-                    if ddp.is_main:
-                        tracker.log_step(step, loss=loss_value, lr=lr,
-                                         tokens_per_sec=tokens_per_step / sec,
-                                         ms_per_iter=1000 * sec, grad_norm=grad_norm.item())
-                    if not math.isfinite(loss_value):
-                        raise _diverged(step, loss_value, last, saved_step, ddp.is_main)
-                    timer.restart(step)
-                if ddp.is_main and evaluating:
-                    eval_and_checkpoint(step)
-                    timer.restart(step)
-                signum = int(stop_vote())
-                if signum and step < t.max_iters:
-                    if ddp.is_main and saved_step != step:
-                        save_last(step)
-                    if ddp.world_size > 1:
-                        dist.barrier()  # no rank exits while rank 0 still writes
-                    raise _interrupted(signum, step, last, ddp.is_main)
+                stop_vote = run.ranks.max_later(lambda: stop.received or 0)
+                step_loss, grad_norm, lr = train_step(run, state.step)
+                state.step += 1
+                if run.is_log_step(state.step):
+                    log_step(run, state, step_loss, grad_norm, lr, timer)
+                if run.is_eval_step(state.step):
+                    eval_and_checkpoint(run, state)
+                    timer.restart(state.step)
+                stop_if_asked(run, state, int(stop_vote()))
     except TrainingStopped:
-        tracker.set_summary(best_val_loss=best_val if best_val < math.inf else None,
-                            tokens_seen=step * tokens_per_step, stopped_at_step=step)
+        _set_summary(run, state, stopped_at_step=state.step)
         raise
+    _set_summary(run, state)
+    run.tracker.close(final_checkpoint=run.last if run.ranks.is_main else None)
+    run.ranks.barrier()
+    return dict(run.tracker.summary, step=state.step, out_dir=str(run.out_dir))
 
-    tracker.set_summary(best_val_loss=best_val if best_val < math.inf else None,
-                        tokens_seen=step * tokens_per_step)
-    tracker.close(final_checkpoint=last if ddp.is_main else None)
-    if ddp.world_size > 1:
-        dist.barrier()
-    return dict(tracker.summary, step=step, out_dir=str(out_dir))
+
+def describe_run(run: Run) -> None:
+    """The run's first records: the model line, config.yaml, the parameter counts."""
+    counts = run.model.param_counts()
+    compiled = resolve_compile(run.cfg.train.compile, run.device)
+    run.tracker.info(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts}), "
+                     f"device {run.device}, dtype {str(run.dtype).removeprefix('torch.')}"
+                     + (", compiled" if compiled else "")
+                     + (f", {run.ranks.world_size} processes" if run.ranks.world_size > 1 else ""))
+    if run.ranks.is_main:
+        (run.out_dir / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(),
+                                                                sort_keys=False))
+    run.tracker.set_summary(params_total=counts["total"], params_embedding=counts["embedding"],
+                            params_head=counts["head"],
+                            params_non_embedding=counts["non_embedding"])
+
+
+def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step: the micro-batches' gradients accumulated (the ranks average them on
+    the last one), clipped, AdamW at the step's learning rate. Returns the step's loss and the
+    gradient norm (tensors: reading them syncs the device) and the learning rate."""
+    t, ranks = run.cfg.train, run.ranks
+    lr = lr_at(step, t)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=run.device)
+    for micro in range(t.grad_accum_steps):
+        x, y = get_batch(run.train_tokens, t.batch_size, run.cfg.model.block_size,
+                         batch_generator(t.seed, ranks.rank, step, micro), run.device)
+        with gradient_sync(run.forward, ranks, is_last=micro == t.grad_accum_steps - 1):
+            with run.autocast:
+                # "sum" over the micro-batch, one divisor for the whole step: the step's loss is
+                # the mean over all its tokens, however they are split into micro-batches.
+                loss = run.forward(x, y, reduction="sum", **run.loss_options) / (
+                    run.tokens_per_micro * t.grad_accum_steps)
+            run.scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        run.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, lr
+
+
+def log_step(run: Run, state: RunState, step_loss: torch.Tensor, grad_norm: torch.Tensor,
+             lr: float, timer: Timer) -> None:
+    """The step's record (rank 0), and the divergence check: every rank checks the same
+    all-rank mean loss, so all stop together."""
+    sec = timer.seconds_per_step(state.step)  # .item() below syncs: an honest time
+    loss = run.ranks.sum(step_loss.item()) / run.ranks.world_size
+    if run.ranks.is_main:
+        run.tracker.log_step(state.step, loss=loss, lr=lr,
+                             tokens_per_sec=run.tokens_per_step / sec, ms_per_iter=1000 * sec,
+                             grad_norm=grad_norm.item())
+    if not math.isfinite(loss):
+        raise _diverged(state.step, loss, run.last, state.saved_step, run.ranks.is_main)
+    timer.restart(state.step)
+
+
+def eval_and_checkpoint(run: Run, state: RunState) -> None:
+    """Rank 0: the eval losses, then (past step 0) out_dir/last and, on a new best val loss,
+    out_dir/best; never a checkpoint of diverged weights."""
+    if not run.ranks.is_main:
+        return
+    metrics = estimate_loss(run.model, run.data, run.cfg, run.device, run.autocast)
+    run.tracker.log_eval(state.step, **metrics)
+    bad = next((v for v in metrics.values() if not math.isfinite(v)), None)
+    if bad is not None:
+        raise _diverged(state.step, bad, run.last, state.saved_step)
+    if state.step == 0:
+        return
+    val = metrics.get("val_loss", math.inf)
+    is_best = val < state.best_val
+    state.best_val = min(state.best_val, val)
+    save_last(run, state, **metrics)
+    if is_best:
+        copy_checkpoint(run.last, run.out_dir / "best")
+
+
+def save_last(run: Run, state: RunState, **metrics: float) -> None:
+    """out_dir/last at this step (rank 0), with the run's config, tokenizer and figures."""
+    if not run.ranks.is_main:
+        return
+    save_checkpoint(run.last, run.model, run.optimizer,
+                    dict(config=run.cfg.to_dict(), tokenizer=run.data.meta["tokenizer"],
+                         step=state.step, best_val_loss=state.best_val, **metrics))
+    state.saved_step = state.step
+
+
+def stop_if_asked(run: Run, state: RunState, signum: int) -> None:
+    """After a step: when the ranks' vote says a signal came (and steps remain), save
+    out_dir/last unless it holds this step already, and stop (TrainingStopped)."""
+    if not signum or state.step >= run.cfg.train.max_iters:
+        return
+    if state.saved_step != state.step:
+        save_last(run, state)
+    run.ranks.barrier()  # no rank exits while rank 0 still writes
+    raise _interrupted(signum, state.step, run.last, run.ranks.is_main)
+
+
+def _set_summary(run: Run, state: RunState, **extra: int) -> None:
+    run.tracker.set_summary(best_val_loss=state.best_val if state.best_val < math.inf else None,
+                            tokens_seen=state.step * run.tokens_per_step, **extra)
