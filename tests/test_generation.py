@@ -834,3 +834,28 @@ def test_a_request_that_cannot_draw_fails_alone_in_its_group():
     assert list(errors) == [id(doomed)] and "no token left" in str(errors[id(doomed)])
     assert len(doomed.generated[0]) == 2
     assert keeper.generated[0] == complete(model, [PROMPTS[1]], 8, sampler=stack, seed=1)[0].tokens
+
+
+def test_generate_cli_passes_the_negative_prompt(serve_checkpoint, capsys):
+    """generate.py --guidance_scale with --negative_prompt runs its unconditional rows on that
+    prompt (as complete(..., negative_prompt=...)), and --show_distribution guides with it too."""
+    import json
+
+    from minilm.cli.common import run_cli
+    from minilm.cli.generate import main
+    from minilm.interop.loading import load_model
+
+    model, tokenizer, _ = load_model(serve_checkpoint)
+    prompt = "ROMEO:\nWhat say"
+    stack = SamplerStack.from_settings(temperature=0.0, guidance_scale=-1.5)
+    expected = {neg: complete(model, [tokenizer.encode(prompt)], 8, sampler=stack,
+                              eos_id=tokenizer.eot_token,
+                              negative_prompt=tokenizer.encode(neg))[0].tokens
+                for neg in ("JULIET:", "x")}
+    assert expected["JULIET:"] != expected["x"]
+    for neg, tokens in expected.items():
+        args = ["--ckpt", str(serve_checkpoint), "--prompt", prompt, "--max_new_tokens", "8",
+                "--temperature", "0", "--guidance_scale", "-1.5", "--negative_prompt", neg,
+                "--json"]
+        assert run_cli(main, args) == 0
+        assert json.loads(capsys.readouterr().out)["tokens"] == tokens

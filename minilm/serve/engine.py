@@ -45,7 +45,6 @@ class Stream:
 
     def __init__(self, engine: Engine, request: Request, loop: asyncio.AbstractEventLoop):
         self.engine, self.request, self.loop = engine, request, loop
-        self.rows = len(request.prompts)
         self._queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
 
