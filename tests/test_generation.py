@@ -20,7 +20,9 @@ from minilm.sampling.generation import (
     next_token_table,
 )
 from minilm.sampling.history import History
+from minilm.sampling.prefix_cache import PrefixCache
 from minilm.sampling.stack import SamplerStack
+from minilm.sampling.stages import Temperature
 from minilm.tokenizer import CharTokenizer
 
 V = 32
@@ -521,9 +523,339 @@ def test_admitting_several_requests_with_one_prefill():
     batch = RunningBatch(model, max_rows=4)
     outcomes = batch.admit_many([a, bad, none, c])
     assert outcomes[2] is None and isinstance(outcomes[1], ValueError) and bad.error is outcomes[1]
-    assert [r for r, _ in batch.slots] == [a, a, c]
+    assert [s.request for s in batch.slots] == [a, a, c]
     while batch.slots:
         batch.step()
     assert a.generated == tokens_of(complete(model, [PROMPTS[1], PROMPTS[2]], 15, sampler=stack,
                                              seed=[1, 2]))
     assert c.generated == tokens_of(complete(model, [PROMPTS[3]], 9, sampler=stack, seed=4))
+
+
+# ------------------------------------------------------------------------------------------------
+# reuse: rows sharing a prefix, the prefix cache, chunked filling
+
+
+def run_to_end(batch, request) -> list[list]:
+    """add() the request and step the batch until it is done: its RowTokens per row."""
+    rows = [[] for _ in request.prompts]
+    assert batch.add(request)
+    while request in batch.requests:
+        for r, step in batch.step():
+            assert not isinstance(step, Exception), step
+            if r is request and step is not None:
+                for t in step.row_tokens():
+                    rows[t.row].append(t)
+    return rows
+
+
+def assert_as_cold(model, prompts, rows, n, **kwargs):
+    """Each row's tokens and logprobs are those of its prompt alone in a fresh batch."""
+    for prompt, got in zip(prompts, rows):
+        (alone,) = complete(model, [prompt], n, logprobs=2, **kwargs)
+        assert [t.token for t in got] == alone.tokens
+        torch.testing.assert_close(torch.tensor([t.logprob for t in got]),
+                                   torch.tensor(alone.logprobs), atol=1e-4, rtol=0)
+
+
+CONTEXT = [(7 * i + 3) % V for i in range(40)]
+
+
+def test_rows_sharing_a_context_compute_it_once():
+    """complete() over prompts that share a context: the first row computes it, the others wait
+    for it and copy it (keys, values), computing only their own tokens; identical windows copy
+    everything. Results are the cold ones."""
+    model = tiny_model(block_size=64, seed=7, dtype=torch.float32)
+    prompts = [CONTEXT + [i, i + 1] for i in range(3)] + [CONTEXT[:20], CONTEXT + [0, 1]]
+    batch = RunningBatch(model, max_rows=5)
+    rows = run_to_end(batch, Request(model, prompts, 6, logprobs=2))
+    assert batch.prompt_tokens == 4 * 42 + 20
+    # rows 1, 2 copy the 40 shared tokens; row 3 its first 19 (its last one is computed: its
+    # logits are its first draw); row 4 is row 0's window: all 42, logits included
+    assert batch.reused_tokens == 2 * 40 + 19 + 42
+    assert_as_cold(model, prompts, rows, 6)
+
+
+def test_the_prefix_cache_across_requests_and_its_lru():
+    """A later request reuses the full blocks an earlier one computed (its keys and values are
+    copied into its slot); results equal a cold run's. When the pool is full the least recently
+    used leaf block goes."""
+    model = tiny_model(block_size=64, seed=8, dtype=torch.float32)
+    cache = PrefixCache(model.config, capacity_tokens=64, block_tokens=8)  # 8 blocks
+    batch = RunningBatch(model, max_rows=2, prefix_cache=cache)
+    a = CONTEXT[:30]
+    run_to_end(batch, Request(model, [a], 3))
+    assert cache.used_blocks == 3 and batch.reused_tokens == 0  # 30 tokens: 3 full blocks
+    longer = a + [5, 6]
+    rows = run_to_end(batch, Request(model, [longer], 5, logprobs=2))
+    assert batch.reused_tokens == 24 and cache.used_blocks == 4  # its 4th block is new
+    assert_as_cold(model, [longer], rows, 5)
+    other = [(3 * i + 1) % V for i in range(40)]  # 5 blocks: 4 free, one must go
+    run_to_end(batch, Request(model, [other], 2))
+    assert cache.used_blocks == 8
+    reused = batch.reused_tokens
+    run_to_end(batch, Request(model, [longer], 1))
+    assert batch.reused_tokens - reused == 24  # the leaf block of `longer` went, its parents not
+
+
+def test_a_cancelled_request_frees_its_unshared_blocks():
+    model = tiny_model(block_size=64, seed=8, dtype=torch.float32)
+    cache = PrefixCache(model.config, capacity_tokens=256, block_tokens=8)
+    batch = RunningBatch(model, max_rows=2, prefix_cache=cache)
+    mine = Request(model, [CONTEXT[:33]], 50)
+    batch.admit(mine)
+    assert cache.used_blocks == 4
+    batch.remove(mine)
+    assert cache.used_blocks == 0 and not batch.slots
+    first, reader = Request(model, [CONTEXT[:33]], 50), Request(model, [CONTEXT[:17]], 50)
+    batch.admit(first)
+    batch.admit(reader)  # reads first's first two blocks
+    batch.remove(first)
+    assert cache.used_blocks == 2  # the two it shares stay
+    batch.remove(reader)
+    assert cache.used_blocks == 2  # a reader inserted nothing of its own
+
+
+def test_prompt_states_from_the_cache_are_the_models():
+    """keep_prompt_states: the final hidden states of the prompt's positions, the same whether
+    computed or read off the prefix cache (what the server's prompt_logprobs scores)."""
+    model = tiny_model(block_size=64, seed=9, dtype=torch.float32)
+    batch = RunningBatch(model, max_rows=2, prefix_cache=PrefixCache(model.config, 128, 8))
+    prompt = CONTEXT[:35]
+    with torch.no_grad():
+        expected = model.hidden_states(torch.tensor([prompt]))[0]
+    for reused in (0, 32):
+        request = Request(model, [prompt], 0, keep_prompt_states=True)
+        run_to_end(batch, request)
+        assert batch.reused_tokens == reused
+        torch.testing.assert_close(request.prompt_states[0], expected, atol=1e-5, rtol=0)
+
+
+def test_a_long_prompt_fills_in_chunks_between_decode_steps():
+    """prefill_chunk: a 40-token prompt arriving while a row decodes is filled 4 columns per
+    step; the running row draws a token every step meanwhile, and both produce their cold
+    tokens."""
+    model = tiny_model(block_size=64, seed=10, dtype=torch.float32)
+    batch = RunningBatch(model, max_rows=2, prefill_chunk=4)
+    running = Request(model, [PROMPTS[1]], 30, logprobs=2)
+    newcomer = Request(model, [CONTEXT], 5, logprobs=2)
+    got = {id(running): [[]], id(newcomer): [[]]}
+    steps_with = []  # per step: which requests drew
+    batch.add(running)
+    for step_no in range(40):
+        if step_no == 2:
+            batch.add(newcomer)
+        outcomes = batch.step()
+        steps_with.append([r for r, _ in outcomes])
+        for r, step in outcomes:
+            got[id(r)][0] += step.row_tokens()
+        if not batch.slots:
+            break
+    first = next(i for i, s in enumerate(steps_with) if newcomer in s)
+    assert first == 2 + 40 // 4 - 1  # 10 chunks of 4 columns, the last one with its first draw
+    assert all(running in s for s in steps_with[:first + 1])
+    assert_as_cold(model, [PROMPTS[1]], got[id(running)], 30)
+    assert_as_cold(model, [CONTEXT], got[id(newcomer)], 5)
+
+
+def test_a_window_refill_is_chunked_too():
+    """A row past block_size re-fills its window in prefill_chunk pieces while the other rows
+    draw every step; its tokens and logprobs stay the model's on its last block_size tokens."""
+    model = tiny_model(block_size=16, seed=11, dtype=torch.float32)
+    batch = RunningBatch(model, max_rows=3, prefill_chunk=5)
+    past = Request(model, [WINDOW_PROMPTS[2]], 6)  # 16 tokens: every token needs a re-fill
+    short = Request(model, [PROMPTS[0]], 12)
+    batch.admit(past)
+    batch.admit(short)
+    drew = []
+    while batch.slots:
+        drew.append({id(r) for r, _ in batch.step()})
+    assert all(id(short) in d for d in drew[:11])  # never held up by the re-fills
+    assert sum(id(past) in d for d in drew[:11]) < 5  # 15 columns per re-fill: 3 steps a token
+    alone = complete(model, [WINDOW_PROMPTS[2]], 6, logprobs=0)[0]
+    assert past.generated[0] == alone.tokens
+    assert short.generated[0] == complete(model, [PROMPTS[0]], 12)[0].tokens
+
+
+def test_score_shares_the_context_between_choices(monkeypatch):
+    """eval's score (and minilm-eval --choices): the choices' log-probabilities are the model's
+    (a float64 forward of each whole sequence), and the context is computed once, not once per
+    choice."""
+    from minilm.eval.scoring import score
+
+    model = tiny_model(block_size=64, seed=12, dtype=torch.float32)
+    tokenizer = CharTokenizer(CHARS)
+    context = "the quick brown fox jumps over the dog,"
+    choices = [" it sleeps.", " it runs away!", " what?", " the dog barks at it."]
+    reference = copy.deepcopy(model).double()
+    computed = []
+    hidden_states = model.hidden_states
+
+    def counting(idx, *args, **kwargs):
+        computed.append(idx.numel())
+        return hidden_states(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", counting)
+    scores = score(model, tokenizer, context, choices)
+    for c, s in zip(choices, scores):
+        ids = tokenizer.encode(context + c)
+        with torch.no_grad():
+            logp = torch.log_softmax(reference(torch.tensor([ids]))[0], dim=-1)
+        n = len(tokenizer.encode(c))
+        expected = [float(logp[i - 1, ids[i]]) for i in range(len(ids) - n, len(ids))]
+        assert s.logprobs == pytest.approx(expected, abs=1e-4)
+    # the context (39 tokens) once with the first choice, then the other choices' tokens
+    # (right-padded in one forward), instead of 4 x 39 + their own
+    assert sum(computed) <= len(context) + len(choices) * max(map(len, choices)) < 4 * 39
+
+
+# ------------------------------------------------------------------------------------------------
+# classifier-free guidance: the unconditional rows run in the batch
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tmp_path_factory):
+    """A random GPT2LMHeadModel (weights at 3x hf_models' scale, so that greedy paths vary) saved
+    as transformers saves it, and the same model read back by load_model."""
+    from minilm.interop.loading import load_model
+
+    from hf_models import hf_gpt2
+
+    folder = tmp_path_factory.mktemp("cfg_gpt2")
+    hf = hf_gpt2(folder, seed=3, vocab_size=50257, n_positions=64, n_embd=32, n_layer=2,
+                 n_head=2)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(3)
+    hf.save_pretrained(folder)
+    hf.generation_config.eos_token_id = None  # compare full lengths
+    hf.generation_config.pad_token_id = 0
+    model, _, _ = load_model(folder)
+    return hf, model
+
+
+CFG_PROMPT = [464, 3290, 318, 257, 922]
+
+
+@pytest.mark.slow  # transformers' import and a saved model: ~7 s for the first case
+@pytest.mark.parametrize("prompts, negative, scale", [
+    ([CFG_PROMPT], [[40, 588, 340]], 1.5),
+    ([CFG_PROMPT], None, 1.5),  # no negative prompt: HF's default, the prompt's last token
+    ([CFG_PROMPT], [[40, 588, 340]], 3.0),
+    ([CFG_PROMPT], [[40, 588, 340]], 0.0),  # 0: the negative prompt acts as the prompt
+    ([CFG_PROMPT], None, -0.5),
+    ([CFG_PROMPT, [17, 2, 9000, 13, 11]], [[40, 588, 340], [1, 2, 3]], 2.0),
+])
+def test_guidance_greedy_tokens_equal_hf_generate(hf_and_ours, prompts, negative, scale):
+    """classifier-free guidance's greedy tokens are HF generate's (guidance_scale,
+    negative_prompt_ids) on the same weights: the unconditional rows run beside the conditional
+    ones, fed the tokens those draw."""
+    hf, model = hf_and_ours
+    kwargs = dict(guidance_scale=scale, do_sample=False, max_new_tokens=16)
+    if negative is not None:
+        kwargs["negative_prompt_ids"] = torch.tensor(negative)
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[:, 5:].tolist()
+        plain = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=16)[:, 5:].tolist()
+    stack = SamplerStack.from_settings(guidance_scale=scale, temperature=0.0)
+    got = complete(model, prompts, 16, sampler=stack, negative_prompt=negative)
+    assert [r.tokens for r in got] == expected
+    if scale != 0:
+        assert expected != plain  # guidance changed something: the test can see a wrong branch
+
+
+# ------------------------------------------------------------------------------------------------
+# batched sampling: requests that share a SamplerStack draw in one call
+
+
+def count_calls(stack: SamplerStack) -> list[int]:
+    """Wrap the stack's sample(): the number of rows of each call."""
+    calls = []
+    sample = stack.sample
+
+    def counting(logits, *args, **kwargs):
+        calls.append(logits.size(0))
+        return sample(logits, *args, **kwargs)
+
+    stack.sample = counting
+    return calls
+
+
+@pytest.mark.parametrize("settings", [STACK, dict(temperature=1.2, mirostat=2, mirostat_tau=3.0)],
+                         ids=["penalties", "mirostat"])
+def test_requests_sharing_a_stack_draw_in_one_call_as_alone(settings):
+    """Rows of several requests that share a SamplerStack draw in one call per step (their
+    Histories joined); per-row state (penalty counts, Mirostat's mu, seeds) stays each row's, so
+    every request's tokens are its tokens alone, while requests join and rows leave."""
+    model = tiny_model(block_size=64, seed=13)
+    stack = SamplerStack.from_settings(**settings)
+    calls = count_calls(stack)
+    plan = {0: [Request(model, [PROMPTS[0], PROMPTS[1]], 14, sampler=stack, seed=[1, 2]),
+                Request(model, [PROMPTS[2]], 6, sampler=stack, seed=[3])],
+            3: [Request(model, [PROMPTS[3]], 12, sampler=stack, seed=[4], logprobs=0)]}
+    got = run_batch(RunningBatch(model, max_rows=4), plan)
+    assert max(calls) == 4  # the three requests' four rows in one call
+    assert len(calls) < sum(r.max_new_tokens for step in plan.values() for r in step)
+    for request in [r for step in plan.values() for r in step]:
+        seeds = [g.initial_seed() for g in request.generators]
+        alone = complete(model, request.prompts, request.max_new_tokens,
+                         sampler=SamplerStack.from_settings(**settings), seed=seeds, logprobs=0)
+        assert request.generated == tokens_of(alone)
+        for row, result in enumerate(alone):
+            torch.testing.assert_close(torch.tensor([t.logprob for t in got[id(request)][row]]),
+                                       torch.tensor(result.logprobs))
+
+
+def test_a_request_that_cannot_draw_fails_alone_in_its_group():
+    """One draw for a group fails (a row with no token left): each request then draws alone, and
+    only the one that cannot draw fails."""
+    model = tiny_model(block_size=64, seed=14)
+
+    def ban_all_in_five_token_prompts_late(logits, history=None):
+        """Every token removed, from their third token on, in the rows of 5-token prompts."""
+        generated = history.real().sum(1) - history.prompt_lens
+        doomed = (history.prompt_lens == 5) & (generated >= 2)
+        return logits.masked_fill(doomed[:, None], float("-inf"))
+
+    stack = SamplerStack([ban_all_in_five_token_prompts_late, Temperature(0.9)])
+    calls = count_calls(stack)
+    keeper = Request(model, [PROMPTS[1]], 8, sampler=stack, seed=[1])
+    doomed = Request(model, [PROMPTS[3]], 8, sampler=stack, seed=[2])
+    batch = RunningBatch(model, max_rows=2)
+    batch.admit(keeper)
+    batch.admit(doomed)
+    errors = {}
+    while batch.slots:
+        for request, outcome in batch.step():
+            if isinstance(outcome, Exception):
+                errors[id(request)] = outcome
+    assert calls[2] == 2  # they drew together until then
+    assert list(errors) == [id(doomed)] and "no token left" in str(errors[id(doomed)])
+    assert len(doomed.generated[0]) == 2
+    assert keeper.generated[0] == complete(model, [PROMPTS[1]], 8, sampler=stack, seed=1)[0].tokens
+
+
+def test_generate_cli_passes_the_negative_prompt(serve_checkpoint, capsys):
+    """generate.py --guidance_scale with --negative_prompt runs its unconditional rows on that
+    prompt (as complete(..., negative_prompt=...)), and --show_distribution guides with it too."""
+    import json
+
+    from minilm.cli.common import run_cli
+    from minilm.cli.generate import main
+    from minilm.interop.loading import load_model
+
+    model, tokenizer, _ = load_model(serve_checkpoint)
+    prompt = "ROMEO:\nWhat say"
+    stack = SamplerStack.from_settings(temperature=0.0, guidance_scale=-1.5)
+    expected = {neg: complete(model, [tokenizer.encode(prompt)], 8, sampler=stack,
+                              eos_id=tokenizer.eot_token,
+                              negative_prompt=tokenizer.encode(neg))[0].tokens
+                for neg in ("JULIET:", "x")}
+    assert expected["JULIET:"] != expected["x"]
+    for neg, tokens in expected.items():
+        args = ["--ckpt", str(serve_checkpoint), "--prompt", prompt, "--max_new_tokens", "8",
+                "--temperature", "0", "--guidance_scale", "-1.5", "--negative_prompt", neg,
+                "--json"]
+        assert run_cli(main, args) == 0
+        assert json.loads(capsys.readouterr().out)["tokens"] == tokens

@@ -2,6 +2,7 @@
 port) and the official `openai` package as the client; the numbers are checked against the
 model's own logits, computed here."""
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -389,8 +390,12 @@ def test_a_short_request_finishes_before_a_long_one(client, server):
 
 
 def test_a_client_that_disconnects_frees_its_row(server):
+    """Its rows leave the batch, and the prefix-cache blocks its prompt added (no other request
+    read them) are freed."""
     longest = httpx.get(f"{server.url}/health").json()["max_tokens_limit"]
-    body = dict(prompt=PROMPT, max_tokens=longest, stream=True, ignore_eos=True)
+    before = scrape(server)
+    prompt = "QUEEN:\nNo more of this, I pray; go thy ways."[-32:]  # 2 blocks of 16, not shared
+    body = dict(prompt=prompt, max_tokens=longest, stream=True, ignore_eos=True)
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
         chunks, lines = [], r.iter_lines()  # kept: a dropped iterator closes the connection
         for line in lines:
@@ -399,10 +404,16 @@ def test_a_client_that_disconnects_frees_its_row(server):
             if len(chunks) == 3:
                 break
         assert httpx.get(f"{server.url}/health").json()["running_rows"] >= 1
+        during = scrape(server)
+        assert during["minilm:num_requests_running"] == 1
+        assert during["minilm:prefix_cache_usage_perc"] > before["minilm:prefix_cache_usage_perc"]
     deadline = time.monotonic() + 20
     while httpx.get(f"{server.url}/health").json()["running_rows"]:
         assert time.monotonic() < deadline, "the row was never freed"
         time.sleep(0.05)
+    after = scrape(server)
+    assert after["minilm:prefix_cache_usage_perc"] == before["minilm:prefix_cache_usage_perc"]
+    assert after["minilm:num_requests_running"] == 0
     deadline = time.monotonic() + 10
     while "cancelled (client gone)" not in server.log.read_text():
         assert time.monotonic() < deadline
@@ -509,13 +520,20 @@ def test_without_fastapi_one_line_and_exit_2(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
     assert run_cli(serve_main, ["--ckpt", "x"]) == 2
     assert capsys.readouterr().err == \
-        "error: minilm-serve needs FastAPI and uvicorn: pip install 'minilm[serve]'\n"
+        "error: minilm-serve needs FastAPI, uvicorn and prometheus_client: pip install " \
+        "'minilm[serve]'\n"
 
 
 @pytest.mark.parametrize("args, message", [
     (["--max_batch", "0"], "error: --max_batch must be >= 1, got 0"),
     (["--port", "70000"], "error: --port must be in [0, 65535]"),
     (["--max_tokens_limit", "0"], "error: --max_tokens_limit must be >= 1, got 0"),
+    (["--prefill_chunk", "0"], "error: --prefill_chunk must be >= 1, got 0"),
+    (["--max_waiting", "-1"], "error: --max_waiting must be >= 0, got -1"),
+    (["--kv_cache_tokens", "8"], "error: --kv_cache_tokens must be at least one block of 16 "
+                                 "tokens, got 8"),
+    (["--kv_cache_tokens", "64", "--no_prefix_cache"], "error: --no_prefix_cache and "
+                                                       "--kv_cache_tokens contradict"),
     (["--device", "tpu9"], "error: --device: invalid choice 'tpu9'"),
     ([], "error: no checkpoint found"),
 ])
@@ -525,6 +543,7 @@ def test_bad_arguments_exit_2(tmp_path, capsys, args, message):
     assert err.startswith(message) and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_serves_a_hugging_face_gpt2_folder(tmp_path):
     """Any source load_model reads: a transformers GPT-2 folder, served in-process (the app with
     its engine thread); greedy tokens equal transformers' own generate."""
@@ -551,3 +570,209 @@ def test_serves_a_hugging_face_gpt2_folder(tmp_path):
         assert choice["token_ids"] == expected
         assert choice["text"] == bpe.decode([t for t in expected if t != bpe.eot_token])
         assert http.get("/v1/models").json()["data"][0]["id"] == "tiny-gpt2"
+
+
+# ------------------------------------------------------------------------------------------------
+# /metrics, the prefix cache, prompt_logprobs, --max_waiting
+
+
+def scrape(server_or_url) -> dict[str, float]:
+    """/metrics through prometheus_client's own parser: {sample name: value} (labels dropped;
+    every sample of this server has the one model_name label; histogram buckets keep `le`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = getattr(server_or_url, "url", server_or_url)
+    r = httpx.get(f"{url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            name = sample.name + (f"[{sample.labels['le']}]" if "le" in sample.labels else "")
+            out[name] = sample.value
+    return out
+
+
+def test_metrics_count_what_requests_did(client, server):
+    before = scrape(server)
+    r = create(client, server, prompt=PROMPT, max_tokens=7, seed=1, ignore_eos=True)
+    chunks = list(create(client, server, prompt="JULIET:", max_tokens=3, seed=2,
+                         ignore_eos=True, stream=True))
+    after = scrape(server)
+
+    def delta(name):
+        return after[name] - before.get(name, 0.0)
+
+    assert delta("minilm:prompt_tokens_total") == len(PROMPT) + len("JULIET:")
+    assert delta("minilm:generation_tokens_total") == r.usage.completion_tokens + len(chunks)
+    for histogram in ("minilm:time_to_first_token_seconds", "minilm:e2e_request_latency_seconds"):
+        assert delta(histogram + "_count") == 2 and delta(histogram + "_sum") > 0
+        assert delta(histogram + "_bucket[+Inf]") == 2
+    assert after["minilm:time_to_first_token_seconds_sum"] <= \
+        after["minilm:e2e_request_latency_seconds_sum"]
+    assert after["minilm:num_requests_running"] == after["minilm:num_requests_waiting"] == 0
+    assert after["minilm:kv_cache_usage_perc"] == 0
+    assert delta("minilm:prefix_cache_queries_total") == len(PROMPT) + len("JULIET:")
+    r = httpx.get(f"{server.url}/metrics")
+    assert f'minilm:num_requests_running{{model_name="{server.name}"}}' in r.text
+
+
+SHARED = "KING RICHARD:\nNow is the winter of our discontent"  # 48 characters
+
+
+def test_prefix_cache_reuse_gives_the_cold_results(client, server, local):
+    """A prompt whose first block (16 characters) an earlier request computed reuses it: the
+    hits counter says so, and the logprobs are still the model's own (1e-4)."""
+    model, tokenizer = local
+    first, second = SHARED[:24], SHARED[:18] + " winter"
+    for prompt, hits in ((first, 0), (first, 16), (second, 16)):
+        before = scrape(server)["minilm:prefix_cache_hits_total"]
+        r = create(client, server, prompt=prompt, max_tokens=6, logprobs=0, temperature=0,
+                   ignore_eos=True, return_token_ids=True)
+        assert scrape(server)["minilm:prefix_cache_hits_total"] - before == hits
+        ids = tokenizer.encode(prompt) + r.choices[0].model_extra["token_ids"]
+        ref = raw_logprobs(model, ids)[len(prompt) - 1:-1]
+        chosen = torch.tensor(r.choices[0].model_extra["token_ids"])
+        torch.testing.assert_close(torch.tensor(r.choices[0].logprobs.token_logprobs,
+                                                dtype=torch.double),
+                                   ref.gather(1, chosen[:, None])[:, 0], atol=1e-4, rtol=0)
+        assert chosen.tolist() == ref.argmax(-1).tolist()  # greedy
+
+
+def test_prompt_logprobs(client, server, local):
+    """vLLM's prompt_logprobs: per choice, None for the first token, then the prompt token and
+    the top N by id, each with its raw logprob, rank and text; the same from the prefix cache."""
+    model, tokenizer = local
+    prompt = SHARED[:30]
+    ids = tokenizer.encode(prompt)
+    ref = raw_logprobs(model, ids)  # row i predicts token i + 1
+    for max_tokens in (0, 2, 0):  # the second and third read the prompt's blocks from the cache
+        r = create(client, server, prompt=prompt, max_tokens=max_tokens, n=2, seed=1,
+                   extra_body=dict(prompt_logprobs=3))
+        assert [c.model_extra["prompt_logprobs"] for c in r.choices][0] == \
+            r.choices[1].model_extra["prompt_logprobs"]
+        got = r.choices[0].model_extra["prompt_logprobs"]
+        assert len(got) == len(ids) and got[0] is None
+        for i, position in enumerate(got[1:]):
+            top = ref[i].topk(3).indices.tolist()
+            assert list(position) == [str(ids[i + 1])] + [str(t) for t in top if t != ids[i + 1]]
+            for key, entry in position.items():
+                t = int(key)
+                assert abs(entry["logprob"] - ref[i, t]) < 1e-4
+                assert entry["rank"] == 1 + int((ref[i] > ref[i, t]).sum())
+                assert entry["decoded_token"] == tokenizer.decode([t])
+    plain = create(client, server, prompt=prompt, max_tokens=2)
+    assert "prompt_logprobs" not in plain.choices[0].model_extra
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt_logprobs=21), "prompt_logprobs must be in [0, 20]"),
+    (dict(prompt_logprobs=1, stream=True), "not available with stream"),
+])
+def test_bad_prompt_logprobs(server, kwargs, message):
+    r = httpx.post(f"{server.url}/v1/completions", json=dict(prompt=PROMPT, **kwargs))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+    assert message in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/completions",
+                   json=dict(prompt="x" * 33, max_tokens=0, prompt_logprobs=1))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The app under uvicorn in a thread, on a free loopback port: its URL."""
+    import uvicorn
+
+    from server_process import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def one_thread():
+    """An in-process server computes in this process: one thread, as the test server's
+    OMP_NUM_THREADS=1 (on a busy 2-core machine two threads of a tiny model spin for nothing)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_max_waiting_and_no_prefix_cache(serve_checkpoint, one_thread):
+    """--max_waiting 1 with one row: a request that finds one waiting is refused with a 503 in
+    OpenAI's shape (the others go on); without a prefix cache nothing is reused."""
+    from minilm.serve.app import create_app
+
+    model, tokenizer, _ = load_model(serve_checkpoint)
+    app = create_app(model, tokenizer, "tiny", max_batch=1, max_waiting=1, kv_cache_tokens=0)
+    with serving(app) as url:
+        aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+        async def scenario():
+            running = asyncio.create_task(aclient.completions.create(
+                model="tiny", prompt=SHARED[:30], max_tokens=150, extra_body=dict(
+                    ignore_eos=True)))
+            while scrape(url)["minilm:num_requests_running"] < 1:
+                await asyncio.sleep(0.02)
+            waiting = asyncio.create_task(aclient.completions.create(
+                model="tiny", prompt=SHARED[:30], max_tokens=2))
+            while scrape(url)["minilm:num_requests_waiting"] < 1:
+                await asyncio.sleep(0.02)
+            with pytest.raises(openai.APIStatusError) as info:
+                await aclient.completions.create(model="tiny", prompt="A", max_tokens=1)
+            return info.value, await running, await waiting
+
+        refused, running, waiting = asyncio.run(scenario())
+        assert refused.status_code == 503 and set(refused.body) == {"message", "type", "param",
+                                                                    "code"}
+        assert refused.body["type"] == "server_error" and "--max_waiting 1" in refused.message
+        assert running.usage.completion_tokens == 150 and waiting.usage.completion_tokens >= 1
+        metrics = scrape(url)
+        assert metrics["minilm:prefix_cache_hits_total"] == 0
+        assert metrics["minilm:prefix_cache_queries_total"] == 60
+
+
+def test_guidance_through_the_api(client, server, local):
+    """guidance_scale and negative_prompt in the request body: the unconditional rows run in the
+    server's batch; greedy tokens equal in-process generation's, and /v1/distribution's guidance
+    stage is s·(log_softmax(cond) − log_softmax(uncond)) + log_softmax(uncond) of the model's
+    own two forwards (float64)."""
+    from minilm.sampling.generation import complete
+    from minilm.sampling.stack import SamplerStack
+
+    model, tokenizer = local
+    guidance = dict(guidance_scale=-1.5, negative_prompt="JULIET:")
+    r = create(client, server, prompt=PROMPT, max_tokens=10, temperature=0, ignore_eos=True,
+               return_token_ids=True, extra_body=guidance)
+    stack = SamplerStack.from_settings(temperature=0.0, guidance_scale=-1.5)
+    (alone,) = complete(model, [tokenizer.encode(PROMPT)], 10, sampler=stack,
+                        negative_prompt=tokenizer.encode("JULIET:"))
+    assert r.choices[0].model_extra["token_ids"] == alone.tokens
+    plain = create(client, server, prompt=PROMPT, max_tokens=10, temperature=0, ignore_eos=True,
+                   return_token_ids=True)
+    assert plain.choices[0].model_extra["token_ids"] != alone.tokens  # guidance did something
+
+    table = httpx.post(f"{server.url}/v1/distribution",
+                       json=dict(prompt=PROMPT, top_n=5, **guidance)).json()
+    assert [s["name"] for s in table["stages"]] == ["raw", "guidance"]
+    cond = raw_logprobs(model, tokenizer.encode(PROMPT))[-1]
+    uncond = raw_logprobs(model, tokenizer.encode("JULIET:"))[-1]
+    guided = torch.softmax(-1.5 * (cond - uncond) + uncond, dim=-1)
+    for t in table["tokens"]:
+        assert abs(t["probs"][1] - guided[t["id"]]) < 1e-5
+    # two rows per choice: n = 9 needs 18 rows of the 16
+    with pytest.raises(openai.BadRequestError) as info:
+        create(client, server, prompt=PROMPT, max_tokens=2, n=9, extra_body=guidance)
+    assert info.value.param == "n" and "guidance" in info.value.message

@@ -28,11 +28,12 @@ from minilm.sampling.generation import (
     NextTokenTable,
     complete,
     generate,
+    guided,
     next_token_table,
 )
 from minilm.sampling.settings import ORDERS, Knob, SamplerSettings, knobs, settings_from_user
 from minilm.sampling.stack import SamplerStack
-from minilm.sampling.stages import MAX_LOGPROBS, STAGES
+from minilm.sampling.stages import MAX_LOGPROBS, STAGES, unconditional_prompt
 from minilm.tokenizer import TextStream, Tokenizer, read_text
 
 SHOWN = 10  # tokens in --show_distribution's table
@@ -157,11 +158,14 @@ def main(argv: list[str]) -> int | None:
     settings = sampler_settings(args, tokenizer.encode)
     sampler = SamplerStack.from_settings(settings, tokenizer=tokenizer,
                                          vocab_size=model.config.vocab_size)
+    negative = unconditional_prompt(settings.negative_prompt, ids, tokenizer.encode,
+                                    model.config.vocab_size) if guided(sampler) else None
     if args.show_distribution:
-        show_distribution(model, tokenizer, ids, sampler, include=settings.named_tokens())
+        show_distribution(model, tokenizer, ids, sampler, include=settings.named_tokens(),
+                          negative_prompt=negative)
         return 0
     options = dict(sampler=sampler, eos_id=tokenizer.eot_token, stop=args.stop,
-                   decode=tokenizer.decode)
+                   decode=tokenizer.decode, negative_prompt=negative)
     seeds = [args.seed + i for i in range(args.num_samples)]
     if args.json:  # all samples as one batch
         results = complete(model, [ids] * args.num_samples, args.max_new_tokens, seed=seeds,
@@ -225,11 +229,13 @@ def stream_text(steps, tokenizer: Tokenizer, out: TextIO | None = None) -> None:
 
 
 def show_distribution(model, tokenizer: Tokenizer, ids: list[int], sampler: SamplerStack,
-                      include: list[int] = (), out: TextIO | None = None) -> None:
+                      include: list[int] = (), out: TextIO | None = None,
+                      negative_prompt: list[int] | None = None) -> None:
     """Print the next-token table: per stage how many tokens it keeps and its entropy, then the
     SHOWN most likely tokens (and the logit-biased ones) with their probability after each stage
     ("-" once removed) and a bar of the last one."""
-    print(render_table(next_token_table(model, ids, sampler, SHOWN, include), tokenizer),
+    print(render_table(next_token_table(model, ids, sampler, SHOWN, include, negative_prompt),
+                       tokenizer),
           file=out or sys.stdout)
 
 

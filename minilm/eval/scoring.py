@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from minilm.model.gpt import GPT
+from minilm.sampling.generation import prompt_states
 from minilm.tokenizer import Tokenizer
 
 # Logits rows per chunk handed to consumers: [rows, V] fp32 stays near 64 MiB whatever V is.
@@ -178,18 +179,38 @@ def score_tokens(model: GPT, sequences: Sequence[Sequence[int]], top_n: int = 0,
         raise ValueError(f"top_n must be >= 0, got {top_n}")
     out = [TokenScores(tokens=list(s[1:])) for s in sequences]
     for chunk in scored_logits(model, sequences, stride, batch_size):
-        st = token_stats(chunk.logits, chunk.targets, top_n)
-        tops = [list(zip(i, v)) for i, v in zip(st.top_ids.tolist(), st.top_logprobs.tolist())]
-        for s, lp, rank, top, greedy, ent in zip(chunk.seq.tolist(), st.logprobs.tolist(),
-                                                 st.ranks.tolist(), tops, st.greedy.tolist(),
-                                                 st.entropy.tolist()):
-            out[s].logprobs.append(lp)
-            out[s].ranks.append(rank)
-            if top_n:
-                out[s].top.append(top)
-            out[s].greedy.append(greedy)
-            out[s].entropy.append(ent)
+        _record(out, chunk.seq.tolist(), token_stats(chunk.logits, chunk.targets, top_n), top_n)
     return out
+
+
+def score_hidden(model: GPT, hidden: Tensor, tokens: Sequence[int], top_n: int = 0
+                 ) -> TokenScores:
+    """score_tokens for one sequence whose final hidden states [len(tokens), d] are at hand (a
+    prefill's, or the prefix cache's: the server's prompt_logprobs): only the head runs, in chunks
+    of LOGITS_BYTES."""
+    out = TokenScores(tokens=list(tokens[1:]))
+    targets = torch.tensor(out.tokens, dtype=torch.long, device=hidden.device)
+    hidden = hidden[:len(targets)]  # the last position predicts what follows the sequence
+    rows = max(1, LOGITS_BYTES // (4 * model.config.vocab_size))
+    with model.inference():
+        for r in range(0, len(targets), rows):
+            logits = model.logits_from_hidden(hidden[r:r + rows]).float()
+            stats = token_stats(logits, targets[r:r + rows], top_n)
+            _record([out], [0] * len(logits), stats, top_n)
+    return out
+
+
+def _record(out: list[TokenScores], seq: list[int], stats: TokenStats, top_n: int) -> None:
+    """Append each row's statistics to its sequence's TokenScores."""
+    tops = [list(zip(i, v)) for i, v in zip(stats.top_ids.tolist(), stats.top_logprobs.tolist())]
+    for s, lp, rank, top, greedy, ent in zip(seq, stats.logprobs.tolist(), stats.ranks.tolist(),
+                                             tops, stats.greedy.tolist(), stats.entropy.tolist()):
+        out[s].logprobs.append(lp)
+        out[s].ranks.append(rank)
+        if top_n:
+            out[s].top.append(top)
+        out[s].greedy.append(greedy)
+        out[s].entropy.append(ent)
 
 
 # ---------------------------------------------------------------- scoring completions
@@ -229,7 +250,8 @@ def score(model: GPT, tokenizer: Tokenizer, context: str, continuations: Sequenc
           batch_size: int = 8) -> list[ChoiceScore]:
     """How likely each continuation is after the context (a multiple-choice classifier from a
     language model). The sequence is cut from the left to block_size + 1 tokens when the
-    continuation fits, so it is predicted with as much context as the model can see."""
+    continuation fits, so it is predicted with as much context as the model can see; then the
+    choices share the context's computation (generation.prompt_states)."""
     if not continuations:
         raise ValueError("no continuations to score: give at least one choice")
     block_size = model.config.block_size
@@ -241,7 +263,11 @@ def score(model: GPT, tokenizer: Tokenizer, context: str, continuations: Sequenc
         seq = ctx + cont
         sequences.append(seq[-(block_size + 1):] if len(cont) <= block_size else seq)
         pairs.append(cont)
-    scored = score_tokens(model, sequences, batch_size=batch_size)
+    if max(map(len, sequences)) <= block_size + 1:  # one window each: the context is shared
+        states = prompt_states(model, [s[:-1] for s in sequences], batch_size)
+        scored = [score_hidden(model, h, s) for h, s in zip(states, sequences)]
+    else:
+        scored = score_tokens(model, sequences, batch_size=batch_size)
     sums = torch.tensor([math.fsum(s.logprobs[-len(cont):]) for s, cont in zip(scored, pairs)],
                         dtype=torch.float64)
     probs = torch.softmax(sums, dim=0).tolist()

@@ -2,6 +2,7 @@
 
     GET  /                        the explorer page (static/: HTML, JS, CSS; no CDN, no build step)
     GET  /health                  {"status": "ok", running rows, waiting requests, the limits}
+    GET  /metrics                 Prometheus' text format, vLLM's names under minilm: (metrics.py)
     GET  /v1/models               the served model
     POST /v1/completions          OpenAI's completions (completions.py), streamed or whole
     POST /v1/distribution         the next-token table through the sampler's stages
@@ -12,7 +13,8 @@
     POST /v1/score                each token's log-prob, rank and entropy (what GLTR colours by)
 
 Every error is in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad
-field (named in `param`), 404 for an unknown model or path, 500 for a failure of the server.
+field (named in `param`), 404 for an unknown model or path, 503 when more requests wait than
+--max_waiting allows, 500 for a failure of the server.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
@@ -40,7 +42,8 @@ from minilm.sampling.lens import (
 )
 from minilm.sampling.settings import describe
 from minilm.serve import completions
-from minilm.serve.engine import Engine
+from minilm.serve.engine import MAX_WAITING, PREFILL_CHUNK, Engine
+from minilm.serve.metrics import Metrics
 from minilm.serve.protocol import (
     MAX_TOKENS_LIMIT,
     MAX_TOP_N,
@@ -87,9 +90,18 @@ MAX_SWEEP = 200  # temperatures one sweep may ask for
 
 
 def create_app(model: GPT, tokenizer: Tokenizer, name: str, max_batch: int = 16,
-               max_tokens_limit: int = MAX_TOKENS_LIMIT) -> FastAPI:
-    """The app serving `model` as `name`; its engine thread runs while the app does."""
-    served = Served(model, tokenizer, name, Engine(model, max_batch), max_tokens_limit)
+               max_tokens_limit: int = MAX_TOKENS_LIMIT, kv_cache_tokens: int | None = None,
+               prefill_chunk: int | None = PREFILL_CHUNK, max_waiting: int | None = MAX_WAITING
+               ) -> FastAPI:
+    """The app serving `model` as `name`; its engine thread runs while the app does.
+    kv_cache_tokens: the prefix cache's size (None: max_batch * block_size; 0: no prefix cache);
+    prefill_chunk: prefill tokens per step while rows decode (None: no limit); max_waiting:
+    requests that may wait for rows (more are a 503; None: no limit)."""
+    if kv_cache_tokens is None:
+        kv_cache_tokens = max_batch * model.config.block_size
+    engine = Engine(model, max_batch, kv_cache_tokens or None, prefill_chunk, max_waiting)
+    served = Served(model, tokenizer, name, engine, max_tokens_limit,
+                    Metrics(engine.stats, name))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -126,6 +138,11 @@ def create_app(model: GPT, tokenizer: Tokenizer, name: str, max_batch: int = 16,
     async def health() -> dict[str, Any]:
         return dict(status="ok", model=served.name, **served.engine.stats(),
                     max_tokens_limit=served.max_tokens_limit)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        body, content_type = served.metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -174,10 +191,11 @@ async def next_token_distribution(body: DistributionRequest, served: Served) -> 
     served.check_model(body.model)
     top_n = checked_top_n(body.top_n, 20)
     (ids,), (text,) = served.read_prompts(body.prompt)
-    sampler = body.sampler(served.vocab_size, served.tokenizer)
+    sampler = served.sampler(body)
+    negative = served.negative_prompt(body, sampler, ids)
     include = sorted(body.bias(served.tokenizer.encode))
     table = await served.engine.call(
-        lambda: next_token_table(served.model, ids, sampler, top_n, include))
+        lambda: next_token_table(served.model, ids, sampler, top_n, include, negative))
     return dict(
         object="distribution", model=served.name, prompt=text, prompt_token_ids=ids,
         vocab_size=table.vocab_size,

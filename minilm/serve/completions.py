@@ -17,6 +17,11 @@ Choices where the OpenAI API leaves room (vLLM's choice each time unless said ot
 - A prompt longer than the model's context (block_size) is refused (400) when tokens are to be
   generated; prompt + max_tokens may exceed it (the window slides, see generation). With
   max_tokens 0 (scoring only) any length is scored, in the scorer's rolling windows.
+- `prompt_logprobs` = N (vLLM's field and shape): per choice, per prompt token, None for the
+  first, then {token id: {"logprob", "rank", "decoded_token"}} for the prompt's token and the N
+  most likely ones (raw, T = 1). They are read off the final hidden states the prefill kept (for a
+  prefix that came from the prefix cache, its stored ones: only the LM head runs). As vLLM, not
+  with `stream`, and only for prompts within the model's context.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from minilm.eval.scoring import TokenScores, score_tokens
-from minilm.sampling.generation import Request, RowToken
+from minilm.eval.scoring import TokenScores, score_hidden, score_tokens
+from minilm.sampling.generation import Request, RowToken, guided
 from minilm.sampling.stages import MAX_LOGPROBS
 from minilm.serve.engine import Stream, Timer
 from minilm.serve.protocol import SEED_RANGE, APIError, CompletionRequest, bad_request, finite
@@ -51,7 +56,8 @@ class Plan:
     logprobs: int | None
     processed: bool
     stop: list[str]
-    requests: list[Request]  # one per prompt; [] when max_tokens is 0
+    prompt_logprobs: int | None
+    requests: list[Request]  # one per prompt; [] when max_tokens is 0 and no prompt_logprobs
 
 
 def plan_completion(body: CompletionRequest, served: Served) -> Plan:
@@ -60,9 +66,13 @@ def plan_completion(body: CompletionRequest, served: Served) -> Plan:
     n = 1 if body.n is None else body.n
     if n < 1:
         raise bad_request(f"n must be >= 1, got {n}", "n")
-    if n > served.engine.max_batch:
+    sampler = served.sampler(body)
+    rows_per_choice = 2 if guided(sampler) else 1  # guidance: each row's unconditional twin
+    if n * rows_per_choice > served.engine.max_batch:
         raise bad_request(f"n = {n} is more than the server's --max_batch "
-                          f"{served.engine.max_batch}", "n")
+                          f"{served.engine.max_batch}"
+                          + (" / 2 (guidance takes two rows per choice)"
+                             if rows_per_choice == 2 else ""), "n")
     if body.best_of is not None and body.best_of != n:
         raise bad_request("best_of is not supported (only best_of = n)", "best_of")
     if body.suffix is not None:
@@ -76,6 +86,14 @@ def plan_completion(body: CompletionRequest, served: Served) -> Plan:
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {body.logprobs}",
                           "logprobs")
+    prompt_logprobs = body.prompt_logprobs
+    if prompt_logprobs is not None:
+        if not 0 <= prompt_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got "
+                              f"{prompt_logprobs}", "prompt_logprobs")
+        if body.stream:
+            raise bad_request("prompt_logprobs is not available with stream (as in vLLM)",
+                              "prompt_logprobs")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if any(not s for s in stop):
         raise bad_request("stop strings must not be empty", "stop")
@@ -84,25 +102,28 @@ def plan_completion(body: CompletionRequest, served: Served) -> Plan:
         raise bad_request(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1] - n + 1}], got "
                           f"{body.seed}", "seed")
     prompts, texts = served.read_prompts(body.prompt)
-    if max_tokens > 0:
+    if max_tokens > 0 or prompt_logprobs is not None:
         too_long = [i for i, p in enumerate(prompts) if len(p) > served.block_size]
         if too_long:
             i = too_long[0]
             raise bad_request(f"prompt{f' {i}' if len(prompts) > 1 else ''} is "
                               f"{len(prompts[i])} tokens, more than the model's context of "
                               f"{served.block_size} tokens", "prompt")
-    sampler = body.sampler(served.vocab_size, served.tokenizer)
     processed = body.logprobs_mode in ("processed", "processed_logprobs")
     requests = []
-    if max_tokens > 0:
+    if max_tokens > 0 or prompt_logprobs is not None:
+        rows = n if max_tokens > 0 else 1  # prompt_logprobs alone: one row per prompt
         for ids in prompts:
             seed = secrets.randbits(63) if body.seed is None else body.seed
             requests.append(Request(
-                served.model, [ids] * n, max_tokens, sampler=sampler,
+                served.model, [ids] * rows, max_tokens, sampler=sampler,
                 eos_id=None if body.ignore_eos else served.tokenizer.eot_token, stop=stop,
-                seed=[seed + i for i in range(n)], logprobs=body.logprobs or 0,
-                decode=served.decode, logprobs_mode="processed" if processed else "raw"))
-    return Plan(prompts, texts, n, max_tokens, body.logprobs, processed, stop, requests)
+                seed=[seed + i for i in range(rows)], logprobs=body.logprobs or 0,
+                decode=served.decode, logprobs_mode="processed" if processed else "raw",
+                keep_prompt_states=prompt_logprobs is not None,
+                negative_prompt=served.negative_prompt(body, sampler, ids)))
+    return Plan(prompts, texts, n, max_tokens, body.logprobs, processed, stop, prompt_logprobs,
+                requests)
 
 
 class Choice:
@@ -123,6 +144,7 @@ class Choice:
         self.logprobs = None if plan.logprobs is None else _empty_logprobs()
         if self.logprobs is not None and echo:
             self.logprobs = self._prompt_logprobs(prompt_scores)
+        self.prompt_logprobs: list[dict | None] | None = None  # vLLM's field, when asked
 
     def _prompt_logprobs(self, scores: TokenScores) -> dict[str, list]:
         out = _empty_logprobs()
@@ -147,6 +169,21 @@ class Choice:
         out = {self.served.token_text(t): finite(lp) for t, lp in top}
         out.setdefault(self.served.token_text(token), finite(logprob))
         return out
+
+    def set_prompt_logprobs(self, scores: TokenScores) -> None:
+        """vLLM's prompt_logprobs: None for the first token, then per token {id: logprob, rank,
+        decoded_token} for the prompt's own token and the top alternatives (ranks 1 .. N)."""
+        def entry(logprob: float, rank: int, token: int) -> dict[str, Any]:
+            return dict(logprob=finite(logprob), rank=rank,
+                        decoded_token=self.served.token_text(token))
+
+        out: list[dict | None] = [None]
+        for i, token in enumerate(scores.tokens):
+            position = {str(token): entry(scores.logprobs[i], scores.ranks[i], token)}
+            for rank, (t, lp) in enumerate(scores.top[i] if scores.top else [], start=1):
+                position.setdefault(str(t), entry(lp, rank, t))
+            out.append(position)
+        self.prompt_logprobs = out
 
     def first(self) -> dict[str, Any]:
         """The echo chunk (streaming): the prompt's text and log-probabilities."""
@@ -188,6 +225,8 @@ class Choice:
                    finish_reason=self.finish_reason or "length")
         if self.token_ids:
             out["prompt_token_ids"], out["token_ids"] = self.prompt_ids, self.tokens
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs
         return out
 
 
@@ -218,7 +257,19 @@ class Completion:
         self.choices = [Choice(p * plan.n + i, served, plan, p, bool(body.echo), scores[p],
                                bool(body.return_token_ids))
                         for p in range(len(plan.prompts)) for i in range(plan.n)]
-        self.streams = [served.engine.submit(r) for r in plan.requests]
+        self.streams = served.engine.submit(plan.requests)
+
+    async def score_prompts(self) -> None:
+        """prompt_logprobs: each prompt's scores from the hidden states its prefill kept (the
+        head runs on the engine thread); every choice of a prompt shares them."""
+        plan, served = self.plan, self.served
+        if plan.prompt_logprobs is None or self.cancelled:
+            return
+        scores = await served.engine.call(lambda: [
+            score_hidden(served.model, r.prompt_states[0], ids, top_n=plan.prompt_logprobs)
+            for r, ids in zip(plan.requests, plan.prompts)])
+        for c in self.choices:
+            c.set_prompt_logprobs(scores[c.index // plan.n])
 
     async def events(self) -> AsyncIterator[tuple[int, list[RowToken]]]:
         """(prompt, the tokens of one step) from all the streams, in arrival order."""
@@ -273,12 +324,15 @@ class Completion:
         return self.envelope([c.whole() for c in self.choices], self.usage())
 
     def log_metrics(self, error: Exception | None = None) -> None:
-        """The metrics line of this request in the server log."""
+        """The metrics line of this request in the server log; its figures in /metrics."""
         usage, elapsed = self.usage(), self.timer.elapsed()
         ttft = self.timer.ttft_ms()
         decode_time = elapsed - (self.timer.first - self.timer.start) if ttft is not None else 0
         rate = (usage["completion_tokens"] - len(self.choices)) / decode_time \
             if decode_time > 0 and usage["completion_tokens"] > len(self.choices) else 0.0
+        if self.served.metrics is not None:
+            self.served.metrics.record(usage["prompt_tokens"], usage["completion_tokens"],
+                                       None if ttft is None else ttft / 1e3, elapsed)
         status = "cancelled (client gone)" if self.cancelled else \
             f"failed: {error}" if error else \
             "finish " + ",".join(sorted({c.finish_reason or "length" for c in self.choices}))
@@ -314,6 +368,7 @@ async def complete(body: CompletionRequest, served: Served, disconnected) -> dic
         if error is not None:
             completion.log_metrics(error)
             raise _as_api_error(error)
+        await completion.score_prompts()
         completion.log_metrics()
         return completion.response()
     finally:

@@ -5,13 +5,17 @@
     async for step in stream: ...            # per step, the request's tokens (RowToken lists)
     table = await engine.call(fn)            # fn() on the engine thread, between two steps
 
-The thread loops: take what the event loop sent, drop cancelled requests, admit waiting ones while
-their rows fit (one prefill for those that came together, then their first tokens), then one
-decode step of every running row. So a newcomer waits at most one step before its prefill and
-joins the next step after it.
+The thread loops: take what the event loop sent, drop cancelled requests, give waiting ones free
+rows (in arrival order, while their rows fit), then one RunningBatch.step(): a chunk of the new
+rows' prefill (prefill_chunk tokens while rows decode, all of it otherwise), their first tokens
+when it is done, and one decode step of every running row. So a running stream waits at most a
+chunk per step for a newcomer, and a newcomer joins the decode step after its prefill.
+Prompts reuse what earlier requests computed through the prefix cache (kv_cache_tokens tokens of
+it; None switches it off).
 Sampling errors end their own request only; an error of the shared forward pass ends every
-running request, and the engine goes on with a fresh batch. Torch releases the GIL inside its
-kernels, so the event loop stays responsive while the thread computes.
+running request, and the engine goes on with a fresh batch (the prefix cache is kept: its blocks
+were complete before). Torch releases the GIL inside its kernels, so the event loop stays
+responsive while the thread computes.
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ from typing import Any, AsyncIterator, Callable
 
 from minilm.model.gpt import GPT
 from minilm.sampling.generation import Request, RowToken, RunningBatch, Step
+from minilm.sampling.prefix_cache import PrefixCache
+from minilm.serve.protocol import APIError
 
 log = logging.getLogger("minilm.serve")
+PREFILL_CHUNK = 64  # --prefill_chunk's default: see README (Serving) for how it was chosen
+MAX_WAITING = 256  # --max_waiting's default
 
 
 class Stream:
@@ -37,13 +45,13 @@ class Stream:
 
     def __init__(self, engine: Engine, request: Request, loop: asyncio.AbstractEventLoop):
         self.engine, self.request, self.loop = engine, request, loop
-        self.rows = len(request.prompts)
         self._queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
 
     def _put(self, item: list[RowToken] | Exception | None) -> None:
-        """From the engine thread: hand an item to the event loop."""
-        self.loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        """From the engine thread: hand an item to the event loop, with the other streams' items
+        of this step (Engine._flush): one wake-up of the event loop per step, not per stream."""
+        self.engine._outbox.append((self, item))
 
     def cancel(self) -> None:
         if not self.cancelled:
@@ -61,17 +69,32 @@ class Stream:
 
 
 class Engine:
-    """Owns the model and its RunningBatch (max_batch rows) on a background thread."""
+    """Owns the model and its RunningBatch (max_batch rows) on a background thread; at most
+    max_waiting requests wait for rows (more are refused: 503)."""
 
-    def __init__(self, model: GPT, max_batch: int = 16):
+    def __init__(self, model: GPT, max_batch: int = 16, kv_cache_tokens: int | None = None,
+                 prefill_chunk: int | None = None, max_waiting: int | None = None):
         self.model = model
         self.max_batch = max_batch
-        self.batch = RunningBatch(model, max_batch)
+        self.max_waiting = max_waiting
+        param = next(model.parameters())
+        self.prefix_cache = None if kv_cache_tokens is None else \
+            PrefixCache(model.config, kv_cache_tokens, device=param.device, dtype=param.dtype)
+        self.prefill_chunk = prefill_chunk
+        self.batch = self._new_batch()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Stream] = deque()
+        self._n_waiting = 0  # submitted, not yet given rows (the event loop adds, the thread takes)
+        self._lock = threading.Lock()
         self._streams: dict[Request, Stream] = {}
+        self._counted = (0, 0)  # prompt and reused tokens of the batches that failed
+        self._outbox: list[tuple[Stream, Any]] = []  # items for the streams, sent once per step
         self._thread = threading.Thread(target=self._loop, name="minilm-engine", daemon=True)
         self._stopping = False
+
+    def _new_batch(self) -> RunningBatch:
+        return RunningBatch(self.model, self.max_batch, prefix_cache=self.prefix_cache,
+                            prefill_chunk=self.prefill_chunk)
 
     def start(self) -> None:
         self._thread.start()
@@ -81,18 +104,34 @@ class Engine:
         self._wake()
         self._thread.join(timeout=10)
 
-    def stats(self) -> dict[str, int]:
-        return dict(running_rows=len(self.batch.slots), waiting_requests=len(self._waiting),
-                    max_batch=self.max_batch)
+    def stats(self) -> dict[str, Any]:
+        """What /health and /metrics report (read from the event loop: plain numbers)."""
+        batch, cache = self.batch, self.prefix_cache
+        return dict(running_rows=len(batch.slots), running_requests=len(batch.requests),
+                    waiting_requests=self._n_waiting, max_batch=self.max_batch,
+                    kv_cache_usage=batch.used_columns / (batch.max_rows * batch.cache.max_len),
+                    prefix_cache_usage=0.0 if cache is None else
+                    cache.used_blocks / cache.capacity_blocks,
+                    prefix_cache_queries=self._counted[0] + batch.prompt_tokens,
+                    prefix_cache_hits=self._counted[1] + batch.reused_tokens)
 
-    def submit(self, request: Request) -> Stream:
-        """Queue a request (from the event loop); it joins the batch when its rows fit."""
-        if len(request.prompts) > self.max_batch:
-            raise ValueError(f"{len(request.prompts)} rows are more than the batch's "
-                             f"{self.max_batch}")
-        stream = Stream(self, request, asyncio.get_running_loop())
-        self._inbox.put(("submit", stream))
-        return stream
+    def submit(self, requests: list[Request]) -> list[Stream]:
+        """Queue requests (from the event loop); each joins the batch when its rows fit. More
+        than max_waiting waiting is a 503: the server is busy, the client may retry."""
+        for request in requests:
+            if request.n_rows > self.max_batch:
+                raise ValueError(f"{request.n_rows} rows are more than the batch's "
+                                 f"{self.max_batch}")
+        with self._lock:
+            if self.max_waiting is not None and self._n_waiting + len(requests) > self.max_waiting:
+                raise APIError(503, f"the server is busy: {self._n_waiting} requests wait for "
+                                    f"rows (--max_waiting {self.max_waiting}); try again later")
+            self._n_waiting += len(requests)
+        loop = asyncio.get_running_loop()
+        streams = [Stream(self, request, loop) for request in requests]
+        for stream in streams:
+            self._inbox.put(("submit", stream))
+        return streams
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn() on the engine thread between two steps (the model is never used by two
@@ -115,6 +154,16 @@ class Engine:
                 self._admit()
                 if self.batch.slots:
                     self._step()
+                self._flush()
+
+    def _flush(self) -> None:
+        """Send the streams' items of this step to their event loops, one call per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Any]]] = {}
+        for stream, item in self._outbox:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_hand_over, items)
 
     def _receive(self, block: bool) -> None:
         """Take every message waiting; with block, wait for the first."""
@@ -149,6 +198,7 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for stream in [s for s in self._waiting if s.cancelled]:
             self._waiting.remove(stream)
+            self._took(1)
             stream._put(None)
         for request in self.batch.requests:
             stream = self._streams[request]
@@ -156,52 +206,39 @@ class Engine:
                 self.batch.remove(request)
                 self._finish(stream, None)
 
-    def _admit(self) -> None:
-        while self._waiting and self._admit_group():
-            pass
+    def _took(self, n: int) -> None:
+        with self._lock:
+            self._n_waiting -= n
 
-    def _admit_group(self) -> bool:
-        """Admit waiting requests in arrival order while their rows fit, with one prefill for
-        all (unless right-padding them to the longest prompt would more than double its work).
-        Whether any was admitted."""
-        group: list[Stream] = []
-        rows = tokens = longest = 0
-        for stream in self._waiting:
-            prompts = stream.request.prompts
-            window = min(max(map(len, prompts)), self.batch.block_size)
-            new_rows, new_longest = rows + len(prompts), max(longest, window)
-            new_tokens = tokens + sum(min(len(p), self.batch.block_size) for p in prompts)
-            if new_rows > self.batch.free_rows or (group and new_rows * new_longest > 2 * new_tokens):
-                break
-            group.append(stream)
-            rows, tokens, longest = new_rows, new_tokens, new_longest
-        if not group:
-            return False
-        for _ in group:
-            self._waiting.popleft()
-        try:
-            outcomes = self.batch.admit_many([s.request for s in group])
-        except Exception as e:  # the prefill itself: these requests fail, the batch goes on
-            log.exception("prefill failed for %d requests", len(group))
-            outcomes = [e] * len(group)
-        for stream, outcome in zip(group, outcomes):
-            if isinstance(outcome, Exception):
-                log.warning("request failed at admission: %s", outcome)
-                stream._put(outcome)
-            else:
+    def _admit(self) -> None:
+        """Give waiting requests rows, in arrival order, while their rows fit."""
+        while self._waiting and self._waiting[0].request.n_rows <= self.batch.free_rows:
+            stream = self._waiting.popleft()
+            self._took(1)
+            try:
+                added = self.batch.add(stream.request)
+            except ValueError as e:
+                log.warning("request failed at admission: %s", e)
+                stream._put(e)
+                continue
+            if added:
                 self._streams[stream.request] = stream
-                self._deliver(stream, outcome)
-        return True
+            else:  # nothing to compute
+                stream._put(None)
 
     def _step(self) -> None:
         try:
             results = self.batch.step()
-        except Exception as e:  # the shared forward pass: every running request fails
-            log.exception("decode step failed; dropping %d running requests",
-                          len(self.batch.requests))
+        except Exception as e:  # the shared forward pass: every request in the batch fails
+            log.exception("step failed; dropping %d requests", len(self.batch.requests))
             for request in self.batch.requests:
                 self._finish(self._streams[request], e)
-            self.batch = RunningBatch(self.model, self.max_batch)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.forget(request)
+            old = self.batch
+            self._counted = (self._counted[0] + old.prompt_tokens,
+                             self._counted[1] + old.reused_tokens)
+            self.batch = self._new_batch()
             return
         for request, outcome in results:
             stream = self._streams[request]
@@ -219,6 +256,12 @@ class Engine:
     def _finish(self, stream: Stream, error: Exception | None) -> None:
         self._streams.pop(stream.request, None)
         stream._put(error)
+
+
+def _hand_over(items: list[tuple[Stream, Any]]) -> None:
+    """On the event loop: each item into its stream's queue."""
+    for stream, item in items:
+        stream._queue.put_nowait(item)
 
 
 class Timer:

@@ -155,6 +155,7 @@ class CompletionRequest(SamplerFields):
     ignore_eos: bool | None = False  # vLLM: keep going past the end-of-text token
     logprobs_mode: Literal["raw", "processed", "raw_logprobs", "processed_logprobs"] | None = "raw"
     return_token_ids: bool | None = False  # vLLM: token ids beside the text
+    prompt_logprobs: Int | None = None  # vLLM: the prompt tokens' log-probabilities (top N)
 
 
 class DistributionRequest(SamplerFields):

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
+from minilm.errors import SettingError
 from minilm.model.gpt import GPT
+from minilm.sampling.generation import guided
+from minilm.sampling.stack import SamplerStack
+from minilm.sampling.stages import unconditional_prompt
 from minilm.serve.engine import Engine
+from minilm.serve.metrics import Metrics
 from minilm.serve.protocol import MAX_TOKENS_LIMIT, APIError, bad_request
 from minilm.tokenizer import Tokenizer
+
+
+STACKS = 64  # settings whose SamplerStack the server keeps for reuse
 
 
 @dataclass
@@ -18,6 +26,8 @@ class Served:
     name: str
     engine: Engine
     max_tokens_limit: int = MAX_TOKENS_LIMIT  # a choice's max_tokens beyond it is a 400
+    metrics: Metrics | None = None
+    _stacks: list[tuple[Any, SamplerStack]] = field(default_factory=list)  # see sampler()
 
     @property
     def block_size(self) -> int:
@@ -64,6 +74,31 @@ class Served:
             ids.append(p_ids)
             texts.append(text)
         return ids, texts
+
+    def sampler(self, body) -> SamplerStack:
+        """The request body's SamplerStack (a bad setting is a 400 naming it). Requests with equal
+        settings get the same stack, and rows that share a stack draw in one call (batched
+        sampling: see RunningBatch._regroup). The last STACKS settings are remembered."""
+        settings = body.settings(self.tokenizer.encode)
+        for i, (known, stack) in enumerate(self._stacks):
+            if known == settings:
+                self._stacks.append(self._stacks.pop(i))
+                return stack
+        stack = body.sampler(self.vocab_size, self.tokenizer)
+        self._stacks = self._stacks[-(STACKS - 1):] + [(settings, stack)]
+        return stack
+
+    def negative_prompt(self, body, sampler: SamplerStack, ids: list[int]) -> list[int] | None:
+        """With guidance, the unconditional context of a prompt (the body's negative_prompt, text
+        or ids, else the prompt's last token); else None."""
+        if not guided(sampler):
+            return None
+        settings = body.settings(self.tokenizer.encode)
+        try:
+            return unconditional_prompt(settings.negative_prompt, ids, self.tokenizer.encode,
+                                        self.vocab_size)
+        except SettingError as e:
+            raise bad_request(str(e), e.param) from None
 
     def decode(self, ids: Sequence[int]) -> str:
         """The tokenizer's decode, skipping ids it has no text for (a vocabulary padded past the
