@@ -7,6 +7,13 @@ with a state.json is complete. A new checkpoint is written as <name>.tmp, the ol
 interrupted, one of <name>, <name>.tmp, <name>.old is complete: readers take the first complete one
 of the three (complete_checkpoint), and resume puts it back under its name (recover_checkpoint).
 minilm.interop.loading.load_model reads these and Hugging Face models alike.
+
+A sharded checkpoint (an FSDP run's) holds, instead of the first three files, what
+torch.distributed.checkpoint (DCP) writes: every rank's shards of the weights and of the AdamW
+state (`__<rank>_0.distcp`) with their `.metadata`, and each rank's RNG states
+(`rng_<rank>.pt`); state.json says `"sharded": true` and the world size. The same swap makes it
+atomic. Any number of processes reads it back, each taking the shards it needs (DCP reshards):
+resume at the same or another world size, and one process filling a whole model (read_model).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -73,6 +81,32 @@ def save_checkpoint(path: str | Path, model: GPT, optimizer: torch.optim.Optimiz
         torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
         torch.save(rng_states(), tmp / "rng.pt")
         _write_state(tmp, dict(state, model_config=asdict(model.config)))
+
+
+def save_sharded_checkpoint(path: str | Path, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Every rank calls this (DCP's save is collective): its shards of the weights and of the
+    optimizer state, and its RNG states, go into <name>.tmp; once all are written, rank 0 writes
+    state.json (sharded, world size) and swaps the folder in; no rank returns before that."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path, rank = Path(path), dist.get_rank()
+    tmp = sibling(path, ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=tmp)
+    torch.save(rng_states(), tmp / f"rng_{rank}.pt")
+    dist.barrier()  # every rank's files are in tmp
+    if rank == 0:
+        _write_state(tmp, dict(state, model_config=asdict(model.config), sharded=True,
+                               world_size=dist.get_world_size()))
+        swap_in(tmp, path)
+    dist.barrier()  # nobody reads `path` before it is in place
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
@@ -161,23 +195,89 @@ def upgrade_state(state: Any) -> Any:
     return state
 
 
-def load_weights(path: Path, model: GPT) -> None:
+def load_weights(path: Path, model: GPT, sharded: bool = False) -> None:
+    """The checkpoint's weights into a whole model, in this process alone (a sharded checkpoint:
+    DCP gathers every rank's shards into the model's own tensors)."""
     try:
-        weights = load_file(path / "model.safetensors")
-        model.load_state_dict(weights)
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise CheckpointError(f"corrupt checkpoint {path}: model.safetensors unreadable "
+        if sharded:
+            weights = {"model": model.state_dict()}
+            _dcp_load(weights, path, alone=True)  # only the model's keys
+            model.load_state_dict(weights["model"])
+        else:
+            model.load_state_dict(load_file(path / "model.safetensors"))
+    except Exception as e:  # safetensors and DCP raise their own error types for bad files
+        what = ".metadata and shards" if sharded else "model.safetensors"
+        raise CheckpointError(f"corrupt checkpoint {path}: {what} unreadable "
                               f"({error_line(e)})") from None
 
 
-def load_training_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Optimizer state dict and RNG states of a checkpoint."""
+def load_training_state(path: Path, state: dict[str, Any], model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """A checkpoint's weights and optimizer state into the run's model and optimizer, whatever
+    the checkpoint's format and the model's wrapping (one process, DDP, FSDP) and however many
+    ranks wrote it. Every rank calls this. Returns the RNG states this rank saved (rank 0 of any
+    checkpoint; each rank of a sharded one at the same world size), None where there are none."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     try:
-        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+        if state.get("sharded"):
+            _load_sharded_training_state(path, model, optimizer)
+            rng = path / f"rng_{rank}.pt"
+            mine = rank == 0 or state.get("world_size") == world_size
+            return torch.load(rng, weights_only=False) if mine and rng.is_file() else None
+        weights = load_file(path / "model.safetensors")
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        _load_plain_training_state(model, optimizer, weights, optimizer_state)
+        return torch.load(path / "rng.pt", weights_only=False) if rank == 0 else None
     except Exception as e:
-        raise CheckpointError(f"corrupt checkpoint {path}: {type(e).__name__}") from None
-    return optimizer, rng
+        raise CheckpointError(f"corrupt checkpoint {path}: {error_line(e)}") from None
+
+
+def _load_sharded_training_state(path: Path, model: torch.nn.Module,
+                                 optimizer: torch.optim.Optimizer) -> None:
+    """DCP into the model's and optimizer's own layout (this world size's shards, or whole
+    tensors), as torchtitan resumes."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optim": optimizer_state}
+    _dcp_load(loaded, path, alone=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"],
+                   optim_state_dict=loaded["optim"])
+
+
+def _dcp_load(state_dict: dict[str, Any], path: Path, alone: bool) -> None:
+    """dcp.load into state_dict's own tensors; alone: in this process only, no collective (then
+    without DCP's warning that it assumes so)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state_dict, checkpoint_id=path, no_dist=alone)
+
+
+def _load_plain_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                               weights: dict[str, torch.Tensor],
+                               optimizer_state: dict[str, Any]) -> None:
+    """model.safetensors and optimizer.pt (the optimizer's own state_dict, keyed by parameter
+    index) into a plain model, or, through DCP's state-dict API, into an FSDP one (each rank
+    keeps its shards of the whole tensors)."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    fqns = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {"state": {fqns[i]: s for i, s in optimizer_state["state"].items()},
+               "param_groups": [dict(g, params=[fqns[i] for i in g["params"]])
+                                for g in optimizer_state["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=by_name,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def read_model(path: Path) -> tuple[GPT, Tokenizer, dict[str, Any]]:
@@ -191,5 +291,5 @@ def read_model(path: Path) -> tuple[GPT, Tokenizer, dict[str, Any]]:
     # outside the try: a tokenizer that can't be loaded here (a tiktoken encoding offline, not
     # cached) is not a corrupt checkpoint, and says what is missing itself
     tokenizer = tokenizer_from_dict(tokenizer_description)
-    load_weights(path, model)
+    load_weights(path, model, sharded=bool(state.get("sharded")))
     return model, tokenizer, state

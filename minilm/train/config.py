@@ -85,6 +85,12 @@ class TrainConfig:
         "auto", "`auto`: bf16 autocast where supported, else fp32")
     compile: Literal["auto", True, False] = setting(
         "auto", "`torch.compile` the model; `auto`: on CUDA (where it pays), off elsewhere")
+    parallel: Literal["auto", "ddp", "fsdp"] = setting(
+        "auto", "under torchrun: `ddp` (a whole model per rank; `auto`'s choice) or `fsdp` "
+                "(FSDP2: weights, gradients and AdamW state sharded over the ranks)")
+    fsdp_reshard_after_forward: bool = setting(
+        True, "fsdp: free each block's gathered weights after its forward (ZeRO-3); false keeps "
+              "them for backward (ZeRO-2: less traffic, more memory)")
     seed: int = setting(1337, "model init and batch order")
     resume: bool = setting(False, "continue from out_dir/last")
     overwrite: bool = setting(False, "start afresh in an out_dir that holds a run, deleting its "
@@ -516,6 +522,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.z_loss must be >= 0, got {cfg.loss.z_loss}")
     if not t.init_from:
         raise ConfigError("train.init_from must be 'scratch', a checkpoint, an HF folder or a hub id")
+    if not t.fsdp_reshard_after_forward and t.parallel != "fsdp":
+        raise ConfigError(f"train.fsdp_reshard_after_forward=false applies to "
+                          f"train.parallel=fsdp, not {t.parallel}")
     if t.resume and t.overwrite:
         raise ConfigError("train.resume and train.overwrite exclude each other: continue the run "
                           "in out_dir, or replace it")

@@ -1,5 +1,6 @@
 """The training loop: AdamW, warmup + cosine schedule, AMP, gradient accumulation, eval,
-checkpoints, resume and stopping; the processes and the model's wrapping (DDP) are parallel.py's.
+checkpoints, resume and stopping; the processes and the model's wrapping (DDP, FSDP) are
+parallel.py's.
 
 A run is a few named steps over a small state (RunState: the step, the best val loss, the step
 out_dir/last holds): train_step (micro-batches, accumulation, clipping, the optimizer step),
@@ -17,7 +18,6 @@ checkpoint of the diverged weights is written, naming the step and the last good
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import signal
@@ -35,12 +35,12 @@ from minilm.checkpoint import (
     complete_checkpoint,
     copy_checkpoint,
     load_training_state,
-    load_weights,
     read_state,
     recover_checkpoint,
     remove_checkpoint,
     resume_settings,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_states,
 )
 from minilm.errors import CheckpointError, ConfigError, TrainingStopped
@@ -48,7 +48,14 @@ from minilm.model.gpt import GPT
 from minilm.train.config import Config, TrainConfig, validate
 from minilm.train.data import PreparedData, get_batch, prepare
 from minilm.train.finetune import initial_model, resolve_init_from
-from minilm.train.parallel import Distributed, gradient_sync, setup_distributed, wrap_model
+from minilm.train.parallel import (
+    Distributed,
+    clip_gradients,
+    gradient_sync,
+    precision,
+    setup_distributed,
+    wrap_model,
+)
 from minilm.train.tracking import Timer, Tracker, console_log, make_tracker
 
 
@@ -263,7 +270,7 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     Everything that can be checked is checked before the run writes anything (see start_run):
     a run that cannot start leaves out_dir as it was, and no wandb run."""
     validate(cfg)
-    ranks, device = setup_distributed(cfg.train.device)
+    ranks, device = setup_distributed(cfg.train.device, cfg.train.parallel)
     try:
         start = start_run(cfg, ranks, device,
                           tracker.info if tracker is not None else console_log(ranks.is_main))
@@ -322,21 +329,24 @@ def start_run(cfg: Config, ranks: Distributed, device: torch.device,
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     data = _prepare_data(cfg, ranks, log)
 
-    torch.manual_seed(cfg.train.seed + ranks.rank)
+    # every rank builds the same model (FSDP shards it as it is, without DDP's broadcast of rank
+    # 0's), then draws its own dropout masks
+    torch.manual_seed(cfg.train.seed)
     model = initial_model(cfg, data, source)
+    if ranks.world_size > 1:
+        torch.manual_seed(cfg.train.seed + ranks.rank)
     if source is not None and source.model is not None:
         log(f"initialised from {source.label}")
-    model.to(device)
-    forward = wrap_model(model, ranks, device, resolve_compile(cfg.train.compile, device))
-    optimizer = configure_optimizer(model, cfg.train, device)
+    t = cfg.train
+    forward = wrap_model(model, ranks, device, resolve_compile(t.compile, device),
+                         resolve_dtype(t.dtype, device), t.fsdp_reshard_after_forward)
+    optimizer = configure_optimizer(model, t, device)  # on the wrapped (FSDP: sharded) weights
     if ckpt is None:
         return Start(data, model, forward, optimizer, RunState())
-    load_weights(ckpt, model)
-    opt_state, rng = load_training_state(ckpt)
-    optimizer.load_state_dict(opt_state)
-    if ranks.is_main:
+    rng = load_training_state(ckpt, state, model, optimizer)
+    if rng is not None:
         set_rng_states(rng)
-    else:
+    else:  # a rank the checkpoint has no RNG states for: a stream of its own
         torch.manual_seed(cfg.train.seed + ranks.rank + 7919 * step)
     log(f"resuming from {ckpt} at step {step}")
     best_val = state.get("best_val_loss")
@@ -373,8 +383,7 @@ class Run:
         self.data, self.model, self.forward = start.data, start.model, start.forward
         self.optimizer, self.resumed = start.optimizer, start.resumed
         self.dtype = resolve_dtype(cfg.train.dtype, device)
-        self.autocast = (torch.autocast(device.type, dtype=self.dtype)
-                         if self.dtype != torch.float32 else contextlib.nullcontext())
+        self.autocast = precision(ranks, device, self.dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.out_dir = Path(cfg.out_dir)
         self.last = self.out_dir / "last"
@@ -430,7 +439,8 @@ def describe_run(run: Run) -> None:
     run.tracker.info(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts}), "
                      f"device {run.device}, dtype {str(run.dtype).removeprefix('torch.')}"
                      + (", compiled" if compiled else "")
-                     + (f", {run.ranks.world_size} processes" if run.ranks.world_size > 1 else ""))
+                     + (f", {run.ranks.world_size} processes ({run.ranks.strategy})"
+                        if run.ranks.world_size > 1 else ""))
     if run.ranks.is_main:
         (run.out_dir / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(),
                                                                 sort_keys=False))
@@ -460,8 +470,7 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
             run.scaler.scale(loss).backward()
         step_loss += loss.detach()
     run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        run.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+    grad_norm = clip_gradients(run.model, t.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -484,9 +493,10 @@ def log_step(run: Run, state: RunState, step_loss: torch.Tensor, grad_norm: torc
 
 
 def eval_and_checkpoint(run: Run, state: RunState) -> None:
-    """Rank 0: the eval losses, then (past step 0) out_dir/last and, on a new best val loss,
-    out_dir/best; never a checkpoint of diverged weights."""
-    if not run.ranks.is_main:
+    """The eval losses, then (past step 0) out_dir/last and, on a new best val loss,
+    out_dir/best; never a checkpoint of diverged weights. Rank 0 alone, but every rank under
+    FSDP (each holds a shard: the forward and the save are collective, the figures the same)."""
+    if not (run.ranks.is_main or run.ranks.sharded):
         return
     metrics = estimate_loss(run.model, run.data, run.cfg, run.device, run.autocast)
     run.tracker.log_eval(state.step, **metrics)
@@ -499,17 +509,19 @@ def eval_and_checkpoint(run: Run, state: RunState) -> None:
     is_best = val < state.best_val
     state.best_val = min(state.best_val, val)
     save_last(run, state, **metrics)
-    if is_best:
+    if is_best and run.ranks.is_main:
         copy_checkpoint(run.last, run.out_dir / "best")
 
 
 def save_last(run: Run, state: RunState, **metrics: float) -> None:
-    """out_dir/last at this step (rank 0), with the run's config, tokenizer and figures."""
-    if not run.ranks.is_main:
+    """out_dir/last at this step, with the run's config, tokenizer and figures: rank 0 writes it,
+    or under FSDP every rank its shards (a sharded checkpoint)."""
+    if not (run.ranks.is_main or run.ranks.sharded):
         return
-    save_checkpoint(run.last, run.model, run.optimizer,
-                    dict(config=run.cfg.to_dict(), tokenizer=run.data.meta["tokenizer"],
-                         step=state.step, best_val_loss=state.best_val, **metrics))
+    run_state = dict(config=run.cfg.to_dict(), tokenizer=run.data.meta["tokenizer"],
+                     step=state.step, best_val_loss=state.best_val, **metrics)
+    save = save_sharded_checkpoint if run.ranks.sharded else save_checkpoint
+    save(run.last, run.model, run.optimizer, run_state)
     state.saved_step = state.step
 
 
