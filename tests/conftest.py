@@ -42,6 +42,28 @@ def tiny_overrides(tmp_path: Path, source: Path, **extra) -> list[str]:
     return [f"--{k}={v}" for k, v in values.items()]
 
 
+def first_step_loss(cfg, forward) -> float:
+    """The loss a run of `cfg` logs at step 1, recomputed outside the trainer: the mean of
+    F.cross_entropy over the step's micro-batches (the trainer's own batch draw), `forward`
+    giving the logits (dropout off)."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from minilm.train.data import get_batch, prepare
+    from minilm.train.trainer import batch_generator
+
+    tokens = prepare(**dataclasses.asdict(cfg.data), log=lambda *_: None).tokens("train")
+    losses = []
+    for micro in range(cfg.train.grad_accum_steps):
+        generator = batch_generator(cfg.train.seed, 0, 0, micro)
+        x, y = get_batch(tokens, cfg.train.batch_size, cfg.model.block_size, generator, "cpu")
+        with torch.no_grad():
+            losses.append(F.cross_entropy(forward(x).flatten(0, 1), y.flatten()).item())
+    return sum(losses) / len(losses)
+
+
 # ------------------------------------------------------------------------------------------------
 # minilm-serve, started once per test session on a free loopback port (test_serve, test_explorer)
 

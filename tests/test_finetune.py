@@ -21,7 +21,7 @@ from minilm.train.data import get_batch, prepare  # noqa: E402
 from minilm.train.tracking import read_metrics  # noqa: E402
 from minilm.train.trainer import batch_generator, train  # noqa: E402
 
-from conftest import CORPUS, tiny_overrides  # noqa: E402
+from conftest import CORPUS, first_step_loss, tiny_overrides  # noqa: E402
 from hf_models import gpt2_bpe, hf_gpt2  # noqa: E402
 from saved import save_model  # noqa: E402
 
@@ -51,15 +51,7 @@ def test_init_from_hf_folder_starts_from_its_loss_and_learns(hf_source, corpus_f
     steps = step_losses(tmp_path / "out")
 
     # the same two micro-batches of step 0, through transformers' model
-    data = prepare(**dataclasses.asdict(cfg.data), log=lambda *_: None)
-    losses = []
-    for micro in range(2):
-        x, y = get_batch(data.tokens("train"), 4, 16, batch_generator(cfg.train.seed, 0, 0, micro),
-                         "cpu")
-        with torch.no_grad():
-            logits = hf(x).logits
-        losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
-    assert steps[1] == pytest.approx(sum(losses) / 2, rel=1e-5)
+    assert steps[1] == pytest.approx(first_step_loss(cfg, lambda x: hf(x).logits), rel=1e-5)
     assert steps[8] < steps[1] - 0.5
 
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
