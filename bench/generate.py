@@ -45,8 +45,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minilm.model.gpt import GPT, GPTConfig, KVCache  # noqa: E402
-from minilm.sampling.generation import Request, RunningBatch, complete, greedy  # noqa: E402
+from minilm.sampling.batch import RunningBatch  # noqa: E402
+from minilm.sampling.generation import complete  # noqa: E402
 from minilm.sampling.history import History  # noqa: E402
+from minilm.sampling.request import Request, greedy  # noqa: E402
 from minilm.sampling.settings import SamplerSettings  # noqa: E402
 from minilm.sampling.stack import SamplerStack  # noqa: E402
 from minilm.tokenizer import TiktokenTokenizer  # noqa: E402

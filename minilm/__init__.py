@@ -22,15 +22,11 @@ from minilm.interop.hf import export
 from minilm.interop.loading import load_model
 from minilm.model.gpt import GPT, GPTConfig, KVCache
 from minilm.model.loss import linear_cross_entropy
-from minilm.sampling.generation import (
-    Request,
-    RunningBatch,
-    complete,
-    generate,
-    next_token_table,
-)
+from minilm.sampling.batch import RunningBatch
+from minilm.sampling.generation import complete, generate, next_token_table
 from minilm.sampling.history import History
 from minilm.sampling.lens import logit_lens
+from minilm.sampling.request import Request
 from minilm.sampling.settings import SamplerSettings
 from minilm.sampling.stack import SamplerStack
 from minilm.tokenizer import CharTokenizer, TiktokenTokenizer

@@ -10,17 +10,11 @@ import pytest
 import torch
 
 from minilm.model.gpt import GPT, GPTConfig
-from minilm.sampling.generation import (
-    Request,
-    RunningBatch,
-    complete,
-    generate,
-    greedy,
-    next_token_stages,
-    next_token_table,
-)
+from minilm.sampling.batch import RunningBatch
+from minilm.sampling.generation import complete, generate, next_token_stages, next_token_table
 from minilm.sampling.history import History
 from minilm.sampling.prefix_cache import PrefixCache
+from minilm.sampling.request import Request, greedy
 from minilm.sampling.stack import SamplerStack
 from minilm.sampling.stages import Temperature
 from minilm.tokenizer import CharTokenizer
@@ -859,3 +853,6 @@ def test_generate_cli_passes_the_negative_prompt(serve_checkpoint, capsys):
                 "--json"]
         assert run_cli(main, args) == 0
         assert json.loads(capsys.readouterr().out)["tokens"] == tokens
+        assert run_cli(main, args[:-1]) == 0  # text mode streams through generate()
+        shown = [t for t in tokens if t != tokenizer.eot_token]
+        assert capsys.readouterr().out.startswith(prompt + tokenizer.decode(shown))

@@ -23,14 +23,8 @@ from typing import Any, TextIO
 from minilm.cli.common import ArgumentParser, run_cli
 from minilm.device import DEVICE_NAMES, resolve_device
 from minilm.interop.loading import load_model
-from minilm.sampling.generation import (
-    Completion,
-    NextTokenTable,
-    complete,
-    generate,
-    guided,
-    next_token_table,
-)
+from minilm.sampling.generation import NextTokenTable, complete, generate, next_token_table
+from minilm.sampling.request import Completion, guided
 from minilm.sampling.settings import ORDERS, Knob, SamplerSettings, knobs, settings_from_user
 from minilm.sampling.stack import SamplerStack
 from minilm.sampling.stages import MAX_LOGPROBS, STAGES, unconditional_prompt

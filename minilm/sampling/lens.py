@@ -33,7 +33,7 @@ from torch import Tensor
 
 from minilm.errors import SettingError
 from minilm.model.gpt import GPT
-from minilm.sampling.generation import prompt_lists
+from minilm.sampling.request import prompt_lists
 
 SWEEP_TEMPERATURES = tuple(round(0.1 + 0.05 * i, 2) for i in range(39))  # 0.1, 0.15, ..., 2.0
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from minilm.eval.scoring import TokenScores, score_hidden, score_tokens
-from minilm.sampling.generation import Request, RowToken, guided
+from minilm.sampling.request import Request, RowToken, guided
 from minilm.sampling.stages import MAX_LOGPROBS
 from minilm.serve.engine import Stream, Timer
 from minilm.serve.protocol import SEED_RANGE, APIError, CompletionRequest, bad_request, finite

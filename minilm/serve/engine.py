@@ -29,8 +29,9 @@ from collections import deque
 from typing import Any, AsyncIterator, Callable
 
 from minilm.model.gpt import GPT
-from minilm.sampling.generation import Request, RowToken, RunningBatch, Step
+from minilm.sampling.batch import RunningBatch
 from minilm.sampling.prefix_cache import PrefixCache
+from minilm.sampling.request import Request, RowToken, Step
 from minilm.serve.protocol import APIError
 
 log = logging.getLogger("minilm.serve")

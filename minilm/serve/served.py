@@ -7,14 +7,13 @@ from typing import Any, Sequence
 
 from minilm.errors import SettingError
 from minilm.model.gpt import GPT
-from minilm.sampling.generation import guided
+from minilm.sampling.request import guided
 from minilm.sampling.stack import SamplerStack
 from minilm.sampling.stages import unconditional_prompt
 from minilm.serve.engine import Engine
 from minilm.serve.metrics import Metrics
 from minilm.serve.protocol import MAX_TOKENS_LIMIT, APIError, bad_request
 from minilm.tokenizer import Tokenizer
-
 
 STACKS = 64  # settings whose SamplerStack the server keeps for reuse
 

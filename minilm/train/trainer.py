@@ -59,7 +59,6 @@ from minilm.train.parallel import (
 from minilm.train.tracking import Timer, Tracker, console_log, make_tracker
 
 
-
 class StopSignals:
     """While active, SIGINT and SIGTERM are only noted (`received`), so that the loop can finish
     its step and save. In a single process the handlers in place before are restored at the first
