@@ -329,6 +329,7 @@ def test_records_after_the_checkpoint_are_not_logged_twice(trained, reference, t
     assert steps == ref_steps and evals == ref_evals
 
 
+@pytest.mark.slow  # a subprocess training to the end
 def test_training_survives_a_closed_stdout(corpus_file, tmp_path):
     """train.py | head: console output is not the run; it goes on to the end, quietly."""
     args = tiny_overrides(tmp_path, corpus_file, **{"train.max_iters": 16})
