@@ -44,6 +44,24 @@ def tiny_overrides(tmp_path: Path, source: Path, **extra) -> list[str]:
     return [f"--{k}={v}" for k, v in values.items()]
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny run (tiny_overrides: 8 steps, evals at 0, 4, 8), trained once per test session
+    (per xdist worker); tests that change a run work on a copy (test_train's copy_run)."""
+    from types import SimpleNamespace
+
+    from minilm.train.config import load_config
+    from minilm.train.trainer import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    corpus = root / "corpus.txt"
+    corpus.write_text(CORPUS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "disabled")  # (CI exports offline) its files stay the run's
+        summary = train(load_config(None, tiny_overrides(root, corpus)))
+    return SimpleNamespace(root=root, corpus=corpus, out=root / "out", summary=summary)
+
+
 def first_step_loss(cfg, forward) -> float:
     """The loss a run of `cfg` logs at step 1, recomputed outside the trainer: the mean of
     F.cross_entropy over the step's micro-batches (the trainer's own batch draw), `forward`

@@ -1,7 +1,8 @@
 """Training end to end: a tiny run, checkpoints, resume equality, DDP with gloo, errors.
 
-Most tests start from one tiny run trained once for the module (`trained`: 8 steps, evals at 0, 4
-and 8), copied into their own out_dir; signals and crashes are raised in-process at a known step.
+Most tests start from one tiny run trained once per session (conftest's `tiny_run`: 8 steps,
+evals at 0, 4 and 8), copied into their own out_dir; signals and crashes are raised in-process at a
+known step.
 """
 
 import json
@@ -12,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,7 +28,7 @@ from minilm.train.tracking import read_metrics as read_records
 from minilm.train.trainer import batch_generator, lr_at, resolve_compile
 from minilm.train.trainer import train as train_run
 
-from conftest import CORPUS, ROOT, tiny_overrides
+from conftest import ROOT, tiny_overrides
 
 
 def read_metrics(out_dir):
@@ -39,25 +39,12 @@ def read_metrics(out_dir):
     return steps, evals, lines
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny run (tiny_overrides: 8 steps, evals at 0, 4, 8), trained once for the module;
-    tests that change a run work on a copy (copy_run)."""
-    root = tmp_path_factory.mktemp("trained")
-    corpus = root / "corpus.txt"
-    corpus.write_text(CORPUS)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "disabled")  # (CI exports offline) its files stay the run's
-        summary = train_run(load_config(None, tiny_overrides(root, corpus)))
-    return SimpleNamespace(root=root, corpus=corpus, out=root / "out", summary=summary)
-
-
-def copy_run(trained, tmp_path, **extra) -> list[str]:
-    """The module's run copied to tmp_path/out; the overrides that continue it (its corpus and
+def copy_run(tiny_run, tmp_path, **extra) -> list[str]:
+    """The session's run copied to tmp_path/out; the overrides that continue it (its corpus and
     data cache, this out_dir) with `extra`."""
-    shutil.copytree(trained.out, tmp_path / "out")
-    return tiny_overrides(tmp_path, trained.corpus,
-                          **{"data.cache_dir": trained.root / "cache", **extra})
+    shutil.copytree(tiny_run.out, tmp_path / "out")
+    return tiny_overrides(tmp_path, tiny_run.corpus,
+                          **{"data.cache_dir": tiny_run.root / "cache", **extra})
 
 
 def cli(tmp_path, args: list[str]) -> list[str]:
@@ -68,8 +55,8 @@ def cli(tmp_path, args: list[str]) -> list[str]:
     return [str(defaults), *args]
 
 
-def test_tiny_run_logs_and_checkpoints(trained):
-    summary, out = trained.summary, trained.out
+def test_tiny_run_logs_and_checkpoints(tiny_run):
+    summary, out = tiny_run.summary, tiny_run.out
     steps, evals, lines = read_metrics(out)
     assert sorted(steps) == list(range(1, 9)) and sorted(evals) == [0, 4, 8]
     step_record = next(r for r in lines if r.get("step") == 3 and "loss" in r)
@@ -103,14 +90,14 @@ def test_resumed_run_logs_the_same_losses(corpus_file, tmp_path):
     assert evals == ref_evals
 
 
-def test_resume_with_changed_model_is_refused(trained, tmp_path):
-    cfg = load_config(None, copy_run(trained, tmp_path, **{
+def test_resume_with_changed_model_is_refused(tiny_run, tmp_path):
+    cfg = load_config(None, copy_run(tiny_run, tmp_path, **{
         "train.resume": True, "train.max_iters": 10, "model.n_embd": 64}))
     with pytest.raises(ConfigError, match="model.n_embd is 64 but the checkpoint was trained with 32"):
         train_run(cfg)
 
 
-def test_missing_and_corrupt_checkpoints_are_one_line_errors(trained, corpus_file, tmp_path,
+def test_missing_and_corrupt_checkpoints_are_one_line_errors(tiny_run, corpus_file, tmp_path,
                                                               capsys):
     assert run_cli(train_main, [*tiny_overrides(tmp_path, corpus_file),
                                 "--train.resume=true"]) == 2
@@ -118,7 +105,7 @@ def test_missing_and_corrupt_checkpoints_are_one_line_errors(trained, corpus_fil
     assert "no checkpoint to resume from" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         load_model(tmp_path / "nowhere")
-    copy_run(trained, tmp_path)
+    copy_run(tiny_run, tmp_path)
     weights = tmp_path / "out" / "last" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt checkpoint .*model.safetensors"):
@@ -187,16 +174,16 @@ def strict_json_files(out_dir):
     return files
 
 
-def test_resume_with_changed_softcap_is_refused(trained, tmp_path):
-    cfg = load_config(None, copy_run(trained, tmp_path, **{
+def test_resume_with_changed_softcap_is_refused(tiny_run, tmp_path):
+    cfg = load_config(None, copy_run(tiny_run, tmp_path, **{
         "train.resume": True, "train.max_iters": 10, "loss.softcap": 30}))
     with pytest.raises(ConfigError, match="model.logit_softcap is 30.0 but the checkpoint was "
                                           "trained with None"):
         train_run(cfg)
 
 
-def test_diverged_loss_stops_with_one_line_and_strict_json(trained, tmp_path, capsys):
-    args = copy_run(trained, tmp_path)  # out/last at step 8
+def test_diverged_loss_stops_with_one_line_and_strict_json(tiny_run, tmp_path, capsys):
+    args = copy_run(tiny_run, tmp_path)  # out/last at step 8
     # a learning rate that overflows the weights: the loss is no longer finite within steps
     code = run_cli(train_main, cli(tmp_path, [*args, "--train.resume=true", "--train.max_iters=100",
                                               "--train.learning_rate=1e30", "--train.min_lr=0"]))
@@ -229,10 +216,10 @@ STOPPED_RUN = {"train.max_iters": 12, "train.lr_decay_iters": 1000, "train.eval_
 
 
 @pytest.fixture(scope="module")
-def reference(trained):
+def reference(tiny_run):
     """STOPPED_RUN uninterrupted: what a stopped and resumed run must log."""
-    out = trained.root / "reference"
-    train_run(load_config(None, tiny_overrides(trained.root, trained.corpus, out_dir=out,
+    out = tiny_run.root / "reference"
+    train_run(load_config(None, tiny_overrides(tiny_run.root, tiny_run.corpus, out_dir=out,
                                                **STOPPED_RUN)))
     return read_metrics(out)
 
@@ -252,10 +239,10 @@ def after_step(monkeypatch, step: int, action) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_finishes_the_step_saves_and_resumes_exactly(trained, reference, tmp_path, capsys,
+def test_signal_finishes_the_step_saves_and_resumes_exactly(tiny_run, reference, tmp_path, capsys,
                                                             monkeypatch, sig):
     out = tmp_path / "run"
-    args = tiny_overrides(tmp_path, trained.corpus, out_dir=out, **STOPPED_RUN)
+    args = tiny_overrides(tmp_path, tiny_run.corpus, out_dir=out, **STOPPED_RUN)
     after_step(monkeypatch, 3, lambda: signal.raise_signal(sig))  # a real signal, mid-run
     assert run_cli(train_main, cli(tmp_path, args)) == 128 + sig
     err = capsys.readouterr().err
@@ -305,12 +292,12 @@ class Killed(BaseException):
     """The process dying outright: nothing of the run catches it."""
 
 
-def test_records_after_the_checkpoint_are_not_logged_twice(trained, reference, tmp_path,
+def test_records_after_the_checkpoint_are_not_logged_twice(tiny_run, reference, tmp_path,
                                                            monkeypatch):
     """A run killed outright (SIGKILL, a crash) logged steps after its last checkpoint; resumed,
     it logs them again, and metrics.jsonl holds each once, as an uninterrupted run."""
     out = tmp_path / "run"
-    args = tiny_overrides(tmp_path, trained.corpus, out_dir=out, **STOPPED_RUN)
+    args = tiny_overrides(tmp_path, tiny_run.corpus, out_dir=out, **STOPPED_RUN)
 
     def kill():
         raise Killed
@@ -344,8 +331,8 @@ def test_training_survives_a_closed_stdout(corpus_file, tmp_path):
     assert max(r["step"] for r in read_records(tmp_path / "out")) == 16
 
 
-def test_fresh_run_into_a_used_out_dir_is_refused(trained, tmp_path, capsys):
-    args = copy_run(trained, tmp_path, **{"train.max_iters": 4})
+def test_fresh_run_into_a_used_out_dir_is_refused(tiny_run, tmp_path, capsys):
+    args = copy_run(tiny_run, tmp_path, **{"train.max_iters": 4})
     out = tmp_path / "out"
     before = (out / "metrics.jsonl").read_text()
     assert run_cli(train_main, cli(tmp_path, args)) == 2
@@ -415,8 +402,8 @@ def run_files(out_dir) -> dict:
 
 
 def test_resume_with_nothing_left_to_train_is_refused_and_writes_nothing(
-        trained, tmp_path, capsys, monkeypatch):
-    args = copy_run(trained, tmp_path)  # 8 steps, trained without wandb: out/last is at step 8
+        tiny_run, tmp_path, capsys, monkeypatch):
+    args = copy_run(tiny_run, tmp_path)  # 8 steps, trained without wandb: out/last is at step 8
     out = tmp_path / "out"
     before = run_files(out)
     assert {"config.yaml", "metrics.jsonl", "summary.json"} <= {str(p) for p in before}
@@ -505,11 +492,11 @@ def test_a_data_error_stops_the_run_before_wandb_starts(tmp_path, capsys, monkey
     assert not (out / "wandb").exists() and not (out / "metrics.jsonl").exists()
 
 
-def test_checks_come_before_an_overwrite_deletes_the_old_run(trained, tmp_path, capsys):
+def test_checks_come_before_an_overwrite_deletes_the_old_run(tiny_run, tmp_path, capsys):
     """--train.overwrite=true deletes the old run only once the new one has passed its checks."""
-    # the module's run was trained without wandb (CI exports WANDB_MODE=offline): wandb's service
+    # the session's run was trained without wandb (CI exports WANDB_MODE=offline): wandb's service
     # may append to its own logs after a run has returned, which is not the run's files changing
-    args = copy_run(trained, tmp_path, **{"train.max_iters": 4})
+    args = copy_run(tiny_run, tmp_path, **{"train.max_iters": 4})
     out = tmp_path / "out"
     before = run_files(out)
     empty = tmp_path / "empty.txt"
