@@ -215,7 +215,8 @@ def bench(args):
         if "error" in r:
             print(f"| {r['impl']} | error: {r['error']} |")
             continue
-        ratio = (lambda k: f"{r[k] / naive[k]:.3g}x" if naive else "")
+        def ratio(k: str, r: dict = r) -> str:
+            return f"{r[k] / naive[k]:.3g}x" if naive else ""
         t = f"{r['time_s']:.2f} s" if cpu else f"{r['time_s'] * 1e3:.2f} ms"
         line = f"| {r['impl']} | {t} | {ratio('time_s')} |"
         if cpu:

@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from minilm import checkpoint
-from minilm.checkpoint import (complete_checkpoint, copy_checkpoint, read_state, recover_checkpoint,
-                               resume_settings)
+from minilm.checkpoint import (
+    complete_checkpoint,
+    copy_checkpoint,
+    read_state,
+    recover_checkpoint,
+    resume_settings,
+)
 from minilm.interop.loading import load_model
 from minilm.model.gpt import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer

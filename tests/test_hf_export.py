@@ -14,7 +14,7 @@ from minilm.cli.common import run_cli  # noqa: E402
 from minilm.cli.export import main as export_main  # noqa: E402
 from minilm.errors import CheckpointError  # noqa: E402
 from minilm.interop.hf import export, gpt_config_from_hf, hf_config  # noqa: E402
-from minilm.interop.loading import load_model
+from minilm.interop.loading import load_model  # noqa: E402
 from minilm.model.gpt import GPT, GPTConfig  # noqa: E402
 from minilm.tokenizer import CharTokenizer  # noqa: E402
 

@@ -13,7 +13,7 @@ from minilm.cli.common import run_cli  # noqa: E402
 from minilm.cli.generate import main as generate_main  # noqa: E402
 from minilm.errors import CheckpointError  # noqa: E402
 from minilm.interop.hf import GELU_TANH, HF_DEFAULTS  # noqa: E402
-from minilm.interop.loading import load_model
+from minilm.interop.loading import load_model  # noqa: E402
 from minilm.model.gpt import KVCache  # noqa: E402
 
 from hf_models import as_openai_gpt2_layout, gpt2_bpe, hf_gpt2  # noqa: E402
