@@ -16,9 +16,10 @@ load        --max_batch 16 (continuous batching) against --max_batch 1 (one requ
             with a seed each. Aggregate generated tokens/s (all tokens / wall time) and p50 / p95
             time to first token (request sent -> first chunk received), of the best of --reps
             runs; the two servers run side by side (an idle one costs nothing) and take turns.
-newcomer    15 long requests decoding, one more is sent: its time to first token beside its
-            prefill alone (the same request on an idle server) and the decode step with 15 rows
-            (the median gap between a long stream's chunks).
+newcomer    15 long requests decoding (inside the model's context, up to 200 new tokens), one
+            more is sent: its time to first token beside its prefill alone (the same request on
+            an idle server) and the decode step with 15 rows (the median gap between a long
+            stream's chunks).
 prefix      the shared-prefix case: a fresh random 800-token prefix per repetition; a request of
             prefix + 16 tokens (cold: nothing cached), then one of prefix + 16 other tokens
             (cached: the prefix's 50 blocks come from the prefix cache); medians of --reps pairs
@@ -143,20 +144,22 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
-async def newcomer(url: str, prompt_tokens: int, vocab: int, others: int = 15) -> dict:
-    """TTFT of one request sent while `others` long ones decode, beside its prefill alone."""
+async def newcomer(url: str, prompt_tokens: int, vocab: int, block_size: int, others: int = 15
+                   ) -> dict:
+    """TTFT of one request sent while `others` long ones decode, beside its prefill alone. The
+    long ones stay inside the model's context (a row past block_size re-fills its window for
+    every token: another case, see bench/generate.py's table 4)."""
     newcomer_prompt = prompts(1, prompt_tokens, vocab, seed=99)[0]
     long_prompts = prompts(others, prompt_tokens, vocab, seed=98)
+    times: list[list[float]] = [[] for _ in long_prompts]
     async with httpx.AsyncClient(timeout=None) as client:
         alone = sorted([(await stream(client, url, newcomer_prompt, 1, seed=0))["ttft"]
                         for _ in range(5)])[2]  # median of 5, idle server
-        long_new = 200
-        tasks = [asyncio.create_task(stream(client, url, p, long_new, seed=i))
+        long_new = min(200, block_size - prompt_tokens)
+        tasks = [asyncio.create_task(stream(client, url, p, long_new, seed=i, times=times[i]))
                  for i, p in enumerate(long_prompts)]
-        await asyncio.sleep(0.5)
-        while (await client.get(f"{url}/health")).json()["running_rows"] < others:
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)  # well into decoding
+        while min(map(len, times)) < 8:  # every long stream well into decoding
+            await asyncio.sleep(0.005)
         joined = await stream(client, url, newcomer_prompt, 1, seed=0)
         done = await asyncio.gather(*tasks)
     gaps = sorted(b - a for r in done for a, b in zip(r["times"], r["times"][1:])
@@ -231,7 +234,8 @@ def complete_tokens_per_s(ckpt: Path, requests: list[list[int]], new_tokens: int
     return len(requests) * new_tokens / (time.perf_counter() - start)
 
 
-def run_load(ckpt: Path, vocab: int, args: argparse.Namespace, cases: set[str]) -> None:
+def run_load(ckpt: Path, vocab: int, block: int, args: argparse.Namespace, cases: set[str]
+             ) -> None:
     """The load and newcomer cases (see the module docstring)."""
     requests = prompts(args.requests, args.prompt_tokens, vocab)
     print("| server | clients | aggregate tokens/s | vs one at a time | TTFT p50 | TTFT p95 |")
@@ -255,7 +259,7 @@ def run_load(ckpt: Path, vocab: int, args: argparse.Namespace, cases: set[str]) 
                       f"{r['tokens_per_s'] / rows[1, clients]['tokens_per_s']:.2f}x | "
                       f"{r['p50'] * 1e3:.0f} ms | {r['p95'] * 1e3:.0f} ms |", flush=True)
         if "newcomer" in cases:
-            n = asyncio.run(newcomer(servers[16].url, args.prompt_tokens, vocab))
+            n = asyncio.run(newcomer(servers[16].url, args.prompt_tokens, vocab, block))
     finally:
         for server in servers.values():
             server.close()
@@ -348,7 +352,7 @@ def main() -> None:
             ckpt, vocab, block = checkpoint(kind, Path(tmp))
             print(f"### {kind}\n")
             if cases & {"load", "newcomer"}:
-                run_load(ckpt, vocab, args, cases)
+                run_load(ckpt, vocab, block, args, cases)
             if "prefix" in cases:
                 run_prefix(ckpt, vocab, args, min(800, block - 32))
             if "long_prompt" in cases:
