@@ -202,6 +202,10 @@ def bench(args):
                          peak_mib=max(r["peak_mib"] for r in ok),
                          peak_grad_allocated_mib=max(r["peak_grad_allocated_mib"] for r in ok)))
     naive = next((r for r in rows if r["impl"] == "naive" and "error" not in r), None)
+
+    def ratio(row: dict, key: str) -> str:
+        return f"{row[key] / naive[key]:.3g}x" if naive else ""
+
     cpu = args.device == "cpu"
     dev = f"CPU, {torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name()
     print(f"\nN={args.n} d={args.d} V={args.v} dtype={args.dtype}, {dev}, "
@@ -215,14 +219,12 @@ def bench(args):
         if "error" in r:
             print(f"| {r['impl']} | error: {r['error']} |")
             continue
-        def ratio(k: str, r: dict = r) -> str:
-            return f"{r[k] / naive[k]:.3g}x" if naive else ""
         t = f"{r['time_s']:.2f} s" if cpu else f"{r['time_s'] * 1e3:.2f} ms"
-        line = f"| {r['impl']} | {t} | {ratio('time_s')} |"
+        line = f"| {r['impl']} | {t} | {ratio(r, 'time_s')} |"
         if cpu:
-            line += f" {r['cpu_s']:.2f} s | {ratio('cpu_s')} |"
-        print(line + f" {r['peak_mib']:.0f} MiB | {ratio('peak_mib')} |"
-              f" {r['peak_grad_allocated_mib']:.0f} MiB | {ratio('peak_grad_allocated_mib')} |")
+            line += f" {r['cpu_s']:.2f} s | {ratio(r, 'cpu_s')} |"
+        print(line + f" {r['peak_mib']:.0f} MiB | {ratio(r, 'peak_mib')} |"
+              f" {r['peak_grad_allocated_mib']:.0f} MiB | {ratio(r, 'peak_grad_allocated_mib')} |")
 
 
 def check(args):

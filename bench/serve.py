@@ -144,6 +144,16 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
+async def decoding(tasks: list[asyncio.Task], times: list[list[float]], chunks: int) -> None:
+    """Return once every stream has received `chunks` chunks (well into decoding); a stream that
+    failed first raises its error here instead of leaving the wait to spin."""
+    while min(map(len, times)) < chunks:
+        failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
+        if failed is not None:
+            raise failed.exception()
+        await asyncio.sleep(0.005)
+
+
 async def newcomer(url: str, prompt_tokens: int, vocab: int, block_size: int, others: int = 15
                    ) -> dict:
     """TTFT of one request sent while `others` long ones decode, beside its prefill alone. The
@@ -158,8 +168,7 @@ async def newcomer(url: str, prompt_tokens: int, vocab: int, block_size: int, ot
         long_new = min(200, block_size - prompt_tokens)
         tasks = [asyncio.create_task(stream(client, url, p, long_new, seed=i, times=times[i]))
                  for i, p in enumerate(long_prompts)]
-        while min(map(len, times)) < 8:  # every long stream well into decoding
-            await asyncio.sleep(0.005)
+        await decoding(tasks, times, 8)
         joined = await stream(client, url, newcomer_prompt, 1, seed=0)
         done = await asyncio.gather(*tasks)
     gaps = sorted(b - a for r in done for a, b in zip(r["times"], r["times"][1:])
@@ -194,8 +203,7 @@ async def long_prompt(url: str, vocab: int, rep: int, streams: int = 8, prompt_t
     async with httpx.AsyncClient(timeout=None) as client:
         tasks = [asyncio.create_task(stream(client, url, p, 1000, seed=i, times=times[i]))
                  for i, p in enumerate(running)]
-        while min(map(len, times)) < 6:  # well into decoding: steps to take the median of
-            await asyncio.sleep(0.05)
+        await decoding(tasks, times, 6)  # gaps to take the median of
         joined = await stream(client, url, long, 1, seed=0)
         for task in tasks:
             task.cancel()

@@ -491,17 +491,20 @@ class TopNSigma(Stage):
         if self.n <= 0:
             return logits
         x = _wide(logits)
-        mean = x.sum(dim=-1, keepdim=True) / x.size(-1)
-        if x.device.type == "cpu" and bool(torch.isfinite(mean).all()):  # nothing removed yet:
-            # two passes fewer (no mask); the sync is free on CPU. The norm is one fast pass.
-            sigma = torch.linalg.vector_norm(x - mean, dim=-1, keepdim=True) / x.size(-1) ** 0.5
-        else:
-            count = (x > NEG_INF).sum(dim=-1, keepdim=True)
-            mean = x.nan_to_num(neginf=0.0).sum(dim=-1, keepdim=True) / count  # removed: 0
-            deviation = (x - mean).nan_to_num(neginf=0.0)
-            sigma = (deviation.square().sum(dim=-1, keepdim=True) / count).sqrt()
         # one token left: σ = 0 and the cut is that token; none left: the cut is nan, removes none
-        return _remove(logits, x < x.amax(dim=-1, keepdim=True) - self.n * sigma)
+        return _remove(logits, x < x.amax(dim=-1, keepdim=True) - self.n * _finite_std(x))
+
+
+def _finite_std(x: Tensor) -> Tensor:
+    """[B, 1]: the population standard deviation of each row's finite (kept) values."""
+    if x.device.type == "cpu":  # the sync below is free here
+        mean = x.sum(dim=-1, keepdim=True) / x.size(-1)
+        if bool(torch.isfinite(mean).all()):  # nothing removed: no mask, and the norm is one pass
+            return torch.linalg.vector_norm(x - mean, dim=-1, keepdim=True) / x.size(-1) ** 0.5
+    count = (x > NEG_INF).sum(dim=-1, keepdim=True)
+    mean = x.nan_to_num(neginf=0.0).sum(dim=-1, keepdim=True) / count  # removed tokens: 0
+    deviation = (x - mean).nan_to_num(neginf=0.0)
+    return (deviation.square().sum(dim=-1, keepdim=True) / count).sqrt()
 
 
 class TopH(Stage):
