@@ -12,5 +12,5 @@ setup(
     packages=find_namespace_packages(include=["minilm", "minilm.*"]) + config_packages,
     package_dir={"minilm.configs": "configs"},
     package_data={**{package: ["*.yaml"] for package in config_packages},
-                  "minilm.serve": ["static/*"]},  # the explorer page
+                  "minilm.serving": ["static/*"]},  # the explorer page
 )

@@ -1,4 +1,4 @@
-"""minilm-eval's speed and memory: tokens/s of minilm.eval.evaluate (what the CLI runs: every
+"""minilm-eval's speed and memory: tokens/s of minilm.evaluation.evaluate (what the CLI runs: every
 token scored once in sliding windows, NLL, accuracy, entropy, ECE) and its peak memory, for the
 default char model (configs/shakespeare_char.yaml: 4 x 4 x 128, block 128, 77 characters) and the
 GPT-2 124M shape (12 x 12 x 768, block 1024, vocab 50257).
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minilm.eval.corpus import Document, evaluate  # noqa: E402
+from minilm.evaluation.corpus import Document, evaluate  # noqa: E402
 from minilm.model.gpt import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {

@@ -10,14 +10,15 @@ The public API, what a notebook needs (deeper module paths are free to move):
 
 Packages, bottom to top (a package never imports one above it): model/ (GPT, the fused loss),
 sampling/ (settings, stages, the stack, generation, the lens), interop/ (Hugging Face, load_model),
-train/ (config, data, trainer, DDP/FSDP), eval/ (the scorer, calibration), serve/ (the server),
-experiments/ (ablations), cli/ (the command lines).
+train/ (config, data, trainer, DDP/FSDP), evaluation/ (the scorer, calibration), serving/ (the
+server), experiments/ (ablations), cli/ (the command lines); eval.py, serve.py and the other
+`python -m minilm.X` entry points call cli/.
 """
 
 from minilm.errors import MinilmError
-from minilm.eval.corpus import Document, evaluate
-from minilm.eval.run import evaluate_checkpoint
-from minilm.eval.scoring import score, score_tokens
+from minilm.evaluation.corpus import Document, evaluate
+from minilm.evaluation.run import evaluate_checkpoint
+from minilm.evaluation.scoring import score, score_tokens
 from minilm.interop.hf import export
 from minilm.interop.loading import load_model
 from minilm.model.gpt import GPT, GPTConfig, KVCache

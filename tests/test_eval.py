@@ -14,9 +14,9 @@ import torch
 from minilm.checkpoint import save_checkpoint
 from minilm.cli.common import run_cli
 from minilm.cli.eval import main
-from minilm.eval.calibration import ReliabilityBins, fit_temperature
-from minilm.eval.corpus import Document, Sink, evaluate
-from minilm.eval.scoring import encode_pair, score
+from minilm.evaluation.calibration import ReliabilityBins, fit_temperature
+from minilm.evaluation.corpus import Document, Sink, evaluate
+from minilm.evaluation.scoring import encode_pair, score
 from minilm.model.gpt import GPT, GPTConfig
 from minilm.tokenizer import CharTokenizer, TiktokenTokenizer
 from minilm.train.config import load_config
@@ -153,7 +153,7 @@ def run_json(capsys, *argv):
 
 
 def val_documents(run_dir):
-    from minilm.eval.documents import split_documents
+    from minilm.evaluation.documents import split_documents
     from minilm.interop.loading import load_model
     from minilm.train.data import find_data_cache
 
@@ -329,7 +329,7 @@ def test_fit_temperature_on_the_val_split(run_dir, capsys, monkeypatch):
     """T* from the first half of the val documents agrees with a grid search on float64 logits;
     the second half's NLL and ECE at T = 1 and T* match the reference; calibration.json is
     written beside the weights; the fit never holds more logits rows than one chunk."""
-    import minilm.eval.scoring as ev
+    import minilm.evaluation.scoring as ev
 
     model, tok, docs = val_documents(run_dir)
     assert len(docs) == 4

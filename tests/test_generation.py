@@ -674,7 +674,7 @@ def test_score_shares_the_context_between_choices(monkeypatch):
     """eval's score (and minilm-eval --choices): the choices' log-probabilities are the model's
     (a float64 forward of each whole sequence), and the context is computed once, not once per
     choice."""
-    from minilm.eval.scoring import score
+    from minilm.evaluation.scoring import score
 
     model = tiny_model(block_size=64, seed=12, dtype=torch.float32)
     tokenizer = CharTokenizer(CHARS)

@@ -248,7 +248,7 @@ def test_python_m_minilm_lens(serve_checkpoint):
 def http(char_model):
     from fastapi.testclient import TestClient
 
-    from minilm.serve.app import create_app
+    from minilm.serving.app import create_app
 
     model, tokenizer = char_model
     with TestClient(create_app(model, tokenizer, "tiny")) as client:

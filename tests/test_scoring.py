@@ -1,9 +1,9 @@
-"""The shared scorer (minilm.eval.scored_logits / score_tokens) against float64 references."""
+"""The shared scorer (minilm.evaluation.scored_logits / score_tokens) against float64 references."""
 
 import pytest
 import torch
 
-from minilm.eval.scoring import rolling_windows, score_tokens, scored_logits
+from minilm.evaluation.scoring import rolling_windows, score_tokens, scored_logits
 from minilm.model.gpt import GPT, GPTConfig
 
 

@@ -20,7 +20,7 @@ from minilm.cli.serve import main as serve_main  # noqa: E402
 from minilm.cli.serve import model_name  # noqa: E402
 from minilm.interop.loading import load_model  # noqa: E402
 from minilm.sampling.settings import describe, knobs  # noqa: E402
-from minilm.serve.protocol import CompletionRequest, DistributionRequest  # noqa: E402
+from minilm.serving.protocol import CompletionRequest, DistributionRequest  # noqa: E402
 
 PROMPT = "ROMEO:\nWhat say"
 
@@ -270,7 +270,7 @@ def test_max_tokens_limit(serve_checkpoint):
     max_tokens (one request must not hold a row of the batch for ever). In-process, limit 8."""
     from fastapi.testclient import TestClient
 
-    from minilm.serve.app import create_app
+    from minilm.serving.app import create_app
 
     model, tokenizer, _ = load_model(serve_checkpoint)
     with TestClient(create_app(model, tokenizer, "tiny", max_tokens_limit=8)) as http:
@@ -549,7 +549,7 @@ def test_serves_a_hugging_face_gpt2_folder(tmp_path):
     its engine thread); greedy tokens equal transformers' own generate."""
     from fastapi.testclient import TestClient
 
-    from minilm.serve.app import create_app
+    from minilm.serving.app import create_app
 
     from hf_models import gpt2_bpe, hf_gpt2
 
@@ -713,7 +713,7 @@ def one_thread():
 def test_max_waiting_and_no_prefix_cache(serve_checkpoint, one_thread):
     """--max_waiting 1 with one row: a request that finds one waiting is refused with a 503 in
     OpenAI's shape (the others go on); without a prefix cache nothing is reused."""
-    from minilm.serve.app import create_app
+    from minilm.serving.app import create_app
 
     model, tokenizer, _ = load_model(serve_checkpoint)
     app = create_app(model, tokenizer, "tiny", max_batch=1, max_waiting=1, kv_cache_tokens=0)

@@ -7,7 +7,7 @@ scaling of a checkpoint on its own val split or on text files; scoring completio
     minilm-eval --ckpt out/run --text a.txt --tokens a.jsonl --html a.html
     minilm-eval --ckpt out/run --context "ROMEO:" --choices " Good" " Bad" --json
 
-Every figure comes from minilm.eval.corpus.evaluate (one pass of the shared scorer); this
+Every figure comes from minilm.evaluation.corpus.evaluate (one pass of the shared scorer); this
 module checks the arguments, runs evaluate_checkpoint and shows what was asked for.
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 from minilm.cli.common import ArgumentParser, run_cli
 from minilm.device import DEVICE_NAMES, resolve_device
-from minilm.eval.report import log_wandb, summary_text, write_report
-from minilm.eval.run import CALIBRATION_FILE, evaluate_checkpoint
-from minilm.eval.scoring import score
+from minilm.evaluation.report import log_wandb, summary_text, write_report
+from minilm.evaluation.run import CALIBRATION_FILE, evaluate_checkpoint
+from minilm.evaluation.scoring import score
 from minilm.interop.loading import load_model
 
 DEFAULT_SWEEP = "0.5,0.8,1,1.2,1.5"

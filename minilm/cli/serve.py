@@ -23,8 +23,8 @@ INSTALL_HINT = ("minilm-serve needs FastAPI, uvicorn and prometheus_client: "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minilm.serve.engine import MAX_WAITING, PREFILL_CHUNK  # (after main's import check)
-    from minilm.serve.protocol import MAX_TOKENS_LIMIT
+    from minilm.serving.engine import MAX_WAITING, PREFILL_CHUNK  # (after main's import check)
+    from minilm.serving.protocol import MAX_TOKENS_LIMIT
 
     p = ArgumentParser(prog="minilm-serve", description="Serve a minilm model: an OpenAI-compatible "
                 "completions API and the next-token explorer page.")
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int | None:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
 
     from minilm.interop.loading import load_model
-    from minilm.serve.app import create_app
+    from minilm.serving.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     model, tokenizer, _ = load_model(args.ckpt, resolve_device(args.device, key="--device"))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from minilm.errors import ConfigError
-from minilm.eval.run import evaluate_checkpoint
+from minilm.evaluation.run import evaluate_checkpoint
 from minilm.experiments.report import EVAL_FILE, write_report
 from minilm.files import write_atomic
 from minilm.train.config import Config, build, flatten, merge_overrides, setting, validate

@@ -10,9 +10,9 @@ from minilm.model.gpt import GPT
 from minilm.sampling.request import guided
 from minilm.sampling.stack import SamplerStack
 from minilm.sampling.stages import unconditional_prompt
-from minilm.serve.engine import Engine
-from minilm.serve.metrics import Metrics
-from minilm.serve.protocol import MAX_TOKENS_LIMIT, APIError, bad_request
+from minilm.serving.engine import Engine
+from minilm.serving.metrics import Metrics
+from minilm.serving.protocol import MAX_TOKENS_LIMIT, APIError, bad_request
 from minilm.tokenizer import Tokenizer
 
 STACKS = 64  # settings whose SamplerStack the server keeps for reuse

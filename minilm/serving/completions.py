@@ -35,12 +35,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from minilm.eval.scoring import TokenScores, score_hidden, score_tokens
+from minilm.evaluation.scoring import TokenScores, score_hidden, score_tokens
 from minilm.sampling.request import Request, RowToken, guided
 from minilm.sampling.stages import MAX_LOGPROBS
-from minilm.serve.engine import Stream, Timer
-from minilm.serve.protocol import SEED_RANGE, APIError, CompletionRequest, bad_request, finite
-from minilm.serve.served import Served
+from minilm.serving.engine import Stream, Timer
+from minilm.serving.protocol import SEED_RANGE, APIError, CompletionRequest, bad_request, finite
+from minilm.serving.served import Served
 from minilm.tokenizer import TextStream
 
 log = logging.getLogger("minilm.serve")

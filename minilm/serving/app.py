@@ -31,7 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from minilm.errors import SettingError
-from minilm.eval.scoring import score_tokens
+from minilm.evaluation.scoring import score_tokens
 from minilm.model.gpt import GPT
 from minilm.sampling.generation import next_token_table
 from minilm.sampling.lens import (
@@ -41,10 +41,10 @@ from minilm.sampling.lens import (
     temperature_sweep,
 )
 from minilm.sampling.settings import describe
-from minilm.serve import completions
-from minilm.serve.engine import MAX_WAITING, PREFILL_CHUNK, Engine
-from minilm.serve.metrics import Metrics
-from minilm.serve.protocol import (
+from minilm.serving import completions
+from minilm.serving.engine import MAX_WAITING, PREFILL_CHUNK, Engine
+from minilm.serving.metrics import Metrics
+from minilm.serving.protocol import (
     MAX_TOKENS_LIMIT,
     MAX_TOP_N,
     APIError,
@@ -56,7 +56,7 @@ from minilm.serve.protocol import (
     bad_request,
     validation_error,
 )
-from minilm.serve.served import Served
+from minilm.serving.served import Served
 from minilm.tokenizer import Tokenizer
 
 STATIC = Path(__file__).resolve().parent / "static"

@@ -7,6 +7,7 @@ engine.py       the thread that owns the model and runs generation.RunningBatch
 protocol.py     request bodies (pydantic) and OpenAI's error shape
 completions.py  /v1/completions: prompts → requests → choices, whole or streamed (SSE)
 app.py          the FastAPI app: routes, error handlers, /v1/distribution, the static page
-cli.py          the minilm-serve command
+served.py       the model, tokenizer and engine a server holds; metrics.py: /metrics
+The command (its flags, uvicorn) is minilm/cli/serve.py.
 FastAPI and uvicorn are an extra: pip install 'minilm[serve]'.
 """

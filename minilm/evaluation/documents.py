@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from minilm.eval.corpus import Document
+from minilm.evaluation.corpus import Document
 from minilm.tokenizer import Tokenizer, read_text
 from minilm.train.data import PreparedData
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from minilm.eval.scoring import TokenStats
+from minilm.evaluation.scoring import TokenStats
 
 N_BINS = 15
 T_MIN, T_MAX = 0.01, 100.0  # where the temperature fit looks
@@ -172,7 +172,8 @@ def fit_temperature(chunks: LogitChunks, tol: float = 1e-6, max_passes: int = 60
     < tol.
 
     at_1: nll_and_derivatives over all the chunks at T = 1, when the caller has it already
-    (minilm.eval.corpus sums it chunk by chunk in its scoring pass): it counts as the first pass."""
+    (minilm.evaluation.corpus sums it chunk by chunk in its scoring pass): it counts as the first
+    pass."""
     u_min, u_max = math.log(T_MIN), math.log(T_MAX)
     lo, hi, tried_lo, tried_hi = u_min, u_max, False, False
     u = 0.0

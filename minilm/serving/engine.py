@@ -32,7 +32,7 @@ from minilm.model.gpt import GPT
 from minilm.sampling.batch import RunningBatch
 from minilm.sampling.prefix_cache import PrefixCache
 from minilm.sampling.request import Request, RowToken, Step
-from minilm.serve.protocol import APIError
+from minilm.serving.protocol import APIError
 
 log = logging.getLogger("minilm.serve")
 PREFILL_CHUNK = 64  # --prefill_chunk's default: see README (Serving) for how it was chosen

@@ -7,7 +7,7 @@
                           file (inline CSS and script, a Content-Security-Policy that forbids
                           every network request)
 
-Both are sinks of minilm.eval.corpus.evaluate(sinks=[...]): each chunk's rows are (document
+Both are sinks of minilm.evaluation.corpus.evaluate(sinks=[...]): each chunk's rows are (document
 index, position, target) with their statistics at T = 1; position p is token p - 1 of the
 document.
 """
@@ -20,8 +20,8 @@ import json
 import math
 from typing import Any, Sequence, TextIO
 
-from minilm.eval.corpus import Document, Sink
-from minilm.eval.scoring import ScoredChunk, TokenStats
+from minilm.evaluation.corpus import Document, Sink
+from minilm.evaluation.scoring import ScoredChunk, TokenStats
 from minilm.tokenizer import Tokenizer
 
 TOP_N = 5  # alternatives per token in the per-token outputs

@@ -7,9 +7,9 @@
     score_tokens(model, [seq], top_n=5)           # per token: log-prob, rank, top alternatives
     score(model, tokenizer, context, [choice, ...])  # log p(choice | context) per choice
 
-One scorer serves every consumer (minilm.eval.corpus's perplexity and calibration, the server's
-`echo` with `logprobs`, scoring completions), so a token's log-probability is the same number
-wherever it is reported.
+One scorer serves every consumer (minilm.evaluation.corpus's perplexity and calibration, the
+server's `echo` with `logprobs`, scoring completions), so a token's log-probability is the same
+number wherever it is reported.
 
 Sequences longer than block_size are scored in sliding windows (lm-evaluation-harness's rolling
 log-likelihood): the first window predicts tokens 1 .. block_size, each later one advances by

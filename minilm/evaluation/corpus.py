@@ -7,11 +7,11 @@ every scored chunk handed to sinks that each own one job.
     TemperatureScaling  T* fitted on the first half of the documents; NLL and ECE at T = 1 and
                         T* on the other half
     Sweep               NLL, ECE, entropy and top-1 probability at other temperatures
-    minilm.eval.tokens  TokenRecords and TokenHtml: the per-token files (sinks=[...])
+    TokenRecords, TokenHtml  the per-token files (minilm.evaluation.tokens; sinks=[...])
 
 Every document is scored on its own, after the end-of-text token (the rolling log-likelihood of
-minilm.eval.scoring). A sink sees the chunks in document order, each with its statistics at T = 1
-(computed once for all sinks), then adds its figures to the results.
+minilm.evaluation.scoring). A sink sees the chunks in document order, each with its statistics at
+T = 1 (computed once for all sinks), then adds its figures to the results.
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ from typing import Any, Iterator, Sequence
 
 from torch import Tensor
 
-from minilm.eval.calibration import Tally, TemperatureFit, fit_temperature, nll_and_derivatives
-from minilm.eval.scoring import ScoredChunk, TokenStats, scored_logits, token_stats
+from minilm.evaluation.calibration import (
+    Tally,
+    TemperatureFit,
+    fit_temperature,
+    nll_and_derivatives,
+)
+from minilm.evaluation.scoring import ScoredChunk, TokenStats, scored_logits, token_stats
 from minilm.model.gpt import GPT
 
 

@@ -12,10 +12,10 @@ from typing import Any
 from minilm.checkpoint import resolve_checkpoint
 from minilm.device import resolve_device
 from minilm.errors import CheckpointError
-from minilm.eval.corpus import Document, Sink, evaluate
-from minilm.eval.documents import encode_documents, read_text_files, split_documents, truncate
-from minilm.eval.scoring import default_stride
-from minilm.eval.tokens import TokenHtml, TokenRecords
+from minilm.evaluation.corpus import Document, Sink, evaluate
+from minilm.evaluation.documents import encode_documents, read_text_files, split_documents, truncate
+from minilm.evaluation.scoring import default_stride
+from minilm.evaluation.tokens import TokenHtml, TokenRecords
 from minilm.files import open_atomic, write_atomic
 from minilm.interop.loading import load_model
 from minilm.tokenizer import Tokenizer
